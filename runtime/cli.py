@@ -1,0 +1,112 @@
+"""`edgeprop <verb>`: one tool, many verbs (git style).
+
+Each verb lives in its own module under `runtime.commands` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
+verb runs, so `edgeprop --help` stays instant (librosa and numba load slowly).
+User errors (`EdgepropError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help); a verb whose value is a dict is a group of sub-verbs.
+VERBS: dict[str, object] = {
+    "run": ("runtime.commands.run", "the main job: stream embedded real clips through the shipped model, learning online"),
+    "bench": {
+        "eprop": ("runtime.commands.bench_eprop", "online e-prop training speed, memory and exactness"),
+        "frontend": ("runtime.commands.bench_frontend", "feature frontend speed and exactness"),
+        "sparse-bptt": ("runtime.commands.bench_sparse_bptt", "sparse vs dense BPTT (and torch) speed and memory"),
+        "all": ("runtime.commands.bench_all", "every benchmark; writes docs/BENCHMARKS.md with plots"),
+    },
+    "data": {
+        "info": ("runtime.commands.data_info", "counts per class and speaker of a Speech Commands folder"),
+        "synth": ("runtime.commands.data_synth", "synthesise keywords with flite / festival voices"),
+    },
+    "pretrain": ("runtime.commands.pretrain", "train the keyword spotter offline with sparse BPTT"),
+    "evaluate": ("runtime.commands.evaluate", "accuracy of a checkpoint on a Speech Commands folder"),
+    "profile": ("runtime.commands.profile", "map the SRNN onto SpiNNaker 2 PEs: memory, time, energy"),
+    "serve": ("runtime.commands.serve", "run a learner node (emulator or reference backend)"),
+    "listen": ("runtime.commands.listen", "run a frontend node from a microphone, file or stdin"),
+    "record": ("runtime.commands.record", "record a stream of frames, labels and outputs"),
+    "replay": ("runtime.commands.replay", "replay a recording through a checkpoint"),
+    "regress": ("runtime.commands.regress", "replay the shipped recordings and compare to goldens"),
+    "demo": {
+        "live": ("runtime.commands.demo_live", "live microphone keyword spotting in the terminal"),
+    },
+    "personalize": ("runtime.commands.personalize", "adapt the model to one speaker with e-prop"),
+}
+
+
+def _overview() -> str:
+    lines = ["usage: edgeprop <verb> [options]   (edgeprop <verb> --help for each)", "", "verbs:"]
+    for verb, val in VERBS.items():
+        if isinstance(val, dict):
+            for sub, (_, text) in val.items():
+                lines.append(f"  {verb + ' ' + sub:<20} {text}")
+        else:
+            lines.append(f"  {verb:<20} {val[1]}")
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[str, str, str, list[str]]:
+    """Find (prog, module, help, rest) for argv, or exit with the overview."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        raise SystemExit(0)
+    if argv[0] == "--version":
+        from edgeprop import __version__
+
+        print(f"edgeprop {__version__}")
+        raise SystemExit(0)
+    verb, rest = argv[0], argv[1:]
+    val = VERBS.get(verb)
+    if val is None:
+        print(f"edgeprop: unknown verb {verb!r}\n\n{_overview()}", file=sys.stderr)
+        raise SystemExit(2)
+    if isinstance(val, dict):
+        if not rest or rest[0] in ("-h", "--help") or rest[0] not in val:
+            subs = ", ".join(val)
+            msg = f"usage: edgeprop {verb} {{{subs}}} [options]"
+            if rest and rest[0] not in ("-h", "--help"):
+                print(f"edgeprop {verb}: unknown sub-verb {rest[0]!r}\n{msg}", file=sys.stderr)
+                raise SystemExit(2)
+            print(msg)
+            for sub, (_, text) in val.items():
+                print(f"  {sub:<14} {text}")
+            raise SystemExit(0)
+        module, text = val[rest[0]]
+        return f"edgeprop {verb} {rest[0]}", module, text, rest[1:]
+    module, text = val
+    return f"edgeprop {verb}", module, text, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog, module_name, text, rest = _resolve(argv)
+    from edgeprop.errors import EdgepropError
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"{prog}: not available in this build", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=prog, description=text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except EdgepropError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
