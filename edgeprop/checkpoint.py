@@ -1,0 +1,272 @@
+"""Checkpoints: weights, optimizer state and the full config in one versioned file.
+
+Format (FORMAT_VERSION 1): a zip archive readable by ``np.load`` (an .npz), members
+
+- ``meta.json``: {"magic": "edgeprop-checkpoint", "format_version": 1, "model": ModelConfig
+  dict, "params_sha256": params_hash, "optimizer_state", "frontend", "encoder", "labels",
+  "extra"}. Nested dicts/lists are JSON; every NumPy array inside them is stored as its
+  own member and referenced as {"__ndarray__": "<member>"}.
+- ``params/w_in.npy``, ``params/w_rec.npy``, ``params/w_out.npy``, ``params/b_fb.npy``
+  (float32) and ``arrays/<n>.npy`` for the arrays referenced from meta.json.
+
+Arrays are written with allow_pickle=False, so loading never runs code. Writes are
+atomic: a temp file in the same folder, fsync, then os.replace, so a crash or full disk
+leaves the previous checkpoint intact. Every problem a user can hit on load is a
+CheckpointError that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeprop.errors import CheckpointError, EdgepropError
+from edgeprop.network import DTYPE, ModelConfig, Params
+
+FORMAT_VERSION = 1
+MAGIC = "edgeprop-checkpoint"
+_PARAM_NAMES = ("w_in", "w_rec", "w_out", "b_fb")
+
+
+@dataclass
+class Checkpoint:
+    cfg: ModelConfig
+    params: Params
+    optimizer_state: dict | None = None
+    frontend: dict | None = None
+    encoder: dict | None = None
+    labels: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def params_hash(params: Params) -> str:
+    """sha256 over names, shapes and little-endian float32 bytes of all weight arrays."""
+    h = hashlib.sha256()
+    for name, a in zip(_PARAM_NAMES, params.arrays(), strict=True):
+        a = np.ascontiguousarray(a, dtype="<f4")
+        h.update(f"{name}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    return {
+        "w_in": (cfg.n_rec, cfg.n_in),
+        "w_rec": (cfg.n_rec, cfg.n_rec),
+        "w_out": (cfg.n_out, cfg.n_rec),
+        "b_fb": (cfg.n_rec, cfg.n_out),
+    }
+
+
+# ---------------------------------------------------------------- tree <-> json + arrays
+def _encode(obj: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise CheckpointError(f"{where}: object arrays cannot be stored (no pickling)")
+        name = f"arrays/{len(arrays)}"
+        arrays[name] = obj
+        return {"__ndarray__": name}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise CheckpointError(f"{where}: dict keys must be strings, got {k!r}")
+            out[k] = _encode(v, arrays, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise CheckpointError(f"{where}: cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def _decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__"}:
+            name = obj["__ndarray__"]
+            if name not in arrays:
+                raise CheckpointError(f"corrupt checkpoint: missing array member {name!r}")
+            return arrays[name]
+        return {k: _decode(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- save
+def _write_zip(f, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.writestr("meta.json", json.dumps(meta, indent=1, sort_keys=True))
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(a), allow_pickle=False)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Params,
+    *,
+    optimizer_state: dict | None = None,
+    frontend: dict | None = None,
+    encoder: dict | None = None,
+    labels: list[str] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a checkpoint atomically (temp file in the same folder, fsync, os.replace)."""
+    path = Path(path)
+    shapes = _expected_shapes(cfg)
+    arrays: dict[str, np.ndarray] = {}
+    for name, a in zip(_PARAM_NAMES, params.arrays(), strict=True):
+        a = np.asarray(a)
+        if a.shape != shapes[name]:
+            raise CheckpointError(f"params.{name} has shape {a.shape}, config says {shapes[name]}")
+        arrays[f"params/{name}"] = a.astype(DTYPE, copy=False)
+    meta = {
+        "magic": MAGIC,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "params_sha256": params_hash(params),
+        "optimizer_state": _encode(optimizer_state, arrays, "optimizer_state"),
+        "frontend": _encode(frontend, arrays, "frontend"),
+        "encoder": _encode(encoder, arrays, "encoder"),
+        "labels": _encode(None if labels is None else list(labels), arrays, "labels"),
+        "extra": _encode(dict(extra or {}), arrays, "extra"),
+    }
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_zip(f, meta, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- load
+def _read_members(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if head[:2] != b"PK":
+        raise CheckpointError(
+            f"{path} is not an edgeprop checkpoint (not a zip/.npz file; "
+            "was it written by edgeprop save?)"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "meta.json" not in names:
+                raise CheckpointError(
+                    f"{path} is not an edgeprop checkpoint (no meta.json member)"
+                )
+            try:
+                meta = json.loads(zf.read("meta.json").decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"corrupt checkpoint {path}: bad meta.json ({exc})") from None
+            arrays = {}
+            for n in sorted(names):
+                if n.endswith(".npy"):
+                    with zf.open(n) as member:
+                        arrays[n[:-4]] = np.lib.format.read_array(member, allow_pickle=False)
+    except EdgepropError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"corrupt or truncated checkpoint {path}: {exc}. Re-save or restore a backup."
+        ) from None
+    return meta, arrays
+
+
+def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; `expect` demands the same model config."""
+    path = Path(path)
+    meta, arrays = _read_members(path)
+    if not isinstance(meta, dict) or meta.get("magic") != MAGIC:
+        raise CheckpointError(f"{path} is not an edgeprop checkpoint (wrong magic in meta.json)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"corrupt checkpoint {path}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this edgeprop reads "
+            f"({FORMAT_VERSION}); upgrade edgeprop"
+        )
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (EdgepropError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
+    if expect is not None and cfg != expect:
+        diffs = [
+            f"{k}={v!r} (expected {expect.to_dict()[k]!r})"
+            for k, v in cfg.to_dict().items()
+            if expect.to_dict()[k] != v
+        ]
+        raise CheckpointError(
+            f"checkpoint {path} is for another model: " + ", ".join(diffs)
+        )
+    shapes = _expected_shapes(cfg)
+    ps = []
+    for name in _PARAM_NAMES:
+        a = arrays.get(f"params/{name}")
+        if a is None:
+            raise CheckpointError(f"corrupt checkpoint {path}: weight array {name} missing")
+        if a.dtype != DTYPE:
+            raise CheckpointError(f"checkpoint {path}: {name} has dtype {a.dtype}, not float32")
+        if a.shape != shapes[name]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has shape {a.shape} but its config implies "
+                f"{shapes[name]}"
+            )
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"checkpoint {path}: {name} contains NaN or inf weights")
+        ps.append(np.ascontiguousarray(a))
+    params = Params(*ps)
+    if meta.get("params_sha256") != params_hash(params):
+        raise CheckpointError(f"corrupt checkpoint {path}: weights do not match their hash")
+    labels = _decode(meta.get("labels"), arrays)
+    return Checkpoint(
+        cfg=cfg,
+        params=params,
+        optimizer_state=_decode(meta.get("optimizer_state"), arrays),
+        frontend=_decode(meta.get("frontend"), arrays),
+        encoder=_decode(meta.get("encoder"), arrays),
+        labels=None if labels is None else [str(s) for s in labels],
+        extra=_decode(meta.get("extra") or {}, arrays),
+        format_version=version,
+    )

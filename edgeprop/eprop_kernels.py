@@ -1,0 +1,200 @@
+"""Fused numba kernel for one e-prop training step (forward + traces + accumulation).
+
+It computes exactly what `EpropLearner` does with kernel="numpy" (forward by
+`edgeprop.network.step`, then the e-prop updates of docs/learning.md), in one pass over
+the synapses, without allocating. tests/test_core_eprop.py holds it to that reference.
+
+Buffers (all float32 unless noted, shared with the NumPy path of EpropLearner):
+
+- ``neur`` (9, n_rec) rows: v, a, z, psi, psi_prev, zbar, sum_zbar, L, z_prev
+- ``pre``  (2, n_pre) rows: eps, eps_prev with n_pre = n_in + n_rec; columns
+  [0, n_in) are input synapses (eps_in), [n_in, n_pre) recurrent ones (eps_rec)
+- ``eps_a``, ``ebar``, ``acc`` (n_rec, n_pre): per-synapse state (eps_a unused for LIF)
+- ``consts`` (8,): alpha, rho, kappa, beta, v_th, gamma/v_th, reg_coef, target_rate
+- ``stats`` float64 (4,): steps this sample, labelled steps this sample, CE sum this
+  sample, labelled steps since the last optimizer step
+- ``spk`` int64 (n_rec,): scratch for the indices of z_prev / z spikes
+
+Row skipping: when psi_j is 0 at t and t-1 the row's update reduces to eps_a *= rho,
+ebar *= kappa (the dropped terms are exact zeros), so the kernel does just that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+MODE_MEAN = 0
+MODE_PER_STEP = 1
+
+
+@njit(cache=True, boundscheck=False)
+def step_kernel(x, w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_acc, sum_y,
+                consts, stats, spk, target, mode, alif):  # pragma: no cover - numba
+    n_rec, n_in = w_in.shape
+    n_out = w_out.shape[0]
+    n_pre = n_in + n_rec
+    alpha = consts[0]
+    rho = consts[1]
+    kappa = consts[2]
+    beta = consts[3]
+    v_th = consts[4]
+    gam = consts[5]
+    reg = consts[6]
+    f_star = consts[7]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    v = neur[0]
+    a = neur[1]
+    z = neur[2]
+    psi = neur[3]
+    psi_prev = neur[4]
+    zbar = neur[5]
+    sum_zbar = neur[6]
+    L = neur[7]
+    z_prev = neur[8]
+    eps = pre[0]
+    eps_prev = pre[1]
+
+    n_spk = 0
+    for j in range(n_rec):
+        z_prev[j] = z[j]
+        if z[j] != zero:
+            spk[n_spk] = j
+            n_spk += 1
+    # forward, same operation order as network.step
+    for j in range(n_rec):
+        s = zero
+        for i in range(n_in):
+            s += w_in[j, i] * x[i]
+        r = zero
+        for k in range(n_spk):
+            r += w_rec[j, spk[k]]
+        v[j] = alpha * v[j] + s + r - v_th * z_prev[j]
+        a[j] = rho * a[j] + z_prev[j]
+        thr = v_th + beta * a[j]
+        z[j] = one if v[j] > thr else zero
+        psi_prev[j] = psi[j]
+        psi[j] = gam * max(zero, one - abs(v[j] - thr) / v_th)
+        zbar[j] = kappa * zbar[j] + z[j]
+        sum_zbar[j] += zbar[j]
+    n_spk = 0
+    for j in range(n_rec):
+        if z[j] != zero:
+            spk[n_spk] = j
+            n_spk += 1
+    for k in range(n_out):
+        r = zero
+        for m in range(n_spk):
+            r += w_out[k, spk[m]]
+        y[k] = kappa * y[k] + r
+        sum_y[k] += y[k]
+    stats[0] += 1.0
+    # presynaptic traces
+    for i in range(n_pre):
+        eps_prev[i] = eps[i]
+    for i in range(n_in):
+        eps[i] = alpha * eps[i] + x[i]
+    for i in range(n_rec):
+        eps[n_in + i] = alpha * eps[n_in + i] + z_prev[i]
+    # learning signal (per_step only; the mean loss forms it at the end of the sample)
+    any_l = False
+    if mode == MODE_PER_STEP:
+        for j in range(n_rec):
+            L[j] = zero
+        if target >= 0:
+            ym = -np.inf
+            for k in range(n_out):
+                ym = max(ym, np.float64(y[k]))
+            se = 0.0
+            for k in range(n_out):
+                se += math.exp(np.float64(y[k]) - ym)
+            lse = ym + math.log(se)
+            stats[1] += 1.0
+            stats[2] += lse - np.float64(y[target])
+            stats[3] += 1.0
+            for k in range(n_out):
+                d = math.exp(np.float64(y[k]) - lse)
+                if k == target:
+                    d -= 1.0
+                dk = np.float32(d)
+                for j in range(n_rec):
+                    L[j] += fb[k, j] * dk
+                    out_acc[k, j] += dk * zbar[j]
+            any_l = True
+        if reg != zero:
+            c = reg * (one - kappa)
+            inv_t = one / np.float32(stats[0])
+            for j in range(n_rec):
+                L[j] += c * ((one - kappa) * sum_zbar[j] * inv_t - f_star)
+            any_l = True
+    # per-synapse eligibility, filtered trace and accumulator
+    for j in range(n_rec):
+        pc = psi[j]
+        pp = psi_prev[j]
+        lj = L[j]
+        do_acc = mode == MODE_MEAN or (any_l and lj != zero)
+        if pc == zero and pp == zero:
+            if alif:
+                for i in range(n_pre):
+                    eps_a[j, i] = rho * eps_a[j, i]
+            if mode == MODE_MEAN:
+                for i in range(n_pre):
+                    eb = kappa * ebar[j, i]
+                    ebar[j, i] = eb
+                    acc[j, i] += eb
+            elif do_acc:
+                for i in range(n_pre):
+                    eb = kappa * ebar[j, i]
+                    ebar[j, i] = eb
+                    acc[j, i] += lj * eb
+            else:
+                for i in range(n_pre):
+                    ebar[j, i] = kappa * ebar[j, i]
+            continue
+        if alif:
+            dec = rho - beta * pp
+            if mode == MODE_MEAN:
+                for i in range(n_pre):
+                    ea = pp * eps_prev[i] + dec * eps_a[j, i]
+                    eps_a[j, i] = ea
+                    eb = kappa * ebar[j, i] + pc * (eps[i] - beta * ea)
+                    ebar[j, i] = eb
+                    acc[j, i] += eb
+            elif do_acc:
+                for i in range(n_pre):
+                    ea = pp * eps_prev[i] + dec * eps_a[j, i]
+                    eps_a[j, i] = ea
+                    eb = kappa * ebar[j, i] + pc * (eps[i] - beta * ea)
+                    ebar[j, i] = eb
+                    acc[j, i] += lj * eb
+            else:
+                for i in range(n_pre):
+                    ea = pp * eps_prev[i] + dec * eps_a[j, i]
+                    eps_a[j, i] = ea
+                    ebar[j, i] = kappa * ebar[j, i] + pc * (eps[i] - beta * ea)
+        else:
+            if mode == MODE_MEAN:
+                for i in range(n_pre):
+                    eb = kappa * ebar[j, i] + pc * eps[i]
+                    ebar[j, i] = eb
+                    acc[j, i] += eb
+            elif do_acc:
+                for i in range(n_pre):
+                    eb = kappa * ebar[j, i] + pc * eps[i]
+                    ebar[j, i] = eb
+                    acc[j, i] += lj * eb
+            else:
+                for i in range(n_pre):
+                    ebar[j, i] = kappa * ebar[j, i] + pc * eps[i]
+
+
+@njit(cache=True, boundscheck=False)
+def run_kernel(xs, targets, w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_acc,
+               sum_y, consts, stats, spk, mode, alif):  # pragma: no cover - numba
+    """step_kernel over xs (T, n_in) with per-step targets (T,) (-1 = none)."""
+    for t in range(xs.shape[0]):
+        step_kernel(xs[t], w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_acc,
+                    sum_y, consts, stats, spk, targets[t], mode, alif)

@@ -1,0 +1,195 @@
+"""Optimizers that update a list of float32 arrays in place (Adam, SGD with momentum).
+
+Adam (Kingma & Ba 2015), with bias correction, per array p with gradient g:
+
+    m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+    p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+SGD with momentum mu:  buf = mu buf + g;  p -= lr buf   (plain SGD when mu = 0).
+
+State is allocated on the first `step` (or `init_state`) and is exposed as a flat dict of
+arrays and floats so checkpoints can store it without pickling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeprop.errors import CheckpointError, ConfigError
+
+DTYPE = np.float32
+
+
+def _check_pairs(params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+    if len(params) != len(grads):
+        raise ConfigError(f"{len(params)} params but {len(grads)} grads")
+    for p, g in zip(params, grads, strict=True):
+        if p.shape != g.shape:
+            raise ConfigError(f"param shape {p.shape} != grad shape {g.shape}")
+
+
+class _Base:
+    _slots: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.t = 0
+        self.bufs: dict[str, list[np.ndarray]] = {}
+
+    def init_state(self, shapes: list[tuple[int, ...]]) -> None:
+        """Allocate zeroed state for arrays of these shapes (idempotent if shapes match)."""
+        if self.bufs and [b.shape for b in self.bufs[self._slots[0]]] == list(shapes):
+            return
+        self.bufs = {s: [np.zeros(sh, DTYPE) for sh in shapes] for s in self._slots}
+        self.t = 0
+
+    def _ensure(self, params: list[np.ndarray]) -> None:
+        shapes = [p.shape for p in params]
+        if not self.bufs or [b.shape for b in self.bufs[self._slots[0]]] != shapes:
+            self.init_state(shapes)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for bl in self.bufs.values() for b in bl)
+
+    def _hyper(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray | float]:
+        """Flat dict: hyperparameters and step count as floats, buffers as '<slot>.<i>'."""
+        d: dict[str, np.ndarray | float] = {"kind": float(self._kind), "t": float(self.t)}
+        d.update(self._hyper())
+        for slot, bl in self.bufs.items():
+            for i, b in enumerate(bl):
+                d[f"{slot}.{i}"] = b.copy()
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore from `state_dict()`; raises CheckpointError if it is for another optimizer."""
+        try:
+            kind = float(d["kind"])
+            t = int(d["t"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"optimizer state is missing or malformed: {exc}") from None
+        if kind != self._kind:
+            raise CheckpointError(
+                f"optimizer state is for another optimizer (kind {kind}, expected {self._kind})"
+            )
+        bufs: dict[str, list[np.ndarray]] = {}
+        for slot in self._slots:
+            i = 0
+            bl = []
+            while f"{slot}.{i}" in d:
+                a = np.asarray(d[f"{slot}.{i}"])
+                if a.dtype != DTYPE:
+                    raise CheckpointError(f"optimizer buffer {slot}.{i} has dtype {a.dtype}")
+                bl.append(a.copy())
+                i += 1
+            bufs[slot] = bl
+        shapes = {s: [b.shape for b in bl] for s, bl in bufs.items()}
+        if len({tuple(v) for v in shapes.values()}) > 1:
+            raise CheckpointError("optimizer buffers have inconsistent shapes")
+        if self.bufs:
+            mine = [b.shape for b in self.bufs[self._slots[0]]]
+            theirs = shapes[self._slots[0]]
+            if theirs and theirs != mine:
+                raise CheckpointError(
+                    f"optimizer state shapes {theirs} do not match the model's {mine}"
+                )
+        for k in self._hyper():
+            if k in d:
+                setattr(self, k, float(d[k]))
+        self.bufs = bufs if bufs[self._slots[0]] else {}
+        self.t = t
+
+
+class Adam(_Base):
+    """Adam with bias correction; in-place float32 updates, no per-step allocation."""
+
+    _slots = ("m", "v")
+    _kind = 1.0
+
+    def __init__(
+        self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {lr}")
+        self.lr = float(lr)
+        self.b1, self.b2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self._tmp: list[np.ndarray] = []
+
+    def _hyper(self) -> dict[str, float]:
+        return {"lr": self.lr, "b1": self.b1, "b2": self.b2, "eps": self.eps}
+
+    def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        _check_pairs(params, grads)
+        self._ensure(params)
+        if [t.shape for t in self._tmp] != [p.shape for p in params]:
+            self._tmp = [np.empty(p.shape, DTYPE) for p in params]
+        self.t += 1
+        c1 = 1.0 - self.b1**self.t
+        c2 = 1.0 - self.b2**self.t
+        step_size = DTYPE(self.lr / c1)
+        sq = DTYPE(np.sqrt(c2))
+        for p, g, m, v, tmp in zip(
+            params, grads, self.bufs["m"], self.bufs["v"], self._tmp, strict=True
+        ):
+            g = np.asarray(g, DTYPE)
+            m *= DTYPE(self.b1)
+            m += DTYPE(1.0 - self.b1) * g
+            np.multiply(g, g, out=tmp)
+            v *= DTYPE(self.b2)
+            tmp *= DTYPE(1.0 - self.b2)
+            v += tmp
+            # p -= lr/c1 * m / (sqrt(v)/sqrt(c2) + eps)
+            np.sqrt(v, out=tmp)
+            tmp /= sq
+            tmp += DTYPE(self.eps)
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+
+class SGD(_Base):
+    """SGD with optional (heavy-ball) momentum; state only when momentum > 0."""
+
+    _slots = ("buf",)
+    _kind = 2.0
+
+    def __init__(self, lr: float = 1e-2, momentum: float = 0.0) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {lr}")
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+
+    def _hyper(self) -> dict[str, float]:
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def init_state(self, shapes: list[tuple[int, ...]]) -> None:
+        if self.momentum != 0.0:  # plain SGD keeps no state
+            super().init_state(shapes)
+
+    def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        _check_pairs(params, grads)
+        self.t += 1
+        if self.momentum == 0.0:
+            for p, g in zip(params, grads, strict=True):
+                p -= DTYPE(self.lr) * np.asarray(g, DTYPE)
+            return
+        self._ensure(params)
+        for p, g, b in zip(params, grads, self.bufs["buf"], strict=True):
+            b *= DTYPE(self.momentum)
+            b += np.asarray(g, DTYPE)
+            p -= DTYPE(self.lr) * b
+
+
+def make_optimizer(name: str, lr: float) -> Adam | SGD:
+    """'adam' or 'sgd' (plain) or 'momentum' (SGD, momentum 0.9)."""
+    if name == "adam":
+        return Adam(lr=lr)
+    if name == "sgd":
+        return SGD(lr=lr)
+    if name == "momentum":
+        return SGD(lr=lr, momentum=0.9)
+    raise ConfigError(f"optimizer must be 'adam', 'sgd' or 'momentum', got {name!r}")

@@ -1,0 +1,208 @@
+"""The sequential part of sparse BPTT: a numba kernel and its plain NumPy reference.
+
+Both compute, from the active entries of a forward pass (sorted by time, flat index
+b * n + j, surrogate psi) the per-entry adjoint
+
+    h[b,t,j] = psi[b,t,j] * (g_direct[b,t,j] + r[b,t,j] + q[b,t,j])
+
+where r = W_rec^T v_adj[t+1] (recurrent path) and q = a_adj[t+1] (adaptation path),
+and then the weight gradients dW_in = sum h eps_in, dW_rec = sum h eps_rec over the
+active entries, with eps_in[t] = alpha eps_in[t-1] + x[t] and eps_rec[t] = alpha
+eps_rec[t-1] + z[t-1] the presynaptic traces. Why this is exact: v_adj[t] = h[t] +
+alpha v_adj[t+1] is non-zero everywhere (the leak), but v_adj[t] = sum_{s>=t}
+alpha^(s-t) h[s], so sum_t v_adj[t] x[t]^T = sum_s h[s] eps_in[s]^T, and the same for
+the recurrent input; nothing but h at the active entries is ever needed.
+
+Recurrences r[t-1] = alpha r[t] + W_rec^T h[t] and q[t-1] = rho q[t] - beta h[t] carry
+the leak as a time-dependent scale (the kernel stores R = alpha^(s - base) sums and
+reads them back with alpha^(base - t - 1); `base` moves every REBASE steps so the
+scales stay within a factor alpha^-REBASE), so no dense decay runs per step: the
+kernel's work is O(A (2 n_rec + n_in)) for A active entries plus one pass of the
+input/spike traces, O(T B (n_in + n_rec)), which touches every input once (dense x
+must be read), and an O(T B n_rec / REBASE) rescale.
+
+The reference keeps dense (B, n) r and q and decays them every step: obviously right,
+and the test holds the kernel to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+REBASE = 32  # steps between rescales of the lazy leak accumulators
+
+
+def adjoint_reference(
+    alpha: float, rho: float, beta: float, n: int, B: int,
+    act_ptr: np.ndarray, act_idx: np.ndarray, act_psi: np.ndarray,
+    w_rec: np.ndarray, tail: np.ndarray, g_coef: np.ndarray,
+    y_adj: np.ndarray, w_out: np.ndarray,
+) -> np.ndarray:
+    """h at every active entry (float64), dense per-step recursion (reference).
+
+    g_direct[b,t,j] = tail[t] g_coef[b,j] (+ y_adj[t,b] . w_out[:, j] when y_adj is
+    not empty).
+    """
+    T = len(act_ptr) - 1
+    h = np.zeros(len(act_idx), np.float64)
+    r = np.zeros((B, n), np.float64)
+    q = np.zeros((B, n), np.float64)
+    wr = w_rec.astype(np.float64)
+    per_step = y_adj.size > 0
+    for t in range(T - 1, -1, -1):
+        sl = slice(act_ptr[t], act_ptr[t + 1])
+        b, j = np.divmod(act_idx[sl].astype(np.int64), n)
+        gd = tail[t] * g_coef[b, j]
+        if per_step:
+            gd = gd + np.einsum("ak,ka->a", y_adj[t, b].astype(np.float64),
+                                w_out[:, j].astype(np.float64))
+        h[sl] = act_psi[sl] * (gd + r[b, j] + q[b, j])
+        dense_h = np.zeros((B, n))
+        dense_h[b, j] = h[sl]
+        r = alpha * r + dense_h @ wr
+        q = rho * q - beta * dense_h
+    return h
+
+
+def weight_grads_reference(
+    alpha: float, n: int, x: np.ndarray,
+    act_ptr: np.ndarray, act_idx: np.ndarray, h: np.ndarray,
+    spk_ptr: np.ndarray, spk_idx: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """dW_in, dW_rec (float64) from h and the input / spike traces (reference)."""
+    T, B, n_in = x.shape
+    g_in = np.zeros((n, n_in))
+    g_rec = np.zeros((n, n))
+    eps_in = np.zeros((B, n_in))
+    eps_rec = np.zeros((B, n))
+    for t in range(T):
+        eps_in = alpha * eps_in + x[t]
+        eps_rec = alpha * eps_rec
+        if t > 0:
+            sb, sj = np.divmod(spk_idx[spk_ptr[t - 1]:spk_ptr[t]].astype(np.int64), n)
+            eps_rec[sb, sj] += 1.0
+        sl = slice(act_ptr[t], act_ptr[t + 1])
+        b, j = np.divmod(act_idx[sl].astype(np.int64), n)
+        dense_h = np.zeros((B, n))
+        dense_h[b, j] = h[sl]
+        g_in += dense_h.T @ eps_in
+        g_rec += dense_h.T @ eps_rec
+    np.fill_diagonal(g_rec, 0.0)
+    return g_in, g_rec
+
+
+@njit(cache=True)
+def adjoint_kernel(
+    alpha, rho, beta, n, B, act_ptr, act_idx, act_psi, w_rec, tail, g_coef, y_adj, w_out,
+    h, acc_r, acc_q,
+):  # pragma: no cover - compiled
+    """Kernel twin of `adjoint_reference`; writes h, uses acc_r/acc_q (B, n) as work."""
+    T = act_ptr.shape[0] - 1
+    K = w_out.shape[0]
+    per_step = y_adj.shape[0] > 0
+    acc_r[:, :] = 0.0
+    acc_q[:, :] = 0.0
+    base = T  # R = sum_s alpha^(s - base) W^T h[s];  r[t] = alpha^(base - t - 1) R
+    ops = 0
+    for t in range(T - 1, -1, -1):
+        if base - t > REBASE:
+            nb = t + 1
+            fr = alpha ** (base - nb)
+            fq = rho ** (base - nb)
+            for b in range(B):
+                for i in range(n):
+                    acc_r[b, i] *= fr
+                    acc_q[b, i] *= fq
+            ops += B * n
+            base = nb
+        read_r = alpha ** (base - t - 1)
+        read_q = rho ** (base - t - 1)
+        p0 = act_ptr[t]
+        p1 = act_ptr[t + 1]
+        tt = tail[t]
+        for k in range(p0, p1):
+            flat = act_idx[k]
+            b = flat // n
+            j = flat - b * n
+            gd = tt * g_coef[b, j]
+            if per_step:
+                for c in range(K):
+                    gd += y_adj[t, b, c] * w_out[c, j]
+            h[k] = act_psi[k] * (gd + read_r * acc_r[b, j] + read_q * acc_q[b, j])
+        write_r = alpha ** (t - base)
+        write_q = rho ** (t - base)
+        for k in range(p0, p1):
+            flat = act_idx[k]
+            b = flat // n
+            j = flat - b * n
+            cr = h[k] * write_r
+            if cr != 0.0:
+                row = acc_r[b]
+                wrow = w_rec[j]
+                for i in range(n):
+                    row[i] += cr * wrow[i]
+            acc_q[b, j] -= beta * h[k] * write_q
+        ops += (p1 - p0) * (n + 2)
+    return ops
+
+
+@njit(cache=True)
+def weight_grads_kernel(
+    alpha, n, x, act_ptr, act_idx, h, spk_ptr, spk_idx, g_in, g_rec, eps_in, eps_rec,
+):  # pragma: no cover - compiled
+    """Kernel twin of `weight_grads_reference`; accumulates into g_in, g_rec (float32)."""
+    T, B, n_in = x.shape
+    eps_in[:, :] = 0.0
+    eps_rec[:, :] = 0.0
+    ops = 0
+    # nothing after the last active step can contribute
+    t_end = 0
+    for t in range(T):
+        if act_ptr[t + 1] > act_ptr[t]:
+            t_end = t + 1
+    for t in range(t_end):
+        for b in range(B):
+            for i in range(n_in):
+                eps_in[b, i] = alpha * eps_in[b, i] + x[t, b, i]
+            for i in range(n):
+                eps_rec[b, i] *= alpha
+        ops += B * (n_in + n)
+        if t > 0:
+            for s in range(spk_ptr[t - 1], spk_ptr[t]):
+                flat = spk_idx[s]
+                b = flat // n
+                eps_rec[b, flat - b * n] += 1.0
+        for k in range(act_ptr[t], act_ptr[t + 1]):
+            flat = act_idx[k]
+            b = flat // n
+            j = flat - b * n
+            hk = h[k]
+            if hk == 0.0:
+                continue
+            gi = g_in[j]
+            ei = eps_in[b]
+            for i in range(n_in):
+                gi[i] += hk * ei[i]
+            gr = g_rec[j]
+            er = eps_rec[b]
+            for i in range(n):
+                gr[i] += hk * er[i]
+        ops += (act_ptr[t + 1] - act_ptr[t]) * (n_in + n)
+    for j in range(n):
+        g_rec[j, j] = 0.0
+    return ops
+
+
+@njit(cache=True)
+def out_grads_kernel(n, spk_ptr, spk_idx, y_adj, g_out):  # pragma: no cover - compiled
+    """dW_out[:, j] += y_adj[t, b] for every spike (b, t, j) (per-step losses)."""
+    T = spk_ptr.shape[0] - 1
+    K = g_out.shape[0]
+    for t in range(T):
+        for s in range(spk_ptr[t], spk_ptr[t + 1]):
+            flat = spk_idx[s]
+            b = flat // n
+            j = flat - b * n
+            for c in range(K):
+                g_out[c, j] += y_adj[t, b, c]

@@ -1,0 +1,185 @@
+"""PE groups as executors: in this process, or in worker processes over ZeroMQ.
+
+The host side of the emulator (router, host link) talks to groups of PEs only by
+`call(cmd, args_by_pe, deliveries)`: deliver the packets routed to the group's PEs,
+then run one firmware command on some of them. `LocalGroups` does that with direct
+calls; `ProcessGroups` starts one worker process per group (quad-PEs by default) and
+exchanges the same messages over ZeroMQ REQ/REP sockets on ipc:// endpoints. A worker
+builds its own PEProgram objects from the config and gets only its PEs' rows of the
+weights, so equal results in both modes show that PEs share no hidden state.
+
+Messages are Python objects (numpy arrays inside) pickled by pyzmq's send_pyobj; the
+sockets are private to this host and its own children.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import numpy as np
+
+from edgeprop.errors import EdgepropError
+from edgeprop.network import ModelConfig
+from firmware_model.precision import get_precision
+from firmware_model.program import PEProgram
+
+Deliveries = dict[int, list[tuple[np.ndarray, np.ndarray]]]
+
+
+class WorkerError(EdgepropError):
+    """A PE-group worker process failed or stopped answering."""
+
+
+def build_programs(spec: dict, pe_ids: list[int]) -> dict[int, PEProgram]:
+    """PEPrograms for `pe_ids` from a picklable spec (config, slices, options)."""
+    cfg = ModelConfig.from_dict(spec["cfg"])
+    prec = get_precision(spec["precision"])
+    return {
+        p: PEProgram(p, cfg, tuple(spec["slices"][p]), p == spec["readout_pe"], prec,
+                     spec["loss"], spec["optimizer"], spec["lr"], spec["reg_coef"],
+                     spec["target_rate"], spec.get("seed", 0))
+        for p in pe_ids
+    }
+
+
+def run_group(programs: dict[int, PEProgram], deliveries: Deliveries, cmd: str,
+              args_by_pe: dict[int, dict]) -> dict[int, tuple[object, int]]:
+    """Deliver packets to this group's PEs, then run `cmd` on the PEs in args_by_pe."""
+    for p, batches in deliveries.items():
+        prog = programs[p]
+        for keys, pays in batches:
+            prog.receive(keys, pays)
+    return {p: programs[p].handle(cmd, args) for p, args in args_by_pe.items()}
+
+
+class LocalGroups:
+    """All PEs in this process (the fast path)."""
+
+    def __init__(self, spec: dict, groups: list[list[int]]) -> None:
+        self.groups = groups
+        self.programs = build_programs(spec, [p for g in groups for p in g])
+
+    def call(self, cmd: str, args_by_pe: dict[int, dict], deliveries: Deliveries) -> dict:
+        return run_group(self.programs, deliveries, cmd, args_by_pe)
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessGroups:
+    """One worker process per group; REQ/REP over ipc:// (lockstep = the tick barrier)."""
+
+    def __init__(self, spec: dict, groups: list[list[int]], timeout_s: float = 60.0) -> None:
+        import zmq
+
+        self.groups = groups
+        self.group_of = {p: gi for gi, g in enumerate(groups) for p in g}
+        self.timeout_ms = int(timeout_s * 1000)
+        self.ctx = zmq.Context()
+        self._dir = tempfile.mkdtemp(prefix="edgeprop-pe-")
+        self.socks, self.procs, self.endpoints = [], [], []
+        try:
+            for gi, g in enumerate(groups):
+                ep = f"ipc://{self._dir}/g{gi}-{uuid.uuid4().hex[:8]}"
+                sock = self.ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.bind(ep)
+                proc = subprocess.Popen([sys.executable, "-m", "firmware_model.multiproc", ep],
+                                        stdin=subprocess.DEVNULL)
+                self.socks.append(sock)
+                self.procs.append(proc)
+                self.endpoints.append(ep)
+            for gi, g in enumerate(groups):
+                self._send(gi, {"cmd": "init", "spec": spec, "pe_ids": g})
+            for gi in range(len(groups)):
+                self._recv(gi)
+        except BaseException:
+            self.close()
+            raise
+
+    def _send(self, gi: int, msg: dict) -> None:
+        self.socks[gi].send_pyobj(msg)
+
+    def _recv(self, gi: int):
+        import zmq
+
+        if not self.socks[gi].poll(self.timeout_ms, zmq.POLLIN):
+            raise WorkerError(f"PE group {gi} (PEs {self.groups[gi]}) did not answer")
+        reply = self.socks[gi].recv_pyobj()
+        if isinstance(reply, dict) and "error" in reply:
+            raise WorkerError(f"PE group {gi} failed: {reply['error']}")
+        return reply
+
+    def call(self, cmd: str, args_by_pe: dict[int, dict], deliveries: Deliveries) -> dict:
+        involved = sorted({self.group_of[p] for p in list(args_by_pe) + list(deliveries)})
+        for gi in involved:
+            g = set(self.groups[gi])
+            self._send(gi, {"cmd": cmd,
+                            "args": {p: a for p, a in args_by_pe.items() if p in g},
+                            "deliveries": {p: d for p, d in deliveries.items() if p in g}})
+        out: dict = {}
+        for gi in involved:
+            out.update(self._recv(gi))
+        return out
+
+    def close(self) -> None:
+        for gi, sock in enumerate(self.socks):
+            try:
+                sock.send_pyobj({"cmd": "stop"})
+                sock.poll(2000)
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+            sock.close(0)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.socks, self.procs = [], []
+        self.ctx.term()
+        for name in os.listdir(self._dir) if os.path.isdir(self._dir) else []:
+            try:
+                os.unlink(os.path.join(self._dir, name))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+
+def serve(endpoint: str) -> None:
+    """Worker main loop: build the group's PEs, then run commands until 'stop'."""
+    import zmq
+
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.connect(endpoint)
+    programs: dict[int, PEProgram] = {}
+    try:
+        while True:
+            msg = rep.recv_pyobj()
+            cmd = msg["cmd"]
+            if cmd == "stop":
+                rep.send_pyobj({})
+                break
+            try:
+                if cmd == "init":
+                    programs = build_programs(msg["spec"], msg["pe_ids"])
+                    rep.send_pyobj({})
+                else:
+                    rep.send_pyobj(run_group(programs, msg["deliveries"], cmd, msg["args"]))
+            except Exception as exc:  # noqa: BLE001 - reported to the host, which raises
+                rep.send_pyobj({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        rep.close(0)
+        ctx.term()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -1,0 +1,519 @@
+"""Turn the collected JSON of every benchmark into docs/BENCHMARKS.md and PNG plots.
+
+`edgeprop bench all` runs each benchmark as its own subprocess and hands the results
+here as one dict ``{"machine": {...}, "benchmarks": {name: result}}`` where each result
+holds ``command``, ``status`` ("ok" | "failed" | "skipped" | "timeout"), ``seconds``,
+``returncode``, ``json`` (the object the benchmark printed last) and ``error``.
+
+The benchmarks are written by other people and their JSON grows over time, so the
+plot extractors search the objects for the fields they need by name pattern (B_th,
+speedup, active fraction, bytes per PE, latencies, before/after) instead of fixing
+one layout. A benchmark whose data is missing gets a table and a line saying which
+plot could not be drawn and why, never a crash. Every figure is captioned with the
+machine it was measured on and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+SRAM_PER_PE_BYTES = 128 * 1024  # SpiNNaker 2 datasheet: 128 KB SRAM per PE (DESIGN.md)
+
+
+# ---------------------------------------------------------------- machine + files
+
+def machine_info() -> dict:
+    """CPU model, core count, OS, Python and NumPy versions, git commit: the figure's context."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = "unknown"
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "git_commit": commit,
+    }
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('os', '?')}, "
+            f"Python {m.get('python', '?')}, NumPy {m.get('numpy', '?')}, "
+            f"commit {m.get('git_commit', '?')}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report must be readable by all
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_fig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- JSON searching
+
+def _walk(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (dotted path, value) in a nested JSON object, depth first."""
+    yield path, obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def _find_key(d: dict, pattern: str, prefer: tuple[str, ...] = ()) -> str | None:
+    """The first key of d matching the regex (preferred exact names first)."""
+    for p in prefer:
+        if p in d:
+            return p
+    rx = re.compile(pattern, re.I)
+    for k in d:
+        if rx.search(str(k)):
+            return k
+    return None
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _record_lists(obj: Any) -> Iterator[tuple[str, list[dict]]]:
+    """Every list of dicts (a table of records) inside obj, with its path."""
+    for path, v in _walk(obj):
+        if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+            yield path, v
+
+
+def flatten_scalars(obj: Any, max_items: int = 60) -> list[tuple[str, Any]]:
+    """(dotted key, scalar) pairs for a table; long lists are summarised, not dumped."""
+    rows: list[tuple[str, Any]] = []
+
+    def rec(o: Any, path: str) -> None:
+        if len(rows) >= max_items:
+            return
+        if isinstance(o, dict):
+            for k, v in o.items():
+                rec(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(o, list):
+            if all(_is_num(x) for x in o) and o:
+                if len(o) <= 6:
+                    rows.append((path, ", ".join(_fmt(x) for x in o)))
+                else:
+                    a = np.asarray(o, dtype=float)
+                    rows.append((path, f"{len(o)} values, median {_fmt(float(np.median(a)))}"))
+            elif o and len(o) <= 4 and all(isinstance(x, dict) for x in o):
+                for i, x in enumerate(o):
+                    rec(x, f"{path}[{i}]")
+            else:
+                rows.append((path, f"list of {len(o)}"))
+        else:
+            rows.append((path, o))
+
+    rec(obj, "")
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x == 0 or not math.isfinite(x):
+            return str(x)
+        if abs(x) >= 1e5 or abs(x) < 1e-3:
+            return f"{x:.3g}"
+        return f"{x:.4g}"
+    s = str(x)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+# ---------------------------------------------------------------- plot extractors
+
+def sparse_sweeps(obj: Any) -> list[dict]:
+    """Series of (B_th, speedup, active fraction) found in the sparse-bptt JSON."""
+    out = []
+    for path, recs in _record_lists(obj):
+        k_b = _find_key(recs[0], r"^b_?th$|b_th|threshold_band",
+                        prefer=("B_th", "b_th", "bth"))
+        k_s = _find_key(recs[0], r"speedup", prefer=("backward_speedup", "step_speedup_vs_dense"))
+        if not k_b or not k_s:
+            continue
+        k_a = _find_key(recs[0], r"active", prefer=("active_fraction",))
+        rows = [r for r in recs if _is_num(r.get(k_b)) and _is_num(r.get(k_s))]
+        if len(rows) < 2:
+            continue
+        out.append({
+            "name": path or "sweep",
+            "b_th": [float(r[k_b]) for r in rows],
+            "speedup": [float(r[k_s]) for r in rows],
+            "speedup_key": k_s,
+            "active": [float(r[k_a]) if k_a and _is_num(r.get(k_a)) else float("nan")
+                       for r in rows],
+        })
+    return out
+
+
+def pe_memory(obj: Any) -> dict | None:
+    """Bytes used per PE (optionally by region) from the profile JSON."""
+    best = None
+    for path, recs in _record_lists(obj):
+        k_bytes = _find_key(recs[0], r"bytes|memory", prefer=("bytes", "total_bytes",
+                                                              "memory_bytes", "used_bytes"))
+        if not k_bytes:
+            continue
+        totals, regions = [], []
+        for r in recs:
+            v = r.get(k_bytes)
+            if isinstance(v, dict):
+                nums = {k: float(x) for k, x in v.items() if _is_num(x)}
+                regions.append(nums)
+                totals.append(sum(nums.values()))
+            elif _is_num(v):
+                totals.append(float(v))
+                reg = r.get("regions") or r.get("by_region")
+                regions.append({k: float(x) for k, x in reg.items() if _is_num(x)}
+                               if isinstance(reg, dict) else {})
+            else:
+                break
+        else:
+            k_pe = _find_key(recs[0], r"^pe$|pe_id|^id$|name|role")
+            labels = [str(r.get(k_pe, i)) if k_pe else str(i) for i, r in enumerate(recs)]
+            cand = {"path": path, "labels": labels, "totals": totals, "regions": regions}
+            if best is None or len(totals) > len(best["totals"]):
+                best = cand
+    if best is None and isinstance(obj, dict):
+        for path, v in _walk(obj):
+            if (isinstance(v, list) and len(v) >= 1 and all(_is_num(x) for x in v)
+                    and re.search(r"bytes.*pe|pe.*bytes|per_pe", path, re.I)):
+                best = {"path": path, "labels": [str(i) for i in range(len(v))],
+                        "totals": [float(x) for x in v], "regions": [{} for _ in v]}
+                break
+    return best
+
+
+def latencies(obj: Any) -> tuple[list[float] | None, dict[str, float]]:
+    """(raw latencies in ms if given, percentiles found) from the run JSON."""
+    raw = None
+    pct: dict[str, float] = {}
+    for path, v in _walk(obj):
+        last = path.rsplit(".", 1)[-1]
+        if (isinstance(v, list) and len(v) >= 5 and all(_is_num(x) for x in v)
+                and re.search(r"latenc", last, re.I)):
+            scale = 1000.0 if re.search(r"_s$|seconds", last) else 1.0
+            raw = [float(x) * scale for x in v]
+        m = re.match(r"latency_p(\d+(?:\.\d+)?)_ms$", last)
+        if m and _is_num(v):
+            pct[f"p{m.group(1)}"] = float(v)
+    return raw, pct
+
+
+def personalization(obj: Any) -> list[dict]:
+    """Per-speaker (speaker, before, after) from the personalize JSON."""
+    for _path, recs in _record_lists(obj):
+        if all(_is_num(r.get("before")) and _is_num(r.get("after")) for r in recs):
+            k_spk = _find_key(recs[0], r"speaker", prefer=("speaker",))
+            return [{"speaker": str(r.get(k_spk, i)) if k_spk else str(i),
+                     "before": float(r["before"]), "after": float(r["after"])}
+                    for i, r in enumerate(recs)]
+    if isinstance(obj, dict):
+        for key in ("speakers", "per_speaker", "results"):
+            d = obj.get(key)
+            if isinstance(d, dict) and d and all(
+                    isinstance(v, dict) and _is_num(v.get("before")) and _is_num(v.get("after"))
+                    for v in d.values()):
+                return [{"speaker": k, "before": float(v["before"]), "after": float(v["after"])}
+                        for k, v in d.items()]
+    return []
+
+
+# ---------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sparse(series: list[dict], path: Path, caption: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s in series:
+        axes[0].plot(s["b_th"], s["speedup"], "o-", label=s["name"])
+        if not all(math.isnan(a) for a in s["active"]):
+            axes[1].plot([100 * a for a in s["active"]], s["speedup"], "o-", label=s["name"])
+    axes[0].set_xlabel("B_th")
+    axes[0].set_ylabel(series[0]["speedup_key"])
+    axes[0].set_yscale("log")
+    axes[1].set_xlabel("active fraction (%)")
+    axes[1].set_ylabel(series[0]["speedup_key"])
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("sparse vs dense BPTT backward", fontsize=10)
+    fig.text(0.01, -0.04, caption, fontsize=7, wrap=True)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_pe_memory(mem: dict, path: Path, caption: str) -> None:
+    plt = _plt()
+    n = len(mem["totals"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * n + 2), 3.8))
+    names = sorted({k for r in mem["regions"] for k in r})
+    x = np.arange(n)
+    if names:
+        bottom = np.zeros(n)
+        for name in names:
+            vals = np.array([r.get(name, 0.0) for r in mem["regions"]]) / 1024
+            ax.bar(x, vals, bottom=bottom, label=name)
+            bottom += vals
+        ax.legend(fontsize=7)
+    else:
+        ax.bar(x, np.array(mem["totals"]) / 1024)
+    ax.axhline(SRAM_PER_PE_BYTES / 1024, color="red", ls="--", lw=1, label="128 KB SRAM")
+    ax.set_xticks(x)
+    ax.set_xticklabels(mem["labels"], rotation=90, fontsize=7)
+    ax.set_ylabel("KB used")
+    ax.set_title("memory per PE (red: 128 KB SRAM per PE)", fontsize=10)
+    fig.text(0.01, -0.12, caption, fontsize=7, wrap=True)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_latency(raw: list[float] | None, pct: dict[str, float], path: Path,
+                 caption: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if raw:
+        ax.hist(raw, bins=60, color="steelblue")
+        ax.set_ylabel("frames")
+        ax.set_title(f"latency, audio block in to posterior out ({len(raw)} frames)", fontsize=10)
+        for name, v in pct.items():
+            ax.axvline(v, color="red", ls="--", lw=0.8)
+            ax.text(v, ax.get_ylim()[1] * 0.9, name, fontsize=7, color="red")
+    else:
+        names = sorted(pct, key=lambda s: float(s[1:]))
+        ax.bar(names, [pct[k] for k in names], color="steelblue")
+        ax.set_title("latency percentiles (the run gave no raw latencies)", fontsize=10)
+    ax.set_xlabel("latency (ms)" if raw else "percentile")
+    if not raw:
+        ax.set_ylabel("latency (ms)")
+    fig.text(0.01, -0.06, caption, fontsize=7, wrap=True)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_personalization(rows: list[dict], path: Path, caption: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    b = np.array([r["before"] for r in rows])
+    a = np.array([r["after"] for r in rows])
+    scale = 100.0 if max(b.max(), a.max()) <= 1.0 else 1.0
+    b, a = b * scale, a * scale
+    order = np.argsort(b)
+    x = np.arange(len(rows))
+    axes[0].bar(x - 0.2, b[order], 0.4, label="before")
+    axes[0].bar(x + 0.2, a[order], 0.4, label="after")
+    axes[0].set_xticks(x)
+    axes[0].set_xticklabels([rows[i]["speaker"] for i in order], rotation=90, fontsize=6)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7)
+    axes[1].scatter(b, a, s=14)
+    lo, hi = min(b.min(), a.min()) - 2, max(b.max(), a.max()) + 2
+    axes[1].plot([lo, hi], [lo, hi], color="grey", ls=":")
+    axes[1].plot([lo, hi], [lo - 2, hi - 2], color="red", ls=":", lw=0.8)
+    axes[1].set_xlabel("accuracy before (%)")
+    axes[1].set_ylabel("accuracy after (%)")
+    axes[1].set_title("above the diagonal = improved; red = 2 points worse", fontsize=9)
+    fig.suptitle(f"speaker personalization, {len(rows)} speakers", fontsize=10)
+    fig.text(0.01, -0.08, caption, fontsize=7, wrap=True)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the report
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    lines = ["| field | value |", "|---|---|"]
+    for k, v in rows:
+        lines.append(f"| `{k}` | {_fmt(v).replace('|', '/')} |")
+    return lines
+
+
+def _records_table(recs: list[dict], max_cols: int = 10) -> list[str]:
+    cols: list[str] = []
+    for r in recs:
+        for k, v in r.items():
+            scalar = _is_num(v) or isinstance(v, (str, bool))
+            if k not in cols and scalar and len(cols) < max_cols:
+                cols.append(k)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in recs:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return lines
+
+
+def _section(name: str, r: dict, mline: str, img_dir: Path, img_rel: str,
+             plots: dict[str, str]) -> list[str]:
+    """Markdown of one benchmark: command, machine, table, and its plot if it has one."""
+    cmd = r.get("command", "")
+    caption = f"Machine: {mline}. Reproduce: {cmd}"
+    md = ["", f"## {name}", "", f"Command: `{cmd}`  ", f"Machine: {mline}", ""]
+    if r.get("status") != "ok":
+        md.append(f"**{r.get('status')}**: {r.get('error') or 'no result'}")
+        return md
+    obj = r.get("json") or {}
+    md += _table(flatten_scalars(obj))
+    for path, recs in _record_lists(obj):
+        if 2 <= len(recs) <= 60 and path.count("[") == 0:
+            md += ["", f"`{path}`:", ""] + _records_table(recs)
+
+    def add_plot(key: str, fname: str, fn, *data) -> None:
+        try:
+            fn(*data, img_dir / fname, caption)
+        except Exception as exc:  # a broken plot must not lose the rest of the report
+            plots[key] = f"not drawn: {type(exc).__name__}: {exc}"
+            md.extend(["", f"_Plot {key} not drawn: {exc}_"])
+            return
+        plots[key] = str(img_dir / fname)
+        md.extend(["", f"![{key}]({img_rel}/{fname})", "",
+                   f"_Figure: {key}. Machine: {mline}. Reproduce: `{cmd}`._"])
+
+    if name == "sparse-bptt":
+        series = sparse_sweeps(obj)
+        if series:
+            add_plot("speedup_vs_bth", "sparse_bptt_speedup.png", plot_sparse, series)
+        else:
+            plots["speedup_vs_bth"] = "not drawn: no B_th sweep (list of records with B_th)"
+            md += ["", "_No B_th sweep in the JSON, so no speed-up plot._"]
+    elif name == "profile":
+        mem = pe_memory(obj)
+        if mem:
+            add_plot("memory_per_pe", "memory_per_pe.png", plot_pe_memory, mem)
+        else:
+            plots["memory_per_pe"] = "not drawn: no per-PE byte counts in the JSON"
+            md += ["", "_No per-PE byte counts in the JSON, so no memory plot._"]
+    elif name == "run":
+        raw, pct = latencies(obj)
+        if raw or pct:
+            add_plot("latency_histogram", "latency_histogram.png", plot_latency, raw, pct)
+            if not raw:
+                md += ["", "_`edgeprop run --json` gave percentiles only, not raw "
+                       "latencies, so the plot shows percentiles, not a histogram._"]
+        else:
+            plots["latency_histogram"] = "not drawn: no latency fields"
+    elif name == "personalize":
+        rows = personalization(obj)
+        if rows:
+            add_plot("personalization", "personalization.png", plot_personalization, rows)
+        else:
+            plots["personalization"] = "not drawn: no per-speaker before/after"
+            md += ["", "_No per-speaker before/after in the JSON, so no plot._"]
+    return md
+
+
+def build_report(collected: dict, img_dir: Path, img_rel: str = "img") -> tuple[str, dict]:
+    """Markdown text of BENCHMARKS.md plus {plot name: file or reason it was not drawn}."""
+    m = collected.get("machine", {})
+    mline = machine_line(m)
+    benches = collected.get("benchmarks", {})
+    plots: dict[str, str] = {}
+    md = [
+        "# Benchmarks",
+        "",
+        "Generated by `edgeprop bench all` (runtime/commands/bench_all.py); do not edit by hand.",
+        f"Regenerate everything with `{collected.get('command', 'edgeprop bench all --json')}`.",
+        "",
+        f"**Machine:** {mline}.",
+        f"**Measured:** {collected.get('started_utc', '?')}, "
+        f"{collected.get('seconds', 0):.0f} s in all. The machine is shared, so absolute "
+        "times are noisy; speed-ups are ratios measured in the same process and run.",
+        "",
+        "## Summary",
+        "",
+        "| benchmark | status | seconds | command |",
+        "|---|---|---|---|",
+    ]
+    for name, r in benches.items():
+        md.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | "
+                  f"`{r.get('command', '')}` |")
+
+    for name, r in benches.items():
+        md += _section(name, r, mline, img_dir, img_rel, plots)
+    md.append("")
+    return "\n".join(md), plots
+
+
+def write_report(collected: dict, md_path: Path, img_dir: Path) -> dict:
+    """Write BENCHMARKS.md (atomically) and its plots; return {plot: file or reason}."""
+    md_path = Path(md_path)
+    img_dir = Path(img_dir)
+    try:
+        rel = os.path.relpath(img_dir, md_path.parent)
+    except ValueError:
+        rel = str(img_dir)
+    text, plots = build_report(collected, img_dir, rel)
+    atomic_write_text(md_path, text)
+    return plots
+
+
+def extract_last_json(stdout: str) -> dict | None:
+    """The last JSON object printed on stdout (the CLI convention), or None."""
+    s = stdout.rstrip()
+    starts = [m.start() for m in re.finditer(r"(?m)^\{", s)]
+    for pos in reversed(starts):
+        try:
+            obj = json.loads(s[pos:])
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None

@@ -1,0 +1,157 @@
+"""`edgeprop bench all`: run every benchmark, write docs/BENCHMARKS.md with plots.
+
+Each benchmark runs as its own subprocess (`python -m runtime.cli <verb> ... --json`),
+one after another (the machine is shared; running them side by side would spoil the
+timings). A benchmark that fails, times out or prints no JSON is reported as such and
+the others still run. The collected results are kept in docs/benchmarks.json so the
+report can be redrawn without re-measuring (`--from-json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgeprop.errors import ConfigError
+from runtime import bench_report
+from runtime.console import add_output_flags, print_json, say
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
+
+#: name -> (argv after `edgeprop`, slow?). Slow ones are skipped by --quick.
+BENCHMARKS: dict[str, tuple[list[str], bool]] = {
+    "eprop": (["bench", "eprop", "--json"], False),
+    "frontend": (["bench", "frontend", "--json"], False),
+    "sparse-bptt": (["bench", "sparse-bptt", "--json"], True),
+    "profile": (["profile", "--json"], False),
+    "run": (["run", "--json"], False),
+    "personalize": (["personalize", "--data", "{data}", "--all-speakers", "--min-clips", "30",
+                     "--shots", "2", "--json"], True),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    parser.add_argument("--quick", action="store_true",
+                        help="leave out the slow ones (sparse-bptt, personalize)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="Speech Commands folder for personalize (default ../shared/...)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds allowed per benchmark (default 1800)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                        help="extra arguments for one benchmark, e.g. --extra 'run=--clips 8'")
+    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"),
+                        help="markdown report to write")
+    parser.add_argument("--img-dir", default=None, help="plot folder (default: <out dir>/img)")
+    parser.add_argument("--raw", default=None,
+                        help="collected JSON file (default: <out dir>/benchmarks.json)")
+    parser.add_argument("--from-json", default=None,
+                        help="redraw the report from a collected JSON file, measuring nothing")
+    add_output_flags(parser)
+
+
+def _selection(args: argparse.Namespace) -> list[str]:
+    def names(s: str) -> list[str]:
+        out = [n.strip() for n in s.split(",") if n.strip()]
+        bad = [n for n in out if n not in BENCHMARKS]
+        if bad:
+            raise ConfigError(f"unknown benchmark(s) {bad}; choose from {list(BENCHMARKS)}")
+        return out
+
+    chosen = names(args.only) or list(BENCHMARKS)
+    skip = set(names(args.skip))
+    if args.quick and not args.only:
+        skip |= {n for n, (_, slow) in BENCHMARKS.items() if slow}
+    return [n for n in chosen if n not in skip]
+
+
+def _extras(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        if not sep or name not in BENCHMARKS:
+            raise ConfigError(f"--extra wants NAME=ARGS with NAME in {list(BENCHMARKS)}, "
+                              f"got {item!r}")
+        out.setdefault(name, []).extend(shlex.split(rest))
+    return out
+
+
+def run_one(name: str, argv: list[str], timeout: float) -> dict:
+    """Run one benchmark subprocess; never raises for the benchmark's own failure."""
+    cmd = [sys.executable, "-m", "runtime.cli", *argv]
+    shown = "edgeprop " + " ".join(shlex.quote(a) for a in argv)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": shown, "status": "timeout", "seconds": time.perf_counter() - t0,
+                "returncode": None, "json": None, "error": f"no result within {timeout:.0f} s"}
+    secs = time.perf_counter() - t0
+    obj = bench_report.extract_last_json(proc.stdout)
+    err_tail = " / ".join(proc.stderr.strip().splitlines()[-3:])
+    if proc.returncode == 0 and obj is not None:
+        status, error = "ok", None
+    else:
+        status = "failed"
+        error = (f"exit {proc.returncode}" + ("" if obj is not None else ", no JSON on stdout")
+                 + (f": {err_tail}" if err_tail else ""))
+    return {"command": shown, "status": status, "seconds": secs, "returncode": proc.returncode,
+            "json": obj, "error": error}
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
+    raw_path = Path(args.raw) if args.raw else out.parent / "benchmarks.json"
+    if args.from_json:
+        try:
+            collected = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read collected results {args.from_json}: {exc}") from exc
+    else:
+        names = _selection(args)
+        extras = _extras(args.extra)
+        shown_cmd = "edgeprop bench all --json" + (f" --only {','.join(names)}"
+                                                   if args.only or args.quick or args.skip else "")
+        collected = {"command": shown_cmd, "machine": bench_report.machine_info(),
+                     "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "benchmarks": {}}
+        t0 = time.perf_counter()
+        for name in names:
+            argv = [a.replace("{data}", args.data) for a in BENCHMARKS[name][0]]
+            argv += extras.get(name, [])
+            if not args.quiet:
+                say(f"bench all: {name}: edgeprop {' '.join(argv)}")
+            res = run_one(name, argv, args.timeout)
+            collected["benchmarks"][name] = res
+            if not args.quiet:
+                say(f"bench all: {name}: {res['status']} in {res['seconds']:.1f} s"
+                    + (f" ({res['error']})" if res["error"] else ""))
+        collected["seconds"] = time.perf_counter() - t0
+        bench_report.atomic_write_text(raw_path, json.dumps(collected, indent=1) + "\n")
+    plots = bench_report.write_report(collected, out, img_dir)
+    benches = collected["benchmarks"]
+    failed = [n for n, r in benches.items() if r["status"] != "ok"]
+    summary = {
+        "report": str(out),
+        "raw": str(raw_path),
+        "machine": collected["machine"],
+        "passed": [n for n in benches if n not in failed],
+        "failed": failed,
+        "plots": plots,
+        "benchmarks": benches,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        say(f"wrote {out}; ok: {summary['passed']}; failed: {failed}")
+    return 1 if failed else 0

@@ -1,0 +1,179 @@
+"""`edgeprop bench frontend`: feature frontend + encoder speed and exactness.
+
+Measures, on real speech_commands_dev clips:
+- stream_us_per_frame: median time of one `StreamingFrontend.push` of a 10 ms block
+  (160 samples) plus one encoder `step`, per encoder; the headline number uses the
+  `--encoder` (default delta). Target <= 50 us (goal 20 us); 10 ms / it = x real time.
+- batch_ms_per_clip: `features` on a (B, 16000) batch, per clip, median of repeats;
+  beside it librosa's melspectrogram (+ log, no deltas) on the same clips as baseline.
+- max_abs_err_stream_vs_batch: streaming with random block sizes (1 .. 10,000) against
+  batch, normalised features.
+- max_abs_err_vs_librosa: our un-normalised log-mel against
+  log(librosa.feature.melspectrogram + floor) with aligned framing.
+- sparsity per encoder (fraction of zeros) with the frontend normalised on the clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeprop.datasets import load_clips, scan_speech_commands
+from edgeprop.encoders import ENCODERS, make_encoder, sparsity
+from edgeprop.errors import DatasetError
+from edgeprop.frontend import (
+    FrontendConfig,
+    StreamingFrontend,
+    features,
+    fit_normalization,
+    librosa_log_mel,
+    raw_log_mel,
+)
+from runtime.console import add_output_flags, print_json, say
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="Speech Commands folder")
+    parser.add_argument("--clips", type=int, default=200,
+                        help="clips for sparsity and exactness (default 200, every k-th)")
+    parser.add_argument("--timed-clips", type=int, default=20,
+                        help="clips streamed frame by frame for timing (default 20)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default 5)")
+    parser.add_argument("--encoder", default="delta", choices=sorted(ENCODERS),
+                        help="encoder of the headline stream_us_per_frame (default delta)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_output_flags(parser)
+
+
+def _stream_times(audio: np.ndarray, cfg: FrontendConfig, enc_name: str | None,
+                  repeats: int) -> np.ndarray:
+    """Per-frame (us) push(160 samples) [+ encoder.step], every frame of every clip."""
+    fe = StreamingFrontend(cfg)
+    enc = make_encoder(enc_name, cfg.n_features) if enc_name else None
+    hop = cfg.hop
+    times = []
+    clock = time.perf_counter_ns
+    for _ in range(repeats):
+        for clip in audio:
+            fe.reset()
+            if enc:
+                enc.reset()
+            for i in range(0, clip.shape[0], hop):
+                block = clip[i:i + hop]
+                t0 = clock()
+                frames = fe.push(block)
+                if enc is not None:
+                    for f in frames:
+                        enc.step(f)
+                times.append(clock() - t0)
+    return np.asarray(times, dtype=np.float64) / 1000.0
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.data)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass --data <Speech Commands folder>")
+    rng = np.random.default_rng(args.seed)
+    clips = scan_speech_commands(root).clips
+    step = max(1, len(clips) // max(1, args.clips))
+    chosen = clips[::step][: args.clips]
+    audio = load_clips(chosen)
+    say(f"bench frontend: {len(chosen)} clips from {root}")
+
+    base = FrontendConfig()
+    raw = features(audio, base)
+    cfg = fit_normalization(raw, base)
+    feats = features(audio, cfg)
+
+    # exactness ------------------------------------------------------------
+    err_stream = 0.0
+    for k in range(min(len(audio), 40)):
+        fe = StreamingFrontend(cfg)
+        out, i = [], 0
+        while i < audio.shape[1]:
+            n = int(rng.choice([1, 10000, int(rng.integers(1, 4000))], p=[0.05, 0.05, 0.9]))
+            if n == 1:  # a run of single samples, not the whole clip (time)
+                for j in range(i, min(i + 400, audio.shape[1])):
+                    out.append(fe.push(audio[k, j:j + 1]))
+                i = min(i + 400, audio.shape[1])
+                continue
+            out.append(fe.push(audio[k, i:i + n]))
+            i += n
+        err_stream = max(err_stream, float(np.abs(np.concatenate(out) - feats[k]).max()))
+    err_librosa = max(float(np.abs(raw_log_mel(a, base) - librosa_log_mel(a, base)).max())
+                      for a in audio[:50])
+
+    # speed ----------------------------------------------------------------
+    timed = audio[: args.timed_clips]
+    stream_by_enc = {}
+    frontend_only = float(np.median(_stream_times(timed, cfg, None, args.repeats)))
+    for name in sorted(ENCODERS):
+        stream_by_enc[name] = float(np.median(_stream_times(timed, cfg, name, args.repeats)))
+    batch = audio[:32]
+    bt, lt = [], []
+    import librosa
+
+    def librosa_clip(a: np.ndarray) -> np.ndarray:
+        return np.log(librosa.feature.melspectrogram(
+            y=a, sr=16000, n_fft=512, hop_length=160, win_length=480, n_mels=40,
+            fmin=20.0, fmax=4000.0, center=False) + base.log_floor)
+
+    features(batch, cfg), librosa_clip(batch[0])  # warm-up (caches, numba)
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        features(batch, cfg)
+        bt.append((time.perf_counter() - t0) * 1000 / len(batch))
+        t0 = time.perf_counter()
+        for a in batch:
+            librosa_clip(a)
+        lt.append((time.perf_counter() - t0) * 1000 / len(batch))
+    batch_ms = float(np.median(bt))
+    librosa_ms = float(np.median(lt))
+
+    # sparsity -------------------------------------------------------------
+    spars = {}
+    for name in sorted(ENCODERS):
+        enc = make_encoder(name, cfg.n_features)
+        spars[name] = {"sparsity": sparsity(np.concatenate([enc.encode(f) for f in feats])),
+                       "n_out": enc.n_out, "substeps": enc.substeps,
+                       "expected_sparsity": enc.expected_sparsity, "options": enc.to_dict()}
+
+    us = stream_by_enc[args.encoder]
+    result = {
+        "stream_us_per_frame": us,
+        "stream_encoder": args.encoder,
+        "stream_us_per_frame_by_encoder": stream_by_enc,
+        "stream_us_per_frame_frontend_only": frontend_only,
+        "realtime_factor": 10000.0 / us,
+        "target_us_per_frame": 50.0,
+        "goal_us_per_frame": 20.0,
+        "batch_ms_per_clip": batch_ms,
+        "librosa_batch_ms_per_clip": librosa_ms,
+        "batch_speedup_vs_librosa": librosa_ms / batch_ms,
+        "max_abs_err_stream_vs_batch": err_stream,
+        "max_abs_err_vs_librosa": err_librosa,
+        "encoders": spars,
+        "n_clips": len(chosen),
+        "n_timed_clips": len(timed),
+        "repeats": args.repeats,
+        "frontend_hash": base.hash(),
+        "machine": f"{platform.machine()} {platform.python_implementation()} "
+                   f"{platform.python_version()}, numpy {np.__version__}",
+    }
+    say(f"stream: {us:.1f} us/frame with {args.encoder} encoder "
+        f"({frontend_only:.1f} frontend only; {10000 / us:.0f}x real time; target 50, goal 20)")
+    say(f"batch: {batch_ms:.3f} ms/clip (librosa melspectrogram: {librosa_ms:.3f} ms/clip)")
+    say(f"max |stream - batch| = {err_stream:.2e}, max |ours - librosa| = {err_librosa:.2e}")
+    for name, s in spars.items():
+        say(f"  {name:<10} width {s['n_out']:4d}  substeps {s['substeps']}  "
+            f"sparsity {s['sparsity']:.3f}")
+    if args.json:
+        print_json(result)
+    return 0

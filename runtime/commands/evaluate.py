@@ -1,0 +1,59 @@
+"""`edgeprop evaluate`: accuracy of a checkpoint on any Speech Commands folder.
+
+Uses the shipped model when --model is omitted. Prints accuracy, n, per-class accuracy
+and the confusion matrix (rows = true label, columns = predicted, in label order).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.console import add_output_flags, print_json, progress, say
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint (default: the shipped edgeprop/assets/kws_srnn.npz)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")
+    add_output_flags(parser)
+
+
+def _table(res) -> str:
+    w = max(len(lab) for lab in res.labels)
+    head = " " * (w + 1) + " ".join(f"{i:>4d}" for i in range(len(res.labels)))
+    lines = [head]
+    for i, lab in enumerate(res.labels):
+        acc = res.per_class[lab]
+        acc_s = "   -  " if acc is None else f"{100 * acc:5.1f}%"
+        row = " ".join(f"{v:>4d}" for v in res.confusion[i])
+        lines.append(f"{lab:<{w}} {row}   {acc_s} of {res.per_class_n[lab]}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from edgeprop.checkpoint import load_checkpoint
+    from edgeprop.errors import DatasetError
+    from edgeprop.evaluation import evaluate_clips, scan_for_model
+    from edgeprop.feature_cache import FeatureCache
+    from edgeprop.shipped import SHIPPED_MODEL, load_shipped
+    from edgeprop.training import default_data_dir
+
+    ckpt = load_checkpoint(args.model) if args.model is not None else load_shipped()
+    model_path = args.model or SHIPPED_MODEL
+    data = args.data or default_data_dir()
+    if data is None:
+        raise DatasetError("no Speech Commands folder found at ../shared/data/"
+                           "speech_commands_dev; pass --data DIR")
+    clips = scan_for_model(data, ckpt)
+    cache = FeatureCache(args.cache_dir)
+    with progress("evaluating", len(clips), args.quiet) as adv:
+        res = evaluate_clips(ckpt, clips, cache=cache, progress=adv)
+    say(_table(res))
+    say(f"accuracy {100 * res.accuracy:.2f} % on {res.n} clips of {data} ({model_path})")
+    if args.json:
+        print_json(res.to_dict() | {"model": str(model_path), "data": str(data)})
+    return 0

@@ -1,0 +1,188 @@
+"""`edgeprop pretrain`: train the keyword spotter offline with sparse (or dense) BPTT.
+
+Thin shell over `edgeprop.training`: argument parsing, progress bars, the periodic
+resume checkpoint (`<out>.resume.npz`, written atomically after every epoch with the
+optimizer state and the next epoch; removed when the run completes) and the final
+checkpoint plus its training record (`<out>.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from runtime.console import add_output_flags, print_json, progress, say
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
+    parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
+                        help="checkpoint to write (default ./kws_srnn.npz)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of split, init, order, noise")
+    parser.add_argument("--b-th", type=float, default=None,
+                        help="sparse BPTT band |v - A| < B_th (default 0.2)")
+    parser.add_argument("--dense", action="store_true", help="dense BPTT instead of sparse")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <out>.resume.npz written by an interrupted run")
+    parser.add_argument("--synth", type=Path, default=None,
+                        help="extra folder of synthetic voices (Speech Commands layout), "
+                             "training only")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--n-aug", type=int, default=None,
+                        help="background-noise copies per training clip (default 3)")
+    parser.add_argument("--reg-coef", type=float, default=None, help="firing-rate regulariser")
+    parser.add_argument("--max-clips", type=int, default=None,
+                        help="use a seeded random subset of this many clips (quick runs)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")
+    add_output_flags(parser)
+
+
+def _resume_path(out: Path) -> Path:
+    return out.with_name(out.name + ".resume.npz")
+
+
+def _record_path(out: Path) -> Path:
+    return out.with_suffix(".json") if out.suffix == ".npz" else out.with_name(out.name + ".json")
+
+
+def _train_config(args):
+    from edgeprop.training import TrainConfig
+
+    kw = {"seed": args.seed, "sparse": not args.dense}
+    for flag, name in (("epochs", "epochs"), ("b_th", "b_th"), ("lr", "lr"),
+                       ("batch_size", "batch_size"), ("n_aug", "n_aug"),
+                       ("reg_coef", "reg_coef")):
+        val = getattr(args, flag)
+        if val is not None:
+            kw[name] = val
+    return TrainConfig(**kw)
+
+
+def run(args) -> int:
+    import json
+    import os
+    import tempfile
+
+    from edgeprop import training
+    from edgeprop.checkpoint import load_checkpoint, save_checkpoint
+    from edgeprop.errors import CheckpointError, DatasetError
+    from edgeprop.network import KWS_LABELS
+    from edgeprop.optim import Adam
+
+    t_start = time.perf_counter()
+    data_dir = args.data or training.default_data_dir()
+    if data_dir is None:
+        raise DatasetError("no Speech Commands folder found at ../shared/data/"
+                           "speech_commands_dev; pass --data DIR")
+    if args.epochs is not None and args.epochs < 0:
+        raise DatasetError("--epochs must be >= 0")
+    tcfg = _train_config(args)
+    cfg = training.kws_model_config()
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: folder {out.parent} does not exist")
+    resume_file = _resume_path(out)
+
+    def stage(name: str, total: int):
+        ctx = progress(name, total, args.quiet)
+        adv = ctx.__enter__()
+        stages.append(ctx)
+        return adv
+
+    stages: list = []
+    try:
+        data = training.prepare_data(data_dir, tcfg, synth_dir=args.synth,
+                                     cache_dir=args.cache_dir, max_clips=args.max_clips,
+                                     stage=stage)
+    finally:
+        for ctx in reversed(stages):
+            ctx.__exit__(None, None, None)
+    say(f"data: {data.info['n_train']} train clips ({data.info['train_speakers']} speakers) "
+        f"x {data.train_x.shape[0]} versions, {data.info['n_val']} val clips "
+        f"({data.info['val_speakers']} speakers, disjoint)")
+
+    state = None
+    if args.resume:
+        if not resume_file.is_file():
+            raise CheckpointError(f"nothing to resume: {resume_file} does not exist")
+        ck = load_checkpoint(resume_file, expect=cfg)
+        saved = training.TrainConfig.from_dict(ck.extra.get("train_config", {}))
+        if saved.to_dict() | {"epochs": 0} != tcfg.to_dict() | {"epochs": 0}:
+            raise CheckpointError(f"{resume_file} was written with other settings "
+                                  f"({saved}); resume with the same flags")
+        opt = Adam(lr=tcfg.lr)
+        opt.load_state_dict(ck.optimizer_state or {})
+        state = training.TrainState(ck.params, opt, int(ck.extra["next_epoch"]),
+                                    list(ck.extra.get("history", [])))
+        say(f"resuming at epoch {state.epoch} from {resume_file}")
+
+    extra_common = {"train_config": tcfg.to_dict(), "data_info": data.info}
+
+    def on_epoch_start(epoch: int):
+        ctx = progress(f"epoch {epoch + 1}/{tcfg.epochs}", data.train_y.shape[0], args.quiet)
+        bars.append(ctx)
+        return ctx.__enter__()
+
+    def on_epoch_end(rec: dict, st) -> None:
+        while bars:
+            bars.pop().__exit__(None, None, None)
+        say(f"epoch {rec['epoch'] + 1}/{tcfg.epochs}: loss {rec['loss']:.3f} "
+            f"train {rec['train_acc']:.3f} val {rec['val_acc']:.3f} "
+            f"active {rec['active_fraction']:.3f} rate {rec['rate']:.3f} "
+            f"({rec['seconds']:.1f} s)")
+        save_checkpoint(resume_file, cfg, st.params, optimizer_state=st.optimizer.state_dict(),
+                        frontend=data.frontend.to_dict(), encoder={"name": "current",
+                                                                   "n_in": cfg.n_in},
+                        labels=list(KWS_LABELS),
+                        extra=extra_common | {"next_epoch": st.epoch, "history": st.history})
+
+    bars: list = []
+    try:
+        state = training.train(cfg, data, tcfg, state, on_epoch_start=on_epoch_start,
+                               on_epoch_end=on_epoch_end)
+    finally:
+        while bars:
+            bars.pop().__exit__(None, None, None)
+    seconds = time.perf_counter() - t_start
+    val_acc = training.accuracy(cfg, state.params, data.val_x, data.val_y)
+    record = {
+        "command": "edgeprop pretrain " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["pretrain"]
+                                                     else sys.argv[1:]),
+        "seed": tcfg.seed,
+        "method": "sparse_bptt" if tcfg.sparse else "dense_bptt",
+        "val_accuracy": val_acc,
+        "n_val": int(data.val_y.shape[0]),
+        "seconds": seconds,
+        "epochs_run": len(state.history),
+        "train_config": tcfg.to_dict(),
+        "model_config": cfg.to_dict(),
+        "data_info": data.info,
+        "history": state.history,
+        "cpu_count": os.cpu_count(),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_checkpoint(out, cfg, state.params, frontend=data.frontend.to_dict(),
+                    encoder={"name": "current", "n_in": cfg.n_in}, labels=list(KWS_LABELS),
+                    extra={k: record[k] for k in ("command", "seed", "method", "val_accuracy",
+                                                  "n_val", "seconds", "train_config",
+                                                  "data_info")})
+    rec_path = _record_path(out)
+    fd, tmp = tempfile.mkstemp(dir=rec_path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(record, fh, indent=1)
+    os.replace(tmp, rec_path)
+    if resume_file.exists():
+        resume_file.unlink()
+    say(f"wrote {out} (val accuracy {val_acc:.4f} on {record['n_val']} clips of unseen "
+        f"speakers, {seconds:.0f} s)")
+    if args.json:
+        print_json({k: v for k, v in record.items() if k != "history"}
+                   | {"out": str(out), "record": str(rec_path)})
+    return 0

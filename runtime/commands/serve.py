@@ -1,0 +1,206 @@
+"""`edgeprop serve`: a learner node (or a broker in front of N learner workers).
+
+    edgeprop serve                                  shipped model, emulator backend,
+                                                    frames on tcp://127.0.0.1:5555,
+                                                    control on tcp://127.0.0.1:5556
+    edgeprop serve --backend reference --checkpoint-dir ckpt --checkpoint-every 10
+    edgeprop serve --workers 2                      broker + 2 worker processes
+    edgeprop serve --connect tcp://host:5557        one worker behind a remote broker
+
+With --checkpoint-dir, a learner.ckpt already there is resumed from (weights, optimizer
+state, update count): a learner killed with SIGKILL loses at most --checkpoint-every
+seconds of learning. SIGINT / SIGTERM: a final checkpoint, then a clean exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from edgeprop.errors import ConfigError
+from runtime.console import add_output_flags, print_json, say
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint to serve (default: the shipped model)")
+    parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator",
+                        help="where learning runs: the SpiNNaker 2 emulator (default) or the "
+                             "reference NumPy e-prop")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        help="data_router endpoint frontends connect to")
+    parser.add_argument("--control", default="tcp://127.0.0.1:5556",
+                        help="control_rep endpoint ('' to disable)")
+    parser.add_argument("--pub", default="", help="outputs_pub endpoint (posteriors and "
+                                                  "detections, topic = stream id)")
+    parser.add_argument("--connect", default="", help="run as a worker behind a broker at "
+                                                      "this endpoint (instead of --bind)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="start a broker on --bind and this many worker processes")
+    parser.add_argument("--name", default="learner", help="name in logs and stats")
+    parser.add_argument("--checkpoint-dir", help="periodic atomic checkpoints here; resume "
+                                                 "from learner.ckpt if present")
+    parser.add_argument("--checkpoint-every", type=float, default=30.0,
+                        help="seconds between checkpoints (when weights changed)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="online learning rate (Adam)")
+    parser.add_argument("--no-learning", action="store_true", help="inference only")
+    parser.add_argument("--window", type=int, default=50, help="detection smoothing, frames")
+    parser.add_argument("--threshold", type=float, default=0.6, help="detection threshold")
+    parser.add_argument("--refractory", type=int, default=100,
+                        help="frames after a detection during which none fires")
+    parser.add_argument("--peer-timeout", type=float, default=10.0,
+                        help="close a stream silent for this many seconds")
+    parser.add_argument("--record", help="record every message in and out to this file")
+    parser.add_argument("--ready-file", help="write the bound endpoints here (JSON) once up")
+    parser.add_argument("--log-level", default="INFO")
+    add_output_flags(parser)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _write_ready(path: str | None, endpoints: dict) -> None:
+    if not path:
+        return
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(endpoints))
+    os.replace(tmp, path)
+
+
+def build_core(args: argparse.Namespace):
+    """The learner core from the CLI settings (resuming from --checkpoint-dir if possible)."""
+    from runtime.learner_node import LearnerCore, load_model, resume_path
+
+    ckpt = None
+    if args.checkpoint_dir and resume_path(args.checkpoint_dir).exists():
+        from edgeprop.checkpoint import load_checkpoint
+
+        path = resume_path(args.checkpoint_dir)
+        ckpt = load_checkpoint(path)
+        say(f"{args.name}: resuming from {path} "
+            f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
+    if ckpt is None:
+        ckpt = load_model(args.model)
+    detector = {"window": args.window, "threshold": args.threshold,
+                "refractory": args.refractory}
+    return LearnerCore(ckpt, backend=args.backend, lr=args.lr, detector=detector,
+                       learning=not args.no_learning, peer_timeout_s=args.peer_timeout,
+                       checkpoint_dir=args.checkpoint_dir,
+                       checkpoint_every=args.checkpoint_every, name=args.name)
+
+
+def _install_signals(stop: threading.Event, who: str) -> None:
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        logging.getLogger("edgeprop.learner").warning(
+            "%s: %s received: final checkpoint, then stop", who, name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    _logging(args.log_level)
+    if args.workers:
+        return _run_broker(args)
+    from runtime.learner_node import LearnerNode
+
+    core = build_core(args)
+    recorder = None
+    if args.record:
+        from runtime.recording import RecordingWriter, header_for
+        from edgeprop.checkpoint import Checkpoint
+
+        ck = Checkpoint(core.cfg, core.params, frontend=core.model.frontend,
+                        encoder=core.model.encoder, labels=core.model.labels)
+        recorder = RecordingWriter(args.record, header_for(ck, note=f"serve {args.name}"))
+    node = LearnerNode(core, bind=None if args.connect else args.bind,
+                       connect=args.connect or None, control_bind=args.control or None,
+                       pub_bind=args.pub or None, recorder=recorder)
+    stop = threading.Event()
+    _install_signals(stop, args.name)
+    ready_thread = threading.Thread(
+        target=lambda: node.ready.wait(30) and _write_ready(args.ready_file, node.endpoints),
+        daemon=True)
+    ready_thread.start()
+    say(f"{args.name}: {core.backend_name} backend, params {core.params_hash()[:12]}, "
+        f"learning {'on' if core.learning else 'off'}")
+    node.run(stop)
+    stats = core.stats()
+    core.close()
+    say(f"{args.name}: stopped; frames {stats['counts'].get('frames', 0)}, "
+        f"updates {stats['updates']}, params {stats['params_hash'][:12]}")
+    if args.json:
+        print_json(stats)
+    return 0
+
+
+def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--connect", endpoint,
+           "--name", f"worker-{k}", "--backend", args.backend, "--control", "",
+           "--lr", str(args.lr), "--window", str(args.window),
+           "--threshold", str(args.threshold), "--refractory", str(args.refractory),
+           "--peer-timeout", str(args.peer_timeout), "--log-level", args.log_level,
+           "--checkpoint-every", str(args.checkpoint_every)]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.checkpoint_dir:
+        cmd += ["--checkpoint-dir", str(Path(args.checkpoint_dir) / f"worker-{k}")]
+    if args.no_learning:
+        cmd.append("--no-learning")
+    return cmd
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    from runtime.broker import Broker
+
+    if args.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    broker = Broker(args.bind, "tcp://127.0.0.1:*")
+    stop = threading.Event()
+    _install_signals(stop, "broker")
+    thread = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    thread.start()
+    if not broker.ready.wait(10):
+        raise ConfigError(f"broker could not bind {args.bind}")
+    ep = broker.endpoints["workers_router"]
+    procs = [subprocess.Popen(_worker_cmd(args, ep, k)) for k in range(args.workers)]
+    deadline = time.monotonic() + 60
+    while len(broker.workers) < args.workers and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.1)
+    say(f"broker: {len(broker.workers)}/{args.workers} workers up; clients on "
+        f"{broker.endpoints['clients_router']}")
+    _write_ready(args.ready_file, dict(broker.endpoints, workers=len(broker.workers)))
+    try:
+        while not stop.is_set():
+            stop.wait(0.5)
+            for k, p in enumerate(procs):
+                if p.poll() is not None and not stop.is_set():
+                    say(f"broker: worker-{k} exited ({p.returncode}); restarting it")
+                    procs[k] = subprocess.Popen(_worker_cmd(args, ep, k))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        stop.set()
+        thread.join(5)
+    if args.json:
+        print_json(broker.stats())
+    return 0

@@ -1,0 +1,163 @@
+"""Streaming keyword detection: smooth, threshold, suppress repeats. Pure; usable offline.
+
+Per frame t the network gives a readout y[t] (n_out). The detector keeps the last W
+readouts and forms the smoothed posterior
+
+    p[t] = softmax( (1/W') sum_{s = t-W'+1}^{t} y[s] ),   W' = min(W, frames so far)
+
+i.e. the softmax of the time-averaged readout over a sliding window: exactly the
+quantity the model is trained on (cross-entropy on the mean readout of a clip), taken
+over the last W frames instead of a whole clip. A detection of class k fires when
+
+    k = argmax over keyword classes of p[t],  p_k[t] >= threshold,
+    and t - t_last_detection >= refractory  (frames)
+
+as streaming keyword spotters do (posterior smoothing + threshold + a refractory
+period, after Chen et al. 2014 "Small-footprint keyword spotting using deep neural
+networks"). Classes in `ignore` (by default _silence_ and _unknown_) never fire.
+
+Parameters (all three are settings of `edgeprop serve` / `run`):
+    window       W, frames (10 ms each)        default 50
+    threshold    in [0, 1]                      default 0.6
+    refractory   frames after a hit             default 100 (1 s)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgeprop.errors import ConfigError
+
+DEFAULT_IGNORE = ("_silence_", "_unknown_")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    window: int = 50
+    threshold: float = 0.6
+    refractory: int = 100
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError(f"detection window must be >= 1 frame, got {self.window}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"detection threshold must be in [0, 1], got {self.threshold}")
+        if self.refractory < 0:
+            raise ConfigError(f"refractory must be >= 0 frames, got {self.refractory}")
+
+    def to_dict(self) -> dict:
+        return {"window": self.window, "threshold": self.threshold,
+                "refractory": self.refractory, "ignore": list(self.ignore)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> DetectorConfig:
+        d = dict(d or {})
+        if "ignore" in d:
+            d["ignore"] = tuple(d["ignore"])
+        unknown = set(d) - {"window", "threshold", "refractory", "ignore"}
+        if unknown:
+            raise ConfigError(f"unknown detector settings: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A detection: frame index (stream seq), its time, class and smoothed score."""
+
+    seq: int
+    t: float
+    index: int
+    label: str
+    score: float
+
+
+def softmax(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    e = np.exp(y - y.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Detector:
+    """One per stream. `push(y, seq, t)` -> (smoothed posterior, Hit | None)."""
+
+    def __init__(self, labels: Sequence[str], cfg: DetectorConfig | None = None):
+        self.cfg = cfg or DetectorConfig()
+        self.labels = list(labels)
+        self._fire = np.array([lab not in self.cfg.ignore for lab in self.labels])
+        if not self._fire.any():
+            raise ConfigError("every class is ignored: nothing could ever be detected")
+        self.reset()
+
+    def reset(self) -> None:
+        self._buf: deque[np.ndarray] = deque()
+        self._sum = np.zeros(len(self.labels), dtype=np.float64)
+        self._last_hit: int | None = None
+
+    def push(self, y: np.ndarray, seq: int, t: float) -> tuple[np.ndarray, Hit | None]:
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        self._buf.append(y)
+        self._sum += y
+        if len(self._buf) > self.cfg.window:
+            self._sum -= self._buf.popleft()
+        p = softmax(self._sum / len(self._buf))
+        masked = np.where(self._fire, p, -1.0)
+        k = int(np.argmax(masked))
+        hit = None
+        if p[k] >= self.cfg.threshold and (
+                self._last_hit is None or seq - self._last_hit >= self.cfg.refractory):
+            self._last_hit = seq
+            hit = Hit(int(seq), float(t), k, self.labels[k], float(p[k]))
+        return p.astype(np.float32), hit
+
+    def run(self, ys: np.ndarray, t0: float = 0.0, hop_s: float = 0.01,
+            seq0: int = 0) -> tuple[np.ndarray, list[Hit]]:
+        """Offline: a whole (T, n_out) readout -> ((T, n_out) posteriors, hits)."""
+        probs = np.zeros((len(ys), len(self.labels)), dtype=np.float32)
+        hits = []
+        for i, y in enumerate(ys):
+            probs[i], hit = self.push(y, seq0 + i, t0 + i * hop_s)
+            if hit is not None:
+                hits.append(hit)
+        return probs, hits
+
+
+@dataclass(frozen=True)
+class Event:
+    """A labelled utterance in a stream: [t_start, t_end) seconds."""
+
+    t_start: float
+    t_end: float
+    label: str
+
+
+def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
+                     keywords: Sequence[str], tolerance_s: float = 0.5) -> dict:
+    """Match detections to utterances.
+
+    An utterance of a keyword counts as *detected correctly* when a detection with its
+    label falls in [t_start, t_end + tolerance_s] (the smoothing window delays the peak
+    past the word's end). Every detection that does not match a keyword utterance of
+    the same label is a *false alarm* (wrong word, an _unknown_ word, noise, or a
+    second hit on the same utterance). accuracy = detected correctly / keyword
+    utterances.
+    """
+    kw = set(keywords)
+    targets = [e for e in events if e.label in kw]
+    matched = [False] * len(targets)
+    false_alarms = 0
+    for t, label in hits:
+        for i, e in enumerate(targets):
+            if not matched[i] and e.label == label and e.t_start <= t <= e.t_end + tolerance_s:
+                matched[i] = True
+                break
+        else:
+            false_alarms += 1
+    n = len(targets)
+    return {"keyword_utterances": n, "detected": int(sum(matched)),
+            "accuracy": (sum(matched) / n) if n else float("nan"),
+            "false_alarms": false_alarms}

@@ -1,0 +1,737 @@
+"""The learner node: hosts a backend, runs every stream's network, learns from labels.
+
+Two layers:
+
+- `LearnerCore`: no sockets, no threads. `handle_bytes(payload, route)` takes one wire
+  message and returns the replies for that peer. All state lives here: one `Session`
+  per stream (its own network state, detector, sequence tracking, labelled-window
+  buffer, a short history for `teach`), the shared model (backend + weights), optional
+  per-session personalised weights, counters, checkpoints. Replaying a recording is
+  feeding its inbound messages to a fresh core (runtime/recording.py).
+- `LearnerNode`: the sockets around a core, all owned by ONE thread (`run`):
+  `data_router` (ROUTER, bind; frontends' DEALERs connect) or, behind the broker,
+  `data_dealer` (DEALER, connect); `control_rep` (REP, bind, optional); `outputs_pub`
+  (PUB, bind, optional: posteriors and detections, topic = stream id). Sends on
+  data_router never block: a reply to a vanished or stalled peer is dropped and
+  counted (ROUTER_MANDATORY + NOBLOCK).
+
+Per frame (each encoder sub-step is one network step, `edgeprop.network.step`):
+    y = readout;  p = softmax(mean of y over the detector window)  -> Posteriors
+    detector (window / threshold / refractory)                      -> Detection
+Learning: frames whose `labels`/`windows` are set form a labelled window; when the
+window id changes (or the stream ends) the backend learns the window with the mean
+loss from a zero state and applies one update (runtime/backends.py says why).
+`teach` does the same for a past window [t_start, t_end) of the stream's history.
+
+Faults are counters (`stats()`), logged (first few of each kind, then every 100th),
+and never raise out of `handle_bytes`: malformed, version, oversized, unknown_type,
+bad_field, shape, config_mismatch, seq_gaps / frames_missing, seq_dups,
+unknown_stream, peers_timed_out, outputs_dropped.
+
+Public API (stable)::
+
+    Model.from_checkpoint(ckpt) ; load_model(path_or_None) -> Checkpoint
+    LearnerCore(checkpoint, *, backend="emulator", lr=1e-4, detector=None (dict),
+                learning=True, history_s=5.0, peer_timeout_s=10.0, max_window_frames=300,
+                checkpoint_dir=None, checkpoint_every=30.0, n_pes=12)
+        .handle_bytes(payload, route=b"") -> list[Message]
+        .handle(msg, route=b"") -> list[Message]
+        .control(req: ControlRequest) -> ControlReply
+        .tick(now_s=None) -> None      # timeouts + periodic checkpoint
+        .save_checkpoint(path=None) -> dict(path, params_hash, updates)
+        .stats() -> dict ; .finish() ; .close()
+        .model.params  (shared weights) ; .params_hash()
+    LearnerNode(core, *, bind=None, connect=None, control_bind=None, pub_bind=None,
+                hwm=1000, recorder=None)
+        .run(stop: threading.Event | None = None) ; .start() -> Thread ; .stop()
+        .endpoints -> dict of resolved endpoints (after bind)
+    resume_path(checkpoint_dir) -> Path   (dir/learner.ckpt)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeprop.errors import CheckpointError, ConfigError, EdgepropError
+from edgeprop.network import KWS_LABELS, ModelConfig, Params, State, init_state, step
+from runtime import protocol as P
+from runtime.backends import DEFAULT_ONLINE_LR, Backend, make_backend
+from runtime.detection import Detector, DetectorConfig
+
+log = logging.getLogger("edgeprop.learner")
+
+CHECKPOINT_NAME = "learner.ckpt"
+
+
+def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "stream"
+
+
+@dataclass
+class Model:
+    """What the node needs from a checkpoint, with the wire ids computed once."""
+
+    cfg: ModelConfig
+    frontend: dict
+    frontend_hash: str
+    encoder: dict
+    encoder_id: str
+    substeps: int
+    labels: list[str]
+    extra: dict
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any) -> Model:
+        from edgeprop.frontend import FrontendConfig
+
+        fe = ckpt.frontend
+        if fe is None:
+            raise CheckpointError("checkpoint has no frontend config; the learner cannot check "
+                                  "what frontends send (re-save it with its frontend)")
+        if not isinstance(fe, dict):
+            fe = fe.to_dict()
+        fe_hash = FrontendConfig.from_dict(fe).hash()
+        enc = ckpt.encoder
+        if enc is None:
+            enc = {"name": "current", "n_in": ckpt.cfg.n_in}
+        elif not isinstance(enc, dict):
+            enc = enc.to_dict()
+        enc = dict(enc)
+        substeps = int(enc.get("substeps", 1))
+        labels = list(ckpt.labels or (KWS_LABELS if ckpt.cfg.n_out == len(KWS_LABELS)
+                                      else [f"class{i}" for i in range(ckpt.cfg.n_out)]))
+        if len(labels) != ckpt.cfg.n_out:
+            raise CheckpointError(f"checkpoint has {len(labels)} labels for {ckpt.cfg.n_out} "
+                                  "outputs")
+        return cls(ckpt.cfg, fe, fe_hash, enc, P.encoder_id(enc), substeps, labels,
+                   dict(ckpt.extra or {}))
+
+
+def load_model(path: str | os.PathLike | None):
+    """A checkpoint from `path`, or the shipped model when path is None."""
+    from edgeprop.checkpoint import load_checkpoint
+
+    if path is not None:
+        return load_checkpoint(path)
+    try:
+        from edgeprop.shipped import load_shipped
+    except ImportError:
+        raise CheckpointError("no shipped model in this build (edgeprop/shipped.py missing); "
+                              "pass --model CHECKPOINT") from None
+    return load_shipped()
+
+
+@dataclass
+class Session:
+    stream: str
+    route: bytes
+    mode: str
+    state: State
+    detector: Detector
+    backend: Backend | None = None  # personalised weights, else None (shared model)
+    next_seq: int | None = None
+    win_id: int | None = None
+    win_label: int = -1
+    win_rows: list = field(default_factory=list)
+    history: deque = field(default_factory=deque)  # (t, rows (substeps, n_in))
+    last_seen: float = 0.0
+    frames: int = 0
+    gaps: int = 0
+    missing: int = 0
+    dups: int = 0
+    windows: int = 0
+    detections: int = 0
+
+
+class LearnerCore:
+    """All of the learner's logic; sockets live in LearnerNode."""
+
+    def __init__(self, checkpoint: Any, *, backend: str = "emulator",
+                 lr: float = DEFAULT_ONLINE_LR, detector: dict | DetectorConfig | None = None,
+                 learning: bool = True, history_s: float = 5.0, peer_timeout_s: float = 10.0,
+                 max_window_frames: int = 300, checkpoint_dir: str | os.PathLike | None = None,
+                 checkpoint_every: float = 30.0, n_pes: int = 12, name: str = "learner"):
+        self.model = Model.from_checkpoint(checkpoint)
+        self.cfg = self.model.cfg
+        self.backend_name = backend
+        self.lr = float(lr)
+        self.n_pes = n_pes
+        self.backend = make_backend(backend, self.cfg, checkpoint.params.copy(), lr=lr,
+                                    optimizer_state=checkpoint.optimizer_state, n_pes=n_pes)
+        self.det_cfg = (detector if isinstance(detector, DetectorConfig)
+                        else DetectorConfig.from_dict(detector))
+        self.learning = bool(learning)
+        self.history_s = float(history_s)
+        self.peer_timeout_s = float(peer_timeout_s)
+        self.max_window_frames = int(max_window_frames)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = float(checkpoint_every)
+        self.name = name
+        self.sessions: dict[str, Session] = {}
+        self.counts: Counter = Counter()
+        self.losses: deque = deque(maxlen=50)
+        self.updates = int(self.model.extra.get("runtime", {}).get("updates", 0))
+        self.busy_s = 0.0
+        self.started = time.monotonic()
+        self._last_ckpt = time.monotonic()
+        self._updates_at_ckpt = self.updates
+        self.last_checkpoint: dict | None = None
+        self.stop_requested = False
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def params(self) -> Params:
+        return self.backend.params
+
+    def params_hash(self, params: Params | None = None) -> str:
+        from edgeprop.checkpoint import params_hash
+
+        return params_hash(params if params is not None else self.params)
+
+    def _fault(self, kind: str, detail: str, stream: str = "") -> None:
+        self.counts[kind] += 1
+        n = self.counts[kind]
+        if n <= 5 or n % 100 == 0:
+            log.warning("%s: %s%s (%s #%d, survived)", self.name, f"[{stream}] " if stream else "",
+                        detail, kind, n)
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle_bytes(self, payload: bytes, route: bytes = b"") -> list:
+        """One raw wire message -> replies. Never raises for anything a peer sends."""
+        t0 = time.perf_counter()
+        self.counts["messages_in"] += 1
+        self.counts["bytes_in"] += len(payload)
+        try:
+            msg = P.decode(payload)
+        except P.WireError as exc:
+            self._fault(exc.kind, exc.detail)
+            return [P.Notice("", exc.kind, exc.detail[:200])]
+        try:
+            return self.handle(msg, route)
+        except EdgepropError as exc:  # a user-level problem tied to this message
+            self._fault("bad_field", f"{type(exc).__name__}: {exc}")
+            return [P.Notice(getattr(msg, "stream", ""), "bad_field", str(exc)[:200])]
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def handle(self, msg: Any, route: bytes = b"") -> list:
+        if isinstance(msg, P.Frames):
+            return self._frames(msg, route)
+        if isinstance(msg, P.Hello):
+            return [self._hello(msg, route)]
+        if isinstance(msg, P.Heartbeat):
+            sess = self.sessions.get(msg.stream)
+            if sess is not None:
+                sess.last_seen = time.monotonic()
+            self.counts["heartbeats"] += 1
+            return [P.Heartbeat(msg.stream, P.now_ns())]
+        if isinstance(msg, P.EndOfStream):
+            return self._eos(msg)
+        if isinstance(msg, P.ControlRequest):
+            return [self.control(msg)]
+        self._fault("unknown_type", f"{msg.TYPE!r} is not for the learner")
+        return [P.Notice(getattr(msg, "stream", ""), "unknown_type",
+                         f"{msg.TYPE} is not for the learner")]
+
+    # ------------------------------------------------------------ handshake
+
+    def _hello(self, h: P.Hello, route: bytes) -> P.HelloReply:
+        m = self.model
+        problems = []
+        if h.frontend_hash != m.frontend_hash:
+            problems.append(f"frontend config hash {h.frontend_hash[:12]} != model's "
+                            f"{m.frontend_hash[:12]}")
+        if h.encoder_id != m.encoder_id:
+            problems.append(f"encoder {h.encoder_id} != model's {m.encoder_id}")
+        if h.n_channels != self.cfg.n_in or h.substeps != m.substeps:
+            problems.append(f"frames of {h.substeps}x{h.n_channels} != model's "
+                            f"{m.substeps}x{self.cfg.n_in}")
+        reply = P.HelloReply(h.stream, not problems, "; ".join(problems), self.params_hash(),
+                             m.frontend_hash, m.encoder_id, list(m.labels), self.name)
+        if problems:
+            self._fault("config_mismatch", reply.reason, h.stream)
+            return reply
+        if h.stream in self.sessions:
+            self.counts["rehello"] += 1
+            self._close_session(h.stream, learn=False)
+        backend = None
+        if h.personal:
+            backend = self._personal_backend(h.stream)
+            reply.params_hash = self.params_hash(backend.params)
+        self.sessions[h.stream] = Session(
+            h.stream, route, h.mode, init_state(self.cfg), Detector(m.labels, self.det_cfg),
+            backend, last_seen=time.monotonic())
+        self.counts["sessions_opened"] += 1
+        log.info("%s: stream %r opened (%s%s)", self.name, h.stream, h.mode,
+                 ", personal weights" if h.personal else "")
+        return reply
+
+    def _personal_path(self, stream: str) -> Path | None:
+        return self.checkpoint_dir / f"personal-{_safe(stream)}.ckpt" if self.checkpoint_dir \
+            else None
+
+    def _personal_backend(self, stream: str) -> Backend:
+        from edgeprop.checkpoint import load_checkpoint
+
+        path = self._personal_path(stream)
+        if path is not None and path.exists():
+            ck = load_checkpoint(path, expect=self.cfg)
+            params, opt = ck.params, ck.optimizer_state
+        else:
+            params, opt = self.params.copy(), None
+        return make_backend(self.backend_name, self.cfg, params, lr=self.lr,
+                            optimizer_state=opt, n_pes=self.n_pes)
+
+    # ------------------------------------------------------------ frames
+
+    def _frames(self, f: P.Frames, route: bytes) -> list:
+        sess = self.sessions.get(f.stream)
+        if sess is None:
+            self._fault("unknown_stream", f"frames for stream {f.stream!r} without hello", f.stream)
+            return [P.Notice(f.stream, "unknown_stream", "send hello first")]
+        sess.last_seen = time.monotonic()
+        sess.route = route
+        if f.encoder_id != self.model.encoder_id:
+            self._fault("config_mismatch", f"frames from encoder {f.encoder_id}", f.stream)
+            return [P.Notice(f.stream, "config", f"encoder {f.encoder_id} != "
+                                                 f"{self.model.encoder_id}")]
+        want = (self.model.substeps, self.cfg.n_in)
+        if tuple(f.spikes.shape[1:]) != want:
+            self._fault("shape", f"frames of shape {list(f.spikes.shape)}, want [n, {want[0]}, "
+                                 f"{want[1]}]", f.stream)
+            return [P.Notice(f.stream, "shape", f"want [n, {want[0]}, {want[1]}]")]
+        skip = 0
+        if sess.next_seq is not None:
+            if f.seq > sess.next_seq:
+                sess.gaps += 1
+                sess.missing += f.seq - sess.next_seq
+                self.counts["frames_missing"] += f.seq - sess.next_seq
+                self._fault("seq_gaps", f"seq jumped {sess.next_seq} -> {f.seq}", f.stream)
+            elif f.seq < sess.next_seq:
+                skip = min(f.n, sess.next_seq - f.seq)
+                sess.dups += skip
+                self.counts["frames_duplicate"] += skip
+                self._fault("seq_dups", f"frames {f.seq}..{f.seq + skip - 1} already seen",
+                            f.stream)
+                if skip == f.n:
+                    return []
+        sess.next_seq = f.seq + f.n
+        return self._run_frames(sess, f, skip)
+
+    def _run_frames(self, sess: Session, f: P.Frames, skip: int) -> list:
+        cfg = self.cfg
+        x_all = np.asarray(f.spikes[skip:], dtype=np.float32)
+        n = x_all.shape[0]
+        probs = np.empty((n, cfg.n_out), dtype=np.float32)
+        out: list = []
+        times = f.times()[skip:]
+        labels = f.labels[skip:] if f.labels is not None else None
+        windows = f.windows[skip:] if f.windows is not None else None
+        hist_len = max(1, int(round(self.history_s / max(f.hop_s, 1e-3))))
+        for i in range(n):
+            params = sess.backend.params if sess.backend is not None else self.params
+            rows = x_all[i]
+            y = None
+            for r in rows:
+                sess.state, y = step(cfg, params, sess.state, r)
+            seq = f.seq + skip + i
+            probs[i], hit = sess.detector.push(y, seq, float(times[i]))
+            if hit is not None:
+                sess.detections += 1
+                self.counts["detections"] += 1
+                out.append(P.Detection(sess.stream, hit.seq, hit.t, hit.label, hit.index,
+                                       hit.score))
+            sess.history.append((float(times[i]), rows))
+            while len(sess.history) > hist_len:
+                sess.history.popleft()
+            lab = labels[i] if labels is not None else P.NO_LABEL
+            win = windows[i] if windows is not None else P.NO_LABEL
+            self._window_step(sess, lab, win, rows)
+        sess.frames += n
+        self.counts["frames"] += n
+        t_in = f.t_in_ns[skip:] if f.t_in_ns is not None else None
+        out.insert(0, P.Posteriors(sess.stream, f.seq + skip, float(times[0]) if n else f.t,
+                                   probs, t_in, P.now_ns()))
+        return out
+
+    def _window_step(self, sess: Session, lab: int, win: int, rows: np.ndarray) -> None:
+        labelled = lab != P.NO_LABEL and win != P.NO_LABEL and self.learning
+        if sess.win_id is not None and (not labelled or win != sess.win_id):
+            self._end_window(sess)
+        if not labelled:
+            return
+        if not 0 <= lab < self.cfg.n_out:
+            self._fault("bad_field", f"label {lab} out of range", sess.stream)
+            return
+        if sess.win_id is None:
+            sess.win_id, sess.win_label, sess.win_rows = win, lab, []
+        if len(sess.win_rows) < self.max_window_frames:
+            sess.win_rows.append(rows)
+        elif len(sess.win_rows) == self.max_window_frames:
+            # learn the first max_window_frames only; the rest of the window is ignored
+            self.counts["windows_truncated"] += 1
+            sess.win_rows.append(None)
+
+    def _end_window(self, sess: Session) -> None:
+        rows, label = sess.win_rows, sess.win_label
+        sess.win_id, sess.win_label, sess.win_rows = None, -1, []
+        rows = [r for r in rows if r is not None]
+        if not rows:
+            return
+        self._learn(sess, np.concatenate(rows, axis=0), label)
+
+    def _learn(self, sess: Session | None, x_seq: np.ndarray, label: int) -> float:
+        backend = sess.backend if sess is not None and sess.backend is not None else self.backend
+        loss = backend.learn_window(x_seq, label)
+        self.losses.append(loss)
+        self.updates += 1
+        self.counts["windows_learned"] += 1
+        if sess is not None:
+            sess.windows += 1
+        if not math.isfinite(loss):
+            self._fault("nonfinite_loss", f"loss {loss} on label {label}")
+        return loss
+
+    def _eos(self, e: P.EndOfStream) -> list:
+        if e.stream not in self.sessions:
+            self._fault("unknown_stream", f"end-of-stream for unknown stream {e.stream!r}",
+                        e.stream)
+            return [P.EndOfStream(e.stream, e.last_seq, "unknown stream")]
+        sess = self.sessions[e.stream]
+        if sess.next_seq is not None and e.last_seq >= sess.next_seq:
+            missing = e.last_seq + 1 - sess.next_seq
+            sess.missing += missing
+            self.counts["frames_missing"] += missing
+            self._fault("seq_gaps", f"stream ended at {e.last_seq}, last frame seen "
+                                    f"{sess.next_seq - 1}", e.stream)
+        self._close_session(e.stream, learn=True)
+        self.counts["streams_ended"] += 1
+        return [P.EndOfStream(e.stream, e.last_seq, "processed")]
+
+    def _close_session(self, stream: str, learn: bool) -> None:
+        sess = self.sessions.pop(stream, None)
+        if sess is None:
+            return
+        if learn and sess.win_id is not None:
+            self._end_window(sess)
+        if sess.backend is not None:
+            self._save_personal(sess)
+            sess.backend.close()
+        log.info("%s: stream %r closed after %d frames (%d gaps, %d dups, %d windows learned)",
+                 self.name, stream, sess.frames, sess.gaps, sess.dups, sess.windows)
+
+    # ------------------------------------------------------------ control
+
+    def control(self, req: P.ControlRequest) -> P.ControlReply:
+        self.counts["control"] += 1
+        try:
+            result = getattr(self, f"_cmd_{req.cmd}")(req.stream, req.args)
+            return P.ControlReply(req.cmd, True, result)
+        except (EdgepropError, KeyError, TypeError, ValueError) as exc:
+            self._fault("control_errors", f"{req.cmd}: {exc}")
+            return P.ControlReply(req.cmd, False, {}, f"{type(exc).__name__}: {exc}")
+
+    def _label_index(self, label: Any) -> int:
+        if isinstance(label, str):
+            if label not in self.model.labels:
+                raise ConfigError(f"unknown label {label!r}; labels are {self.model.labels}")
+            return self.model.labels.index(label)
+        idx = int(label)
+        if not 0 <= idx < self.cfg.n_out:
+            raise ConfigError(f"label index {idx} out of range")
+        return idx
+
+    def _cmd_teach(self, stream: str, args: dict) -> dict:
+        stream = args.get("stream", stream)
+        sess = self.sessions.get(stream)
+        if sess is None:
+            raise ConfigError(f"no open stream {stream!r}")
+        label = self._label_index(args["label"])
+        t0, t1 = float(args["t_start"]), float(args["t_end"])
+        rows = [r for t, r in sess.history if t0 <= t < t1]
+        if not rows:
+            have = (f"{sess.history[0][0]:.2f}-{sess.history[-1][0]:.2f} s" if sess.history
+                    else "nothing")
+            raise ConfigError(f"window {t0:.2f}-{t1:.2f} s is not in the stream's history "
+                              f"(holds {have}, the last {self.history_s:g} s)")
+        loss = self._learn(sess, np.concatenate(rows, axis=0), label)
+        self.counts["teach"] += 1
+        return {"loss": loss, "frames": len(rows), "updates": self.updates}
+
+    def _cmd_learning(self, stream: str, args: dict) -> dict:
+        self.learning = bool(args["on"])
+        if not self.learning:
+            for sess in self.sessions.values():
+                sess.win_id, sess.win_rows = None, []
+        return {"learning": self.learning}
+
+    def _cmd_checkpoint(self, stream: str, args: dict) -> dict:
+        return self.save_checkpoint(args.get("path"))
+
+    def _cmd_stats(self, stream: str, args: dict) -> dict:
+        return self.stats()
+
+    def _cmd_reset(self, stream: str, args: dict) -> dict:
+        stream = args.get("stream", stream)
+        targets = [self.sessions[stream]] if stream else list(self.sessions.values())
+        if stream and stream not in self.sessions:
+            raise ConfigError(f"no open stream {stream!r}")
+        for sess in targets:
+            sess.state = init_state(self.cfg)
+            sess.detector.reset()
+        return {"reset": [s.stream for s in targets]}
+
+    def _cmd_ping(self, stream: str, args: dict) -> dict:
+        return {"pong": True, "name": self.name}
+
+    def _cmd_shutdown(self, stream: str, args: dict) -> dict:
+        self.stop_requested = True
+        return {"stopping": True}
+
+    # ------------------------------------------------------------ time, checkpoints
+
+    def tick(self, now_s: float | None = None) -> None:
+        now = time.monotonic() if now_s is None else now_s
+        for stream, sess in list(self.sessions.items()):
+            if now - sess.last_seen > self.peer_timeout_s:
+                self._fault("peers_timed_out", f"no message for {now - sess.last_seen:.1f} s; "
+                                               "closing the stream", stream)
+                self._close_session(stream, learn=False)
+        if (self.checkpoint_dir is not None and self.updates != self._updates_at_ckpt
+                and now - self._last_ckpt >= self.checkpoint_every):
+            self.save_checkpoint()
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
+        from edgeprop.checkpoint import save_checkpoint
+
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ConfigError("no checkpoint dir set (serve --checkpoint-dir DIR) and no "
+                                  "path given")
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            path = resume_path(self.checkpoint_dir)
+        extra = dict(self.model.extra)
+        extra["runtime"] = {"updates": self.updates, "saved_unix": time.time(),
+                            "backend": self.backend_name,
+                            "streams": {s.stream: s.next_seq for s in self.sessions.values()}}
+        save_checkpoint(path, self.cfg, self.params,
+                        optimizer_state=self.backend.optimizer_state(),
+                        frontend=self.model.frontend, encoder=self.model.encoder,
+                        labels=list(self.model.labels), extra=extra)
+        for sess in self.sessions.values():
+            if sess.backend is not None:
+                self._save_personal(sess)
+        self._last_ckpt = time.monotonic()
+        self._updates_at_ckpt = self.updates
+        self.counts["checkpoints"] += 1
+        self.last_checkpoint = {"path": str(path), "params_hash": self.params_hash(),
+                                "updates": self.updates}
+        log.info("%s: checkpoint %s (updates %d)", self.name, path, self.updates)
+        return dict(self.last_checkpoint)
+
+    def _save_personal(self, sess: Session) -> None:
+        from edgeprop.checkpoint import save_checkpoint
+
+        path = self._personal_path(sess.stream)
+        if path is None or sess.backend is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, self.cfg, sess.backend.params,
+                        optimizer_state=sess.backend.optimizer_state(),
+                        frontend=self.model.frontend, encoder=self.model.encoder,
+                        labels=list(self.model.labels),
+                        extra={"runtime": {"stream": sess.stream, "windows": sess.windows}})
+
+    def stats(self) -> dict:
+        up = time.monotonic() - self.started
+        return {
+            "name": self.name, "backend": self.backend_name, "learning": self.learning,
+            "uptime_s": up, "busy_s": self.busy_s, "updates": self.updates,
+            "params_hash": self.params_hash(), "counts": dict(self.counts),
+            "recent_loss": float(np.mean(self.losses)) if self.losses else None,
+            "last_checkpoint": self.last_checkpoint,
+            "detector": self.det_cfg.to_dict(),
+            "streams": {s.stream: {"frames": s.frames, "gaps": s.gaps, "missing": s.missing,
+                                   "dups": s.dups, "windows": s.windows,
+                                   "detections": s.detections, "mode": s.mode,
+                                   "personal": s.backend is not None, "next_seq": s.next_seq}
+                        for s in self.sessions.values()},
+        }
+
+    def finish(self) -> None:
+        """Close every open stream, learning its pending window (end of a replay)."""
+        for stream in list(self.sessions):
+            self._close_session(stream, learn=True)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+# ---------------------------------------------------------------- the node (sockets)
+
+class LearnerNode:
+    """One thread owns every socket: data (ROUTER bind, or DEALER connect), control REP,
+    outputs PUB. `run()` polls them, hands messages to the core, ticks timers."""
+
+    def __init__(self, core: LearnerCore, *, bind: str | None = None,
+                 connect: str | None = None, control_bind: str | None = None,
+                 pub_bind: str | None = None, hwm: int = 1000, recorder: Any = None,
+                 heartbeat_s: float = 1.0):
+        if (bind is None) == (connect is None):
+            raise ConfigError("give exactly one of bind (standalone) or connect (broker worker)")
+        self.core = core
+        self.bind, self.connect, self.control_bind, self.pub_bind = (bind, connect,
+                                                                      control_bind, pub_bind)
+        self.hwm = hwm
+        self.recorder = recorder
+        self.heartbeat_s = heartbeat_s
+        self.endpoints: dict[str, str] = {}
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(target=self._run_safe, name="learner", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(10.0):
+            raise EdgepropError(f"learner did not come up: {self.error}")
+        if self.error is not None:
+            raise self.error
+        return self._thread
+
+    def _run_safe(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # reported by start()/join()
+            self.error = exc
+            self.ready.set()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _send(self, sock: Any, route: bytes, msg: Any) -> None:
+        import zmq
+
+        payload = P.encode(msg)
+        try:
+            sock.send_multipart([route, payload], flags=zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError):
+            self.core.counts["outputs_dropped"] += 1
+            return
+        if self.recorder is not None:
+            self.recorder.write("out", payload)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        import zmq
+
+        stop = stop or self._stop
+        ctx = zmq.Context.instance()
+        core = self.core
+        if self.bind is not None:
+            data = ctx.socket(zmq.ROUTER)
+            data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            role = "data_router"
+        else:
+            data = ctx.socket(zmq.DEALER)
+            role = "data_dealer"
+        data.setsockopt(zmq.LINGER, 0)
+        data.setsockopt(zmq.RCVHWM, self.hwm)
+        data.setsockopt(zmq.SNDHWM, self.hwm)
+        # Truly huge messages (a broken peer) are cut off by libzmq; anything over
+        # protocol.MAX_MESSAGE_BYTES but below this is received and counted "oversized".
+        data.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_MESSAGE_BYTES)
+        if self.bind is not None:
+            data.bind(self.bind)
+        else:
+            data.connect(self.connect)
+            data.send_multipart([b"", P.encode(P.Heartbeat("__worker__", P.now_ns()))])
+        self.endpoints[role] = data.getsockopt_string(zmq.LAST_ENDPOINT) if self.bind \
+            else self.connect
+        poller = zmq.Poller()
+        poller.register(data, zmq.POLLIN)
+        control = pub = None
+        if self.control_bind:
+            control = ctx.socket(zmq.REP)
+            control.setsockopt(zmq.LINGER, 0)
+            control.bind(self.control_bind)
+            self.endpoints["control_rep"] = control.getsockopt_string(zmq.LAST_ENDPOINT)
+            poller.register(control, zmq.POLLIN)
+        if self.pub_bind:
+            pub = ctx.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.SNDHWM, self.hwm)
+            pub.bind(self.pub_bind)
+            self.endpoints["outputs_pub"] = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ready.set()
+        log.info("%s: serving %s", core.name, self.endpoints)
+        last_hb = time.monotonic()
+        try:
+            while not stop.is_set() and not core.stop_requested:
+                events = dict(poller.poll(50))
+                if data in events:
+                    for _ in range(256):  # drain, but let control and timers in
+                        try:
+                            parts = data.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if len(parts) != 2:
+                            core._fault("malformed", f"envelope of {len(parts)} parts")
+                            continue
+                        route, payload = parts
+                        if self.recorder is not None:
+                            self.recorder.write("in", payload)
+                        for reply in core.handle_bytes(payload, route):
+                            self._send(data, route, reply)
+                            if pub is not None and isinstance(reply, (P.Posteriors, P.Detection)):
+                                pub.send_multipart([reply.stream.encode(), P.encode(reply)],
+                                                   zmq.NOBLOCK)
+                if control is not None and control in events:
+                    raw = control.recv()
+                    try:
+                        req = P.decode(raw)
+                        if not isinstance(req, P.ControlRequest):
+                            raise P.WireError("unknown_type", f"{req.TYPE} on control socket")
+                        reply = core.control(req)
+                    except P.WireError as exc:
+                        core._fault(exc.kind, f"control socket: {exc.detail}")
+                        reply = P.ControlReply("?", False, {}, str(exc))
+                    control.send(P.encode(reply))
+                now = time.monotonic()
+                if self.connect is not None and now - last_hb > self.heartbeat_s:
+                    data.send_multipart([b"", P.encode(P.Heartbeat("__worker__", P.now_ns()))],
+                                        zmq.NOBLOCK)
+                    last_hb = now
+                core.tick(now)
+        finally:
+            if core.checkpoint_dir is not None:
+                try:
+                    core.save_checkpoint()
+                except Exception as exc:  # report, but still close sockets
+                    log.error("%s: final checkpoint failed: %s", core.name, exc)
+            for s in (data, control, pub):
+                if s is not None:
+                    s.close(0)
+            if self.recorder is not None:
+                self.recorder.close()
+            log.info("%s: stopped (%s)", core.name, dict(core.counts))

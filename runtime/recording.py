@@ -1,0 +1,229 @@
+"""Record any stream of wire messages to a file; read it back; replay it deterministically.
+
+File format (docs/protocol.md, "Recordings"): a concatenation of msgpack maps, all
+packed by runtime.protocol. The first is a `RecordingHeader` (frontend config and its
+hash, encoder and its id, the checkpoint's params_hash, labels, model config); every
+following one is a `RecordEntry` holding one encoded protocol message, its direction
+("in" = towards the learner: hello, frames with their labels, control, eos; "out" =
+from the learner: posteriors, detections, replies) and the monotonic time it was seen.
+The writer appends to `<path>.part`, flushing every entry, and renames it to `<path>`
+on close (atomic: a reader never sees a half-renamed file; a recorder killed mid-write
+leaves a readable `.part` whose truncated last entry is ignored).
+
+Public API (stable)::
+
+    RecordingWriter(path, header: RecordingHeader)      context manager
+        .write(direction: "in"|"out", msg: Message | bytes, t_ns: int | None = None)
+        .close() -> Path
+    header_for(checkpoint, note="") -> RecordingHeader  (from an edgeprop Checkpoint)
+    read_recording(path) -> Recording
+        Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs()
+        (decoded messages), .posteriors() -> {stream: (n, n_out) array},
+        .detections() -> list[Detection], .frames() -> list[Frames]
+    replay_recording(recording, checkpoint, *, backend="reference", learning=None,
+                     detector=None) -> ReplayResult
+        feeds every "in" message, in recorded order, through a fresh LearnerCore
+        (runtime.learner_node) loaded from the checkpoint: no sockets, no clocks, so
+        the posteriors and the final weights are a pure function of (recording,
+        checkpoint). ReplayResult: posteriors {stream: array}, detections, params,
+        params_hash, outputs (all messages produced).
+    compare_replay(recording, result) -> dict  (max_abs_diff of posteriors, frames
+        compared, detections_equal, identical)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeprop.errors import CheckpointError, ProtocolError
+from runtime import protocol as P
+
+
+class RecordingWriter:
+    """Append wire messages to a recording; atomic rename on close."""
+
+    def __init__(self, path: str | os.PathLike, header: P.RecordingHeader):
+        self.path = Path(path)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.part, "wb")
+        self._f.write(P.encode(header))
+        self._f.flush()
+        self.count = 0
+        self._closed = False
+
+    def write(self, direction: str, msg: P.Message | bytes, t_ns: int | None = None) -> None:
+        payload = msg if isinstance(msg, (bytes, bytearray)) else P.encode(msg)
+        entry = P.RecordEntry(direction, P.now_ns() if t_ns is None else int(t_ns),
+                              bytes(payload))
+        self._f.write(P.encode(entry))
+        self._f.flush()
+        self.count += 1
+
+    def close(self) -> Path:
+        if not self._closed:
+            self._closed = True
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.part, self.path)
+        return self.path
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _encoder_dict(encoder: Any) -> dict:
+    if encoder is None:
+        return {}
+    if isinstance(encoder, dict):
+        return dict(encoder)
+    return encoder.to_dict()
+
+
+def header_for(checkpoint: Any, note: str = "") -> P.RecordingHeader:
+    """A header describing the model (an edgeprop Checkpoint) a stream is recorded against."""
+    from edgeprop.checkpoint import params_hash
+    from edgeprop.frontend import FrontendConfig
+
+    fe = checkpoint.frontend
+    if fe is not None and not isinstance(fe, dict):
+        fe = fe.to_dict()
+    enc = _encoder_dict(checkpoint.encoder)
+    return P.RecordingHeader(
+        created=time.time(),
+        frontend_hash=FrontendConfig.from_dict(fe).hash() if fe else "",
+        frontend=dict(fe or {}), encoder_id=P.encoder_id(enc) if enc else "",
+        encoder=enc, params_hash=params_hash(checkpoint.params),
+        labels=list(checkpoint.labels or []), model=checkpoint.cfg.to_dict(), note=note)
+
+
+@dataclass
+class Recording:
+    header: P.RecordingHeader
+    entries: list[P.RecordEntry]
+    path: Path | None = None
+
+    def inputs(self) -> list[P.Message]:
+        return [e.message() for e in self.entries if e.direction == "in"]
+
+    def outputs(self) -> list[P.Message]:
+        return [e.message() for e in self.entries if e.direction == "out"]
+
+    def frames(self) -> list[P.Frames]:
+        return [m for m in self.inputs() if isinstance(m, P.Frames)]
+
+    def posteriors(self) -> dict[str, np.ndarray]:
+        return collect_posteriors(self.outputs())
+
+    def detections(self) -> list[P.Detection]:
+        return [m for m in self.outputs() if isinstance(m, P.Detection)]
+
+
+def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
+    """{stream: (n_frames, n_out)} from Posteriors messages, in seq order."""
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for m in messages:
+        if isinstance(m, P.Posteriors):
+            parts.setdefault(m.stream, []).append((m.seq, m.probs))
+    return {s: np.concatenate([p for _, p in sorted(v, key=lambda x: x[0])])
+            for s, v in parts.items()}
+
+
+def read_recording(path: str | os.PathLike) -> Recording:
+    """Read a recording (or a `.part` left by a killed recorder)."""
+    path = Path(path)
+    if not path.exists():
+        part = path.with_name(path.name + ".part")
+        if part.exists():
+            path = part
+        else:
+            raise ProtocolError(f"no recording at {path}")
+    with open(path, "rb") as f:
+        it = P.iter_maps(f)
+        header = next(it, None)
+        if not isinstance(header, P.RecordingHeader):
+            raise ProtocolError(f"{path} is not an edgeprop recording (no header)")
+        entries = []
+        for m in it:
+            if not isinstance(m, P.RecordEntry):
+                raise ProtocolError(f"{path}: unexpected {m.TYPE!r} map after the header")
+            entries.append(m)
+    return Recording(header, entries, path)
+
+
+@dataclass
+class ReplayResult:
+    posteriors: dict[str, np.ndarray]
+    detections: list[P.Detection]
+    params: Any
+    params_hash: str
+    outputs: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, *,
+                     backend: str = "reference", learning: bool | None = None,
+                     detector: dict | None = None) -> ReplayResult:
+    """Feed the recorded inbound messages through a fresh learner core.
+
+    `learning` None keeps what the recording says (labels ride along, so learning is
+    on). The frontend-config hash of the recording must match the checkpoint's.
+    """
+    from edgeprop.checkpoint import params_hash
+
+    from runtime.learner_node import LearnerCore
+
+    rec = recording if isinstance(recording, Recording) else read_recording(recording)
+    want = header_for(checkpoint).frontend_hash
+    if want and rec.header.frontend_hash and rec.header.frontend_hash != want:
+        raise CheckpointError("recording was made with another frontend config "
+                              f"({rec.header.frontend_hash[:12]} vs checkpoint "
+                              f"{want[:12]}); replay it with its own model")
+    core = LearnerCore(checkpoint, backend=backend, detector=detector,
+                       learning=True if learning is None else learning)
+    outputs: list = []
+    try:
+        for entry in rec.entries:
+            if entry.direction != "in":
+                continue
+            for reply in core.handle_bytes(entry.payload, route=b"replay"):
+                outputs.append(reply)
+        core.finish()
+        params = core.model.params
+        return ReplayResult(collect_posteriors(outputs),
+                            [m for m in outputs if isinstance(m, P.Detection)],
+                            params, params_hash(params), outputs, core.stats())
+    finally:
+        core.close()
+
+
+def compare_replay(recording: Recording, result: ReplayResult) -> dict:
+    """How a replay's outputs compare with the recorded ones (identical = bitwise)."""
+    want = recording.posteriors()
+    got = result.posteriors
+    max_diff = 0.0
+    n = 0
+    same_shape = set(want) == set(got)
+    for s, w in want.items():
+        g = got.get(s)
+        if g is None or g.shape != w.shape:
+            same_shape = False
+            continue
+        n += w.shape[0]
+        if w.size:
+            max_diff = max(max_diff, float(np.max(np.abs(g.astype(np.float64) - w))))
+    key = lambda d: (d.stream, d.seq, d.label)
+    det_equal = sorted(map(key, recording.detections())) == sorted(map(key, result.detections))
+    return {"frames_compared": n, "max_abs_diff": max_diff, "same_streams": same_shape,
+            "detections_equal": det_equal,
+            "identical": same_shape and max_diff == 0.0 and det_equal}

@@ -1,0 +1,75 @@
+"""TTS keywords (flite / festival): Speech Commands layout, cached, missing voices named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeprop.datasets import load_clip, scan_speech_commands
+from edgeprop.errors import DatasetError
+from edgeprop.synth import fit_one_second, parse_voice, synthesize
+
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None,
+                                 reason="flite binary not installed (apt-get install flite)")
+needs_festival = pytest.mark.skipif(shutil.which("text2wave") is None,
+                                    reason="festival not installed (apt-get install festival "
+                                           "festvox-kallpc16k)")
+
+
+@needs_flite
+def test_flite_keywords_in_speech_commands_layout_and_cached(tmp_path):
+    out = tmp_path / "synth"
+    res = synthesize(out, words=["yes", "marvin"], voices=["flite:slt", "flite:nosuchvoice"],
+                     takes=2)
+    assert res["made"] == 4 and res["reused"] == 0
+    assert "flite:nosuchvoice" in res["missing_voices"]
+    assert "not installed" in res["missing_voices"]["flite:nosuchvoice"]
+    scan = scan_speech_commands(out)
+    counts = scan.counts_by_label()
+    assert counts["yes"] == 2 and counts["_unknown_"] == 2  # marvin -> _unknown_
+    spk = {c.speaker for c in scan.clips}
+    assert spk == {parse_voice("flite:slt").speaker}
+    x = load_clip(scan.clips[0])
+    assert x.shape == (16000,) and 0.4 < np.abs(x).max() <= 0.5 + 1e-3
+    again = synthesize(out, words=["yes", "marvin"], voices=["flite:slt"], takes=2)
+    assert again["made"] == 0 and again["reused"] == 4
+
+
+@needs_festival
+def test_festival_voice(tmp_path):
+    res = synthesize(tmp_path, words=["go"], voices=["festival:kal_diphone"], takes=1)
+    assert res["made"] == 1
+    assert scan_speech_commands(tmp_path).counts_by_label()["go"] == 1
+
+
+def test_no_voice_available_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="no TTS voice available"):
+        synthesize(tmp_path, words=["yes"], voices=["flite:nosuchvoice"])
+    with pytest.raises(DatasetError, match="flite:<voice>"):
+        parse_voice("espeak:en")
+
+
+def test_fit_one_second_centres_and_normalises():
+    x = np.concatenate([np.zeros(3000), np.ones(2000) * 0.2, np.zeros(100)])
+    y = fit_one_second(x)
+    assert y.shape == (16000,) and y.max() == pytest.approx(0.5)
+    assert np.flatnonzero(y)[0] == 7000
+
+
+@needs_flite
+def test_cli_synth_then_info(tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "runtime.cli", "data", "synth", str(out), "--voices",
+           "flite:kal16", "--words", "no", "--takes", "1", "--json", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["clips"] == 1
+    info = subprocess.run([sys.executable, "-m", "runtime.cli", "data", "info", str(out),
+                           "--json"], capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["counts_by_label"]["no"] == 1

@@ -1,0 +1,202 @@
+"""Garbage interleaved with a valid stream must not corrupt the learner's state.
+
+A learner fed a valid stream (frames with labelled windows, learning on) with
+garbage mixed in between its messages -- bytes that are not messages, messages of
+the wrong version, shape or encoder, frames and end-of-stream for streams that do
+not exist, message types that are not for the learner -- must give bit-identical
+posteriors, detections and final weights to the same stream without the garbage,
+and count every piece of garbage as a fault instead of crashing.
+
+Garbage here means input the learner must *refuse*: a well-formed frame of the
+valid stream is data, and a learner that accepts it is right to change state.
+The in-process property test drives `LearnerCore.handle_bytes`; the socket test
+sends the same mix over a real ZeroMQ TCP connection.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from edgeprop.checkpoint import Checkpoint, params_hash
+from edgeprop.encoders import make_encoder
+from edgeprop.frontend import FrontendConfig
+from edgeprop.network import KWS_LABELS, ModelConfig, init_params
+from runtime import protocol as P
+from runtime import regress as R
+from runtime.learner_node import LearnerCore, Model
+
+STREAM = "valid-stream"
+
+
+def small_checkpoint() -> Checkpoint:
+    cfg = ModelConfig()
+    return Checkpoint(cfg, init_params(cfg, seed=3), frontend=FrontendConfig().to_dict(),
+                      encoder=make_encoder("current").to_dict(), labels=list(KWS_LABELS))
+
+
+CKPT = small_checkpoint()
+MODEL = Model.from_checkpoint(CKPT)
+
+
+def valid_recording(n_frames: int = 90) -> R.StreamRecording:
+    """Real-valued frames with three labelled windows of 20 frames (learning happens)."""
+    rng = np.random.default_rng(7)
+    frames = (rng.standard_normal((n_frames, 1, 80)) * 1.5).astype(np.float32)
+    labels = np.full(n_frames, P.NO_LABEL)
+    windows = np.full(n_frames, P.NO_LABEL)
+    for w, (s, lab) in enumerate([(5, 0), (35, 3), (65, 10)]):
+        labels[s:s + 20] = lab
+        windows[s:s + 20] = w
+    header = P.RecordingHeader(0.0, MODEL.frontend_hash, MODEL.frontend, MODEL.encoder_id,
+                               MODEL.encoder, params_hash(CKPT.params), list(KWS_LABELS),
+                               CKPT.cfg.to_dict())
+    return R.StreamRecording("fuzz", header, frames, labels, windows)
+
+
+REC = valid_recording()
+
+
+def stream_messages() -> list[bytes]:
+    msgs = [REC.hello(STREAM)] + REC.frame_messages(STREAM, per_message=7) + [REC.end(STREAM)]
+    return [P.encode(m) for m in msgs]
+
+
+VALID = stream_messages()
+
+
+def run_core(payloads: list[bytes]) -> tuple[dict, LearnerCore]:
+    core = LearnerCore(CKPT, backend="reference", learning=True)
+    posts, dets = [], []
+    try:
+        for raw in payloads:
+            for reply in core.handle_bytes(raw, route=b"peer"):
+                if isinstance(reply, P.Posteriors) and reply.stream == STREAM:
+                    posts.append(reply.probs)
+                elif isinstance(reply, P.Detection) and reply.stream == STREAM:
+                    dets.append((reply.seq, reply.label))
+        core.finish()
+        return {"post": np.concatenate(posts), "dets": dets, "hash": core.params_hash(),
+                "windows": core.counts["windows_learned"]}, core
+    finally:
+        core.close()
+
+
+CLEAN, _ = run_core(VALID)
+
+
+# ---------------------------------------------------------------- garbage strategies
+
+def _pack(d: dict) -> bytes:  # hostile input only; the product packs in protocol.py alone
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def _frames_map(**over) -> dict:
+    d = msgpack.unpackb(VALID[1], raw=False)
+    d.update(over)
+    return d
+
+
+refused_messages = st.one_of(
+    # wrong shape / encoder / version for the valid stream: refused before any state change
+    st.builds(lambda c: _pack(_frames_map(shape=[7, 1, c], data=b"\x00" * (28 * c))),
+              st.integers(1, 79)),
+    st.builds(lambda e: _pack(_frames_map(enc=e)), st.text(max_size=12)),
+    st.builds(lambda v: _pack(_frames_map(v=v)), st.integers(2, 1000)),
+    # frames / eos / heartbeats for streams that were never opened
+    st.builds(lambda s: _pack(_frames_map(stream=s)),
+              st.text(min_size=1, max_size=12).filter(lambda s: s != STREAM)),
+    st.builds(lambda s: P.encode(P.EndOfStream(s, 3)),
+              st.text(min_size=1, max_size=12).filter(lambda s: s != STREAM)),
+    # message types that are not for the learner
+    st.sampled_from([P.encode(P.Posteriors(STREAM, 0, 0.0, np.zeros((1, 12), np.float32))),
+                     P.encode(P.Detection(STREAM, 0, 0.0, "yes", 0, 1.0)),
+                     P.encode(P.Notice(STREAM, "x", "y")),
+                     P.encode(P.HelloReply(STREAM, True))]),
+    # a hello for a different stream with the wrong config (refused)
+    st.builds(lambda s: P.encode(P.Hello(s, "not-the-hash", "enc", 80)),
+              st.text(min_size=1, max_size=8)),
+)
+
+
+@st.composite
+def undecodable(draw) -> bytes:
+    """Random bytes or a mutated valid message that the decoder refuses."""
+    if draw(st.booleans()):
+        data = draw(st.binary(max_size=200))
+    else:
+        data = bytearray(draw(st.sampled_from(VALID)))
+        for _ in range(draw(st.integers(1, 3))):
+            if not data:
+                break
+            pos = draw(st.integers(0, len(data) - 1))
+            data[pos] = draw(st.integers(0, 255))
+        data = bytes(data[:draw(st.integers(0, len(data)))])
+    try:
+        P.decode(data)
+    except P.WireError:
+        return data
+    assume(False)  # it decoded: that is data, not garbage (see the module docstring)
+    return b""
+
+
+garbage = st.one_of(refused_messages, undecodable())
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.lists(st.tuples(st.integers(1, len(VALID) - 1), garbage), min_size=1, max_size=25))
+def test_garbage_between_valid_messages_leaves_state_intact(inserts):
+    payloads = list(VALID)
+    for pos, junk in sorted(inserts, key=lambda x: -x[0]):
+        payloads.insert(pos, junk)
+    got, core = run_core(payloads)
+    np.testing.assert_array_equal(got["post"], CLEAN["post"])
+    assert got["dets"] == CLEAN["dets"]
+    assert got["hash"] == CLEAN["hash"]
+    assert got["windows"] == CLEAN["windows"] == 3
+    faults = sum(v for k, v in core.counts.items()
+                 if k in P.ERROR_KINDS + ("config_mismatch", "unknown_stream"))
+    assert faults >= len(inserts)  # every piece of garbage was counted
+
+
+def test_garbage_over_real_sockets_leaves_state_intact():
+    """The same property end to end: DEALER -> tcp loopback -> learner thread."""
+    rng = np.random.default_rng(0)
+    junk = [b"", b"\xc1", b"\x93\x01\x02", _pack(_frames_map(v=2)),
+            _pack(_frames_map(shape=[7, 1, 40], data=b"\x00" * 1120)),
+            _pack(_frames_map(stream="ghost")), P.encode(P.EndOfStream("ghost", 1)),
+            b"\x00" * (P.MAX_MESSAGE_BYTES + 10)]
+    n_msgs = len(REC.frame_messages(STREAM)) + 1
+    garbage_at = {i: [junk[int(k)] for k in rng.integers(0, len(junk), size=3)]
+                  for i in range(n_msgs)}
+    with R.LoopbackLearner(CKPT, "reference") as clean_l:
+        clean = R.stream_over_socket(REC, clean_l.data, STREAM, timeout_s=60)
+        clean_hash = clean_l.core.params_hash()
+    with R.LoopbackLearner(CKPT, "reference") as dirty_l:
+        dirty = R.stream_over_socket(REC, dirty_l.data, STREAM, timeout_s=60,
+                                     garbage=garbage_at)
+        dirty_hash = dirty_l.core.params_hash()
+        counts = dict(dirty_l.core.counts)
+    np.testing.assert_array_equal(dirty["posteriors"], clean["posteriors"])
+    assert dirty["posteriors"].shape[0] == REC.n_frames
+    assert dirty["detections"] == clean["detections"]
+    assert dirty_hash == clean_hash
+    assert counts.get("oversized", 0) + counts.get("malformed", 0) + counts.get("version", 0) \
+        + counts.get("shape", 0) + counts.get("unknown_stream", 0) >= 3 * n_msgs
+    assert len(dirty["notices"]) >= 3 * n_msgs
+
+
+@pytest.mark.parametrize("seq_shift", [5, -3])
+def test_out_of_order_valid_frames_are_counted_not_fatal(seq_shift):
+    """Seq gaps and duplicates are data faults: counted, and the learner keeps going."""
+    msgs = [REC.hello(STREAM)] + REC.frame_messages(STREAM, per_message=10)
+    bad = msgs[3]
+    msgs.insert(4, P.Frames(STREAM, max(0, bad.seq + seq_shift), bad.t, bad.hop_s,
+                            bad.encoder_id, bad.spikes))
+    got, core = run_core([P.encode(m) for m in msgs] + [P.encode(REC.end(STREAM))])
+    assert got["post"].shape[0] >= REC.n_frames - 10
+    assert core.counts["seq_gaps"] + core.counts["seq_dups"] >= 1
