@@ -187,7 +187,8 @@ def test_garbage_over_real_sockets_leaves_state_intact():
     assert dirty_hash == clean_hash
     assert counts.get("oversized", 0) + counts.get("malformed", 0) + counts.get("version", 0) \
         + counts.get("shape", 0) + counts.get("unknown_stream", 0) >= 3 * n_msgs
-    assert len(dirty["notices"]) >= 3 * n_msgs
+    # the peer is told (a Notice, or an end-of-stream reply for a ghost stream's eos)
+    assert len(dirty["notices"]) >= 2 * n_msgs
 
 
 @pytest.mark.parametrize("seq_shift", [5, -3])
