@@ -250,7 +250,7 @@ def backward_from_terms(
     w_out = np.ascontiguousarray(params.w_out, dtype=DTYPE)
     if use_kernel:
         h = np.empty(trace.n_active, np.float64)
-        acc_r = np.empty((B, n), np.float64)
+        acc_r = np.empty((B, n), DTYPE)
         acc_q = np.empty((B, n), np.float64)
         ops = sparse_kernels.adjoint_kernel(
             alpha, rho, beta, n, B, trace.act_ptr, trace.act_idx, trace.act_psi, w_rec,

@@ -92,7 +92,7 @@ def weight_grads_reference(
     return g_in, g_rec
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def adjoint_kernel(
     alpha, rho, beta, n, B, act_ptr, act_idx, act_psi, w_rec, tail, g_coef, y_adj, w_out,
     h, acc_r, acc_q,
@@ -136,18 +136,16 @@ def adjoint_kernel(
             flat = act_idx[k]
             b = flat // n
             j = flat - b * n
-            cr = h[k] * write_r
+            cr = np.float32(h[k] * write_r)  # acc_r is float32: keep the axpy in float32
             if cr != 0.0:
-                row = acc_r[b]
-                wrow = w_rec[j]
                 for i in range(n):
-                    row[i] += cr * wrow[i]
+                    acc_r[b, i] += cr * w_rec[j, i]
             acc_q[b, j] -= beta * h[k] * write_q
         ops += (p1 - p0) * (n + 2)
     return ops
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def weight_grads_kernel(
     alpha, n, x, act_ptr, act_idx, h, spk_ptr, spk_idx, g_in, g_rec, eps_in, eps_rec,
 ):  # pragma: no cover - compiled
@@ -177,24 +175,20 @@ def weight_grads_kernel(
             flat = act_idx[k]
             b = flat // n
             j = flat - b * n
-            hk = h[k]
+            hk = np.float32(h[k])  # float32 axpy (eps and g are float32)
             if hk == 0.0:
                 continue
-            gi = g_in[j]
-            ei = eps_in[b]
             for i in range(n_in):
-                gi[i] += hk * ei[i]
-            gr = g_rec[j]
-            er = eps_rec[b]
+                g_in[j, i] += hk * eps_in[b, i]
             for i in range(n):
-                gr[i] += hk * er[i]
+                g_rec[j, i] += hk * eps_rec[b, i]
         ops += (act_ptr[t + 1] - act_ptr[t]) * (n_in + n)
     for j in range(n):
         g_rec[j, j] = 0.0
     return ops
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def out_grads_kernel(n, spk_ptr, spk_idx, y_adj, g_out):  # pragma: no cover - compiled
     """dW_out[:, j] += y_adj[t, b] for every spike (b, t, j) (per-step losses)."""
     T = spk_ptr.shape[0] - 1

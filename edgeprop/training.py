@@ -49,7 +49,7 @@ Progress = Callable[[int], None]
 class TrainConfig:
     """Everything that decides a training run besides the data and the model config."""
 
-    epochs: int = 40
+    epochs: int = 120
     batch_size: int = 32
     lr: float = 2e-3
     lr_final: float = 1e-4       # cosine decay from lr to lr_final over the epochs
@@ -60,11 +60,11 @@ class TrainConfig:
     weight_decay: float = 1e-4   # L2 on w_in and w_rec, added to the gradient
     seed: int = 0
     val_fraction: float = 0.2
-    n_aug: int = 3               # augmented copies per training clip
+    n_aug: int = 8               # augmented copies per training clip
     p_clean: float = 0.25        # chance an epoch shows the clean version of a clip
     feature_noise: float = 0.0   # std of Gaussian noise on normalised features
-    freq_mask: int = 0           # SpecAugment: zero up to this many mel bands (+ deltas)
-    time_mask: int = 0           # SpecAugment: zero up to this many frames
+    freq_mask: int = 8           # SpecAugment: zero up to this many mel bands (+ deltas)
+    time_mask: int = 15          # SpecAugment: zero up to this many frames
     init_seed: int | None = None  # defaults to seed
 
     def __post_init__(self) -> None:
@@ -158,6 +158,11 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     return out
 
 
+def _n_speakers(clips: list[Clip]) -> int:
+    """Real speakers only (silence clips carry pseudo-speakers 'silence:...'/'noise:...')."""
+    return len({c.speaker for c in clips if not c.speaker.startswith(("silence:", "noise:"))})
+
+
 def default_data_dir(repo: Path | None = None) -> Path | None:
     """../shared/data/speech_commands_dev next to the repo, or /work/shared/..., if present."""
     repo = repo or Path(__file__).resolve().parents[1]
@@ -200,7 +205,12 @@ def prepare_data(
     adv = stage("features", len(train) + len(val)) if stage else noop
     raw_train = cache.features(train, cfg, progress=adv)
     raw_val = cache.features(val, cfg, progress=adv)
-    versions = [raw_train]
+    fcfg = fit_normalization(raw_train, cfg)  # clean training features only
+    # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
+    train_x = np.empty((1 + tcfg.n_aug,) + raw_train.shape, DTYPE)
+    train_x[0] = normalize(raw_train, fcfg)
+    val_x = normalize(raw_val, fcfg).astype(DTYPE)
+    del raw_train, raw_val
     if tcfg.n_aug:
         try:
             noise = load_background_noise(root)
@@ -209,17 +219,15 @@ def prepare_data(
         aug = Augmenter(noise)
         adv = stage("augmenting", tcfg.n_aug * len(train)) if stage else noop
         for k in range(tcfg.n_aug):
-            versions.append(augmented_features(train, cfg, aug, tcfg.seed, k,
-                                               cache_dir=cache.cache_dir, progress=adv))
-    fcfg = fit_normalization(raw_train, cfg)
-    train_x = np.stack([normalize(v, fcfg).astype(DTYPE) for v in versions])
-    val_x = normalize(raw_val, fcfg).astype(DTYPE)
+            train_x[k + 1] = normalize(
+                augmented_features(train, cfg, aug, tcfg.seed, k, cache_dir=cache.cache_dir,
+                                   progress=adv), fcfg)
     info = {
         "data": str(root), "n_train": len(train), "n_val": len(val),
-        "train_speakers": len({c.speaker for c in train}),
-        "val_speakers": len({c.speaker for c in val}),
+        "train_speakers": _n_speakers(train), "val_speakers": _n_speakers(val),
         "synth": None if synth_dir is None else str(synth_dir),
-        "augmented_copies": len(versions) - 1,
+        "augmented_copies": tcfg.n_aug,
+        "noise_recordings": len(noise) if tcfg.n_aug else 0,
     }
     return KWSData(fcfg, train_x, np.array([c.label_index for c in train]),
                    val_x, np.array([c.label_index for c in val]), info)
@@ -358,13 +366,16 @@ def train(
     cfg: ModelConfig, data: KWSData, tcfg: TrainConfig, st: TrainState | None = None, *,
     on_epoch_start: Callable[[int], Progress] | None = None,
     on_epoch_end: Callable[[dict, TrainState], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainState:
     """Train from `st` (fresh when None) up to tcfg.epochs; callbacks see every epoch.
 
     on_epoch_end(record, state) is where the CLI writes its periodic checkpoint.
+    stop_after ends the run early after that epoch count (to be resumed later).
     """
     st = st or init_train_state(cfg, tcfg)
-    while st.epoch < tcfg.epochs:
+    last = tcfg.epochs if stop_after is None else min(tcfg.epochs, stop_after)
+    while st.epoch < last:
         t0 = time.perf_counter()
         adv = on_epoch_start(st.epoch) if on_epoch_start else None
         rec = run_epoch(cfg, data, tcfg, st, adv)

@@ -57,7 +57,7 @@ CYCLES = {
     "readout_zbar": 8,
     # end of sample on the readout PE, per unit: softmax via exp accelerator (ESTIMATE 40)
     "softmax_unit": 40,
-    # per recurrent neuron: L_j = sum_k B_jk err_k (n_out VMLAs, counted per (j,k)) 
+    # per recurrent neuron: L_j = sum_k B_jk err_k (n_out VMLAs, counted per (j,k))
     "lsig_mac": 5,
     # packets: send = write key (+payload) to the comms interface (ESTIMATE 8);
     # receive = interrupt entry (12, ARM TRM) + handler/dispatch (ESTIMATE 18)
@@ -68,8 +68,9 @@ CYCLES = {
 }
 
 #: Extra cycles per element loaded/stored in a narrower format: fp16 is one VCVTB (1);
-#: fixed point is a sign-extending load, VMOV, VCVT and VMUL by the row scale (~3).
-FORMAT_EXTRA = {"fp32": 0, "fp16": 1, "int16": 3, "int8": 3}
+#: fixed point is a sign-extending load, VMOV, VCVT and VMUL by the row scale (~3);
+#: fp8 (e5m2) is a byte load, shift into the upper half and VCVTB (~3).
+FORMAT_EXTRA = {"fp32": 0, "fp16": 1, "int16": 3, "int8": 3, "fp8": 3}
 
 #: Router latency per step phase (ESTIMATE: a few hundred ns per hop through the
 #: on-chip NoC, Hoeppner et al. 2021 report single-cycle router hops; we charge 1 us
@@ -124,5 +125,6 @@ class StepCost:
             for c in self.pe_cycles:
                 idle_us = max(budget_us - c / self.clock_mhz, 0.0)
                 idle += IDLE_POWER_MW * idle_us * 1e-3  # mW * us = nJ -> uJ
-        net = (self.packets * ENERGY_PER_PACKET_PJ + self.deliveries * ENERGY_PER_DELIVERY_PJ) * 1e-6
+        net = (self.packets * ENERGY_PER_PACKET_PJ
+               + self.deliveries * ENERGY_PER_DELIVERY_PJ) * 1e-6
         return active + idle + net

@@ -37,10 +37,38 @@ V, A, Z, PSI, PSI_PREV = range(5)
 N_NEUR_ROWS = 5
 
 
+@njit(cache=True, inline="always")
+def round_fp16(x):  # pragma: no cover - numba
+    """float32 -> nearest-even float16 value, kept in float32 (== x.astype(f16) widened).
+
+    Normal range: round the 13 dropped mantissa bits to nearest-even on the bit
+    pattern; f16-subnormal range: (x + 0.75) - 0.75 rounds to multiples of 2^-24.
+    """
+    ax = abs(x)
+    if ax < np.float32(6.103515625e-05):
+        return (x + np.float32(0.75)) - np.float32(0.75)
+    if ax >= np.float32(65520.0):
+        return x * np.float32(np.inf) if x == x else x
+    b = np.float32(x).view(np.uint32)
+    b = np.uint32((b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1)))
+                  & np.uint32(0xFFFFE000))
+    return np.uint32(b).view(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _st(x, half):  # pragma: no cover - numba
+    """The value a store leaves in SRAM (fp16 traces round, fp32 keep)."""
+    return round_fp16(x) if half else x
+
+
 @njit(cache=True, boundscheck=False)
 def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk, spk_out,
-                   mode, alif, fused):  # pragma: no cover - numba
-    """One tick of a neuron PE. Returns (spikes emitted, active eligibility rows)."""
+                   mode, alif, fused, half):  # pragma: no cover - numba
+    """One tick of a neuron PE. Returns (spikes out, active rows, spikes received).
+
+    zin (uint8, n_rec) holds the spikes z[t-1] received; it is consumed (cleared).
+    half: traces are stored as fp16 (each store rounds; registers keep float32).
+    """
     n, n_in = w_in.shape
     n_rec = zin.shape[0]
     n_pre = n_in + n_rec
@@ -61,7 +89,7 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
     eps_prev = pre[1]
     n_spk = 0
     for i in range(n_rec):
-        if zin[i] != zero:
+        if zin[i] != 0:
             spk[n_spk] = i
             n_spk += 1
     n_out = 0
@@ -87,7 +115,8 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
     for i in range(n_in):
         eps[i] = alpha * eps[i] + x[i]
     for i in range(n_rec):
-        eps[n_in + i] = alpha * eps[n_in + i] + zin[i]
+        eps[n_in + i] = alpha * eps[n_in + i] + np.float32(zin[i])
+        zin[i] = 0
     active = 0
     for j in range(n):
         pc = psi[j]
@@ -95,39 +124,43 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
         if pc == zero and pp == zero:
             if alif:
                 for i in range(n_pre):
-                    eps_a[j, i] = rho * eps_a[j, i]
+                    eps_a[j, i] = _st(rho * eps_a[j, i], half)
             if fused:
                 continue
             if mode == MODE_MEAN:
                 for i in range(n_pre):
                     eb = kappa * ebar[j, i]
-                    ebar[j, i] = eb
-                    acc[j, i] += eb
+                    ebar[j, i] = _st(eb, half)
+                    acc[j, i] = _st(acc[j, i] + eb, half)
             else:
                 for i in range(n_pre):
-                    ebar[j, i] = kappa * ebar[j, i]
+                    ebar[j, i] = _st(kappa * ebar[j, i], half)
             continue
         active += 1
         dec = rho - beta * pp
         for i in range(n_pre):
             if alif:
                 ea = pp * eps_prev[i] + dec * eps_a[j, i]
-                eps_a[j, i] = ea
+                eps_a[j, i] = _st(ea, half)
                 e = pc * (eps[i] - beta * ea)
             else:
                 e = pc * eps[i]
             if fused:
-                acc[j, i] += e
+                acc[j, i] = _st(acc[j, i] + e, half)
                 continue
             eb = kappa * ebar[j, i] + e
-            ebar[j, i] = eb
+            ebar[j, i] = _st(eb, half)
             if mode == MODE_MEAN:
-                acc[j, i] += eb
-    return n_out, active
+                acc[j, i] = _st(acc[j, i] + eb, half)
+    return n_out, active, n_spk
 
 
 def pe_step_numpy(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, mode, alif, fused):
-    """NumPy reference of `pe_step_kernel` (sums in the same sequential order)."""
+    """NumPy reference of `pe_step_kernel` with fp32 traces (same sequential sum order).
+
+    zin is the received spike vector (any dtype, 0/1); it is not cleared here.
+    """
+    zin = np.asarray(zin, np.float32)
     alpha, rho, kappa, beta, v_th, gam = (consts[k] for k in range(6))
     one, zero = np.float32(1.0), np.float32(0.0)
     n, n_in = w_in.shape
@@ -163,14 +196,25 @@ def pe_step_numpy(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, mode
 
 
 @njit(cache=True, boundscheck=False)
-def pe_lsig_kernel(L, ebar, acc):  # pragma: no cover - numba
+def pe_lsig_kernel(L, ebar, acc, half):  # pragma: no cover - numba
     """per_step loss: acc_ji += L_j ebar_ji for rows with a non-zero learning signal."""
     n, n_pre = ebar.shape
+    rows = 0
     for j in range(n):
         lj = L[j]
         if lj != np.float32(0.0):
+            rows += 1
             for i in range(n_pre):
-                acc[j, i] += lj * ebar[j, i]
+                acc[j, i] = _st(acc[j, i] + lj * ebar[j, i], half)
+    return rows
+
+
+@njit(cache=True, boundscheck=False)
+def round_fp16_array(a):  # pragma: no cover - numba
+    """Round a float32 array in place to float16 values (what an fp16 store keeps)."""
+    f = a.reshape(-1)
+    for i in range(f.size):
+        f[i] = round_fp16(f[i])
 
 
 @njit(cache=True, boundscheck=False)
@@ -206,7 +250,8 @@ def readout_step_numpy(zin, w_out, y, sum_y, zbar, sum_zbar, kappa):
 
 
 @njit(cache=True, boundscheck=False)
-def readout_lsig_kernel(y, fb, zbar, sum_zbar, out_acc, L, consts, stats, target):  # pragma: no cover
+def readout_lsig_kernel(y, fb, zbar, sum_zbar, out_acc, L, consts, stats,
+                        target):  # pragma: no cover - numba
     """Readout PE, per_step loss: learning signals L (n_rec,) for this step, as the reference.
 
     Returns True when any L_j may be non-zero (a labelled step or the regulariser).

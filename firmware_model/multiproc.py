@@ -27,7 +27,9 @@ from edgeprop.network import ModelConfig
 from firmware_model.precision import get_precision
 from firmware_model.program import PEProgram
 
-Deliveries = dict[int, list[tuple[np.ndarray, np.ndarray]]]
+_WORKER_MAIN = "import sys; from firmware_model.multiproc import serve; serve(sys.argv[1])"
+
+Deliveries = dict[int, list[tuple[np.ndarray, np.ndarray, int]]]
 
 
 class WorkerError(EdgepropError):
@@ -51,8 +53,8 @@ def run_group(programs: dict[int, PEProgram], deliveries: Deliveries, cmd: str,
     """Deliver packets to this group's PEs, then run `cmd` on the PEs in args_by_pe."""
     for p, batches in deliveries.items():
         prog = programs[p]
-        for keys, pays in batches:
-            prog.receive(keys, pays)
+        for keys, pays, kind in batches:
+            prog.receive(keys, pays, kind)
     return {p: programs[p].handle(cmd, args) for p, args in args_by_pe.items()}
 
 
@@ -83,12 +85,12 @@ class ProcessGroups:
         self._dir = tempfile.mkdtemp(prefix="edgeprop-pe-")
         self.socks, self.procs, self.endpoints = [], [], []
         try:
-            for gi, g in enumerate(groups):
+            for gi in range(len(groups)):
                 ep = f"ipc://{self._dir}/g{gi}-{uuid.uuid4().hex[:8]}"
                 sock = self.ctx.socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.bind(ep)
-                proc = subprocess.Popen([sys.executable, "-m", "firmware_model.multiproc", ep],
+                proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, ep],
                                         stdin=subprocess.DEVNULL)
                 self.socks.append(sock)
                 self.procs.append(proc)
@@ -127,7 +129,7 @@ class ProcessGroups:
         return out
 
     def close(self) -> None:
-        for gi, sock in enumerate(self.socks):
+        for _gi, sock in enumerate(self.socks):
             try:
                 sock.send_pyobj({"cmd": "stop"})
                 sock.poll(2000)

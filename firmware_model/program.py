@@ -31,16 +31,16 @@ from firmware_model.chip import PE, Sram
 from firmware_model.kernels import (
     MODE_MEAN,
     N_NEUR_ROWS,
-    Z,
     adam_update,
     mean_end_sample,
     pe_lsig_kernel,
     pe_step_kernel,
     readout_lsig_kernel,
     readout_step_kernel,
+    round_fp16_array,
 )
 from firmware_model.precision import Precision, Stored, alloc_stored
-from firmware_model.router import HOST_ID, INPUT, LSIG, OUTPUT, SPIKE, key_index, key_kind, make_key
+from firmware_model.router import INPUT, LSIG, OUTPUT, SPIKE, make_key
 
 #: ESTIMATE: the e-prop neuron firmware (tick handler, packet handlers, eligibility,
 #: gradient and Adam loops) as Thumb-2 code, ~1,000 instructions at ~3 bytes each.
@@ -52,17 +52,26 @@ ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
 
 
 class _Trace:
-    """A per-synapse trace in SRAM with a float32 working view for the kernels."""
+    """A per-synapse trace in SRAM (fp32 or fp16) and the float32 array kernels use.
+
+    fp32: the kernels work on the SRAM array itself. fp16: they work on a float32
+    array whose every value is an fp16 value (each store in the kernels rounds, as the
+    firmware's VCVT store does); `flush` copies it into the fp16 SRAM array, exactly.
+    """
 
     def __init__(self, sram: Sram, name: str, shape, fmt: str) -> None:
         self.stored = alloc_stored(sram, "eligibility", name, shape, fmt)
+        self.half = fmt == "fp16"
         self.work = self.stored.q if fmt == "fp32" else np.zeros(shape, np.float32)
 
-    def sync(self) -> None:
-        """Round the working copy to the storage format and back (what SRAM holds)."""
-        if self.stored.fmt != "fp32":
-            self.stored.write(self.work)
-            self.work[...] = self.stored.read()
+    def round(self) -> None:
+        """After a NumPy-side update: round to what an fp16 store keeps."""
+        if self.half:
+            round_fp16_array(self.work)
+
+    def flush(self) -> None:
+        if self.half:
+            self.stored.q[...] = self.work
 
     def zero(self) -> None:
         self.stored.zero()
@@ -105,7 +114,8 @@ class PEProgram:
         self.opt_m = self.opt_v = None
         if optimizer == "adam":
             self.opt_m = alloc_stored(s, "optimizer", "m", (n, n_pre), prec.opt_m)
-            self.opt_v = alloc_stored(s, "optimizer", "v", (n, n_pre), prec.opt_v)
+            self.opt_v = alloc_stored(s, "optimizer", "v", (n, n_pre), prec.opt_v,
+                                      round_up=True)
         elif optimizer == "momentum":
             self.opt_m = alloc_stored(s, "optimizer", "buf", (n, n_pre), prec.opt_m)
         self.x_buf = s.alloc("buffers", "x_in", (n_in,), np.float32)
@@ -114,7 +124,7 @@ class PEProgram:
         self.out_keys = s.alloc("buffers", "spike_keys_out", (n,), np.uint32)
         # emulator scratch
         self._w_c = np.zeros((n, n_pre), np.float32) if prec.weights != "fp32" else self.w.q
-        self._zin_f = np.zeros(n_rec, np.float32)
+        self._w_in_c, self._w_rec_c = self._w_c[:, :n_in], self._w_c[:, n_in:]
         self._spk = np.zeros(n_rec, np.int64)
         self._spk_out = np.zeros(max(n, 1), np.int64)
         self._dummy = np.zeros((1, 1), np.float32)
@@ -124,6 +134,13 @@ class PEProgram:
         self._diag = (np.arange(n), n_in + self.r0 + np.arange(n))
         self.fmt_w = costs.FORMAT_EXTRA[prec.weights]
         self.fmt_t = costs.FORMAT_EXTRA[prec.traces]
+        C = costs.CYCLES
+        self._elig_cyc = C[costs.elig_kernel(cfg.neuron, prec.fused)]
+        self._n_trace_arrays = int(self.alif) + int(not prec.fused) + 1
+        self._tick_fixed = (C["tick_overhead"] + C["neuron_update"] * n
+                            + (C["input_mac"] + self.fmt_w) * n * n_in
+                            + C["eps_vector"] * n_pre)
+        self._spike_key_base = np.uint32(make_key(SPIKE, pe_id, self.r0))
         if readout:
             self._init_readout(s)
 
@@ -147,12 +164,16 @@ class PEProgram:
         self.out_m = self.out_v = None
         if self.optimizer == "adam":
             self.out_m = alloc_stored(s, "optimizer", "m_out", (n_out, n_rec), prec.opt_m)
-            self.out_v = alloc_stored(s, "optimizer", "v_out", (n_out, n_rec), prec.opt_v)
+            self.out_v = alloc_stored(s, "optimizer", "v_out", (n_out, n_rec), prec.opt_v,
+                                      round_up=True)
         elif self.optimizer == "momentum":
             self.out_m = alloc_stored(s, "optimizer", "buf_out", (n_out, n_rec), prec.opt_m)
         self._w_out_c = (np.zeros((n_out, n_rec), np.float32) if prec.weights != "fp32"
                          else self.w_out.q)
         self.n_samples = 0
+        self._zin_ro = np.zeros(n_rec, np.float32)
+        self._out_keys = np.asarray(make_key(OUTPUT, self.pe.pe_id, np.arange(n_out)), np.uint32)
+        self._lsig_keys = np.asarray(make_key(LSIG, self.pe.pe_id, np.arange(n_rec)), np.uint32)
 
     # ------------------------------------------------------------------ helpers
     def _charge(self, cycles: float) -> int:
@@ -170,8 +191,7 @@ class PEProgram:
                 self._w_out_c[...] = self.w_out.read()
 
     def _traces(self) -> list[_Trace]:
-        out = [t for t in (self.eps_a, self.ebar, self.acc, self.g_syn) if t is not None]
-        return out
+        return [t for t in (self.eps_a, self.ebar, *self._acc_bufs) if t is not None]
 
     def handle(self, cmd: str, args: dict):
         """Run one command; returns (result, cycles spent since the last report).
@@ -185,22 +205,33 @@ class PEProgram:
         return res, c
 
     # ------------------------------------------------------------------ packets
-    def receive(self, keys: np.ndarray, payloads: np.ndarray) -> None:
-        """Interrupt handler: input frames, spikes and learning signals into buffers."""
-        if keys.size == 0:
+    def receive(self, keys: np.ndarray, payloads: np.ndarray, kind: int = -1) -> None:
+        """Interrupt handler: input frames, spikes and learning signals into buffers.
+
+        `kind` >= 0 says the router found one packet kind in the batch (a shortcut for
+        the dispatch the handler does per packet on the chip).
+        """
+        n = int(keys.size)
+        if n == 0:
             return
-        self._charge(costs.CYCLES["packet_recv"] * keys.size)
-        self.pe.counters.packets_received += int(keys.size)
-        kind, idx = key_kind(keys), key_index(keys)
-        m = kind == INPUT
-        if m.any():
-            self.x_buf[idx[m]] = payloads[m].view(np.float32)
-        m = kind == SPIKE
-        if m.any():
-            self.zin[idx[m]] = 1
-        m = kind == LSIG
-        if m.any():
-            self.L[idx[m] - self.r0] = payloads[m].view(np.float32)
+        self.pe.counters.cycles += costs.CYCLES["packet_recv"] * n
+        self.pe.counters.packets_received += n
+        idx = keys & np.uint32(0xFFFF)
+        if kind >= 0:
+            self._receive_kind(kind, idx, payloads)
+            return
+        kinds = keys >> np.uint32(28)
+        for kd in np.unique(kinds):
+            m = kinds == kd
+            self._receive_kind(int(kd), idx[m], payloads[m])
+
+    def _receive_kind(self, kind: int, idx: np.ndarray, payloads: np.ndarray) -> None:
+        if kind == INPUT:
+            self.x_buf[idx] = payloads.view(np.float32)
+        elif kind == SPIKE:
+            self.zin[idx] = 1
+        elif kind == LSIG:
+            self.L[idx - self.r0] = payloads.view(np.float32)
 
     def _send(self, keys: np.ndarray, payloads: np.ndarray | None = None):
         n = int(keys.size)
@@ -256,36 +287,28 @@ class PEProgram:
     def cmd_tick(self):
         """Neuron update, spikes out, eligibility update (phase 1 of a tick)."""
         acc = self._ensure_acc()
-        self._zin_f[...] = self.zin
         eps_a = self.eps_a.work if self.eps_a is not None else self._dummy
         ebar = self.ebar.work if self.ebar is not None else self._dummy
-        n_in = self.n_in
-        n_spk, active = pe_step_kernel(
-            self.x_buf, self._zin_f, self._w_c[:, :n_in], self._w_c[:, n_in:], self.neur,
+        n_spk, active, n_rx = pe_step_kernel(
+            self.x_buf, self.zin, self._w_in_c, self._w_rec_c, self.neur,
             self.pre, eps_a, ebar, acc.work, self._consts, self._spk, self._spk_out,
-            self.mode, self.alif, self.prec.fused)
-        for tr in (self.eps_a, self.ebar, acc):
-            if tr is not None:
-                tr.sync()
-        n_rx = int(self.zin.sum())
-        self.zin[...] = 0  # consumed: the next packets are z[t]
+            self.mode, self.alif, self.prec.fused, acc.half)
         C = costs.CYCLES
-        elig = C[costs.elig_kernel(self.cfg.neuron, self.prec.fused)]
-        n_trace_arrays = len([t for t in (self.eps_a, self.ebar, acc) if t is not None])
-        cyc = (C["tick_overhead"] + C["neuron_update"] * self.n
-               + (C["input_mac"] + self.fmt_w) * self.n * n_in
-               + (C["rec_add"] + self.fmt_w) * self.n * n_rx
-               + C["eps_vector"] * self.n_pre
-               + (elig + 2 * n_trace_arrays * self.fmt_t) * active * self.n_pre
-               + (4 + 2 * n_trace_arrays * self.fmt_t) * (self.n - active) * self.n_pre)
-        self._charge(cyc)
-        keys = make_key(SPIKE, self.pe.pe_id, self.r0 + self._spk_out[:n_spk])
-        self.out_keys[:n_spk] = keys
-        return self._send(np.asarray(keys, np.uint32))
+        n, n_pre, ft = self.n, self.n_pre, self.fmt_t
+        cyc = (self._tick_fixed + (C["rec_add"] + self.fmt_w) * n * n_rx
+               + (self._elig_cyc + 2 * self._n_trace_arrays * ft) * active * n_pre
+               + (4 + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
+               + C["packet_send"] * n_spk)
+        self.pe.counters.cycles += cyc
+        self.pe.counters.packets_sent += n_spk
+        keys = self.out_keys[:n_spk]
+        np.add(self._spk_out[:n_spk], self._spike_key_base, out=keys, casting="unsafe")
+        return keys.copy(), None
 
     def cmd_readout(self, target: int = -1):
         """Readout PE, after the tick's spikes arrived: y[t] out; per_step: L[t] out."""
-        zin = self.zin.astype(np.float32)
+        zin = self._zin_ro
+        zin[...] = self.zin
         kappa = self._consts[2]
         n_spk = readout_step_kernel(zin, self._w_out_c, self.y, self.sum_y, self.zbar,
                                     self.sum_zbar, kappa, self._spk)
@@ -293,8 +316,7 @@ class PEProgram:
         C = costs.CYCLES
         cyc = (C["readout_unit"] * self.n_out + C["readout_zbar"] * self.n_rec
                + (C["readout_add"] + self.fmt_w) * n_spk * self.n_out)
-        keys = make_key(OUTPUT, self.pe.pe_id, np.arange(self.n_out))
-        out = [self._send(np.asarray(keys, np.uint32), self.y.view(np.uint32).copy())]
+        out = [self._send(self._out_keys, self.y.view(np.uint32).copy())]
         any_l = False
         if self.mode != MODE_MEAN:
             any_l = readout_lsig_kernel(self.y, self._fb(), self.zbar, self.sum_zbar,
@@ -304,8 +326,7 @@ class PEProgram:
                 cyc += C["softmax_unit"] * self.n_out + 2 * C["lsig_mac"] * self.n_out * self.n_rec
             if any_l:
                 cyc += C["lsig_mac"] * self.n_rec
-                lk = make_key(LSIG, self.pe.pe_id, np.arange(self.n_rec))
-                out.append(self._send(np.asarray(lk, np.uint32), self.L_all.view(np.uint32).copy()))
+                out.append(self._send(self._lsig_keys, self.L_all.view(np.uint32).copy()))
         self._charge(cyc)
         keys = np.concatenate([k for k, _ in out])
         pays = np.concatenate([p for _, p in out])
@@ -314,9 +335,7 @@ class PEProgram:
     def cmd_lsig(self) -> None:
         """per_step loss: acc += L ebar with the learning signals just received."""
         acc = self._ensure_acc()
-        pe_lsig_kernel(self.L, self.ebar.work, acc.work)
-        acc.sync()
-        rows = int(np.count_nonzero(self.L))
+        rows = pe_lsig_kernel(self.L, self.ebar.work, acc.work, acc.half)
         self._charge((costs.CYCLES["grad_accum_step"] + 3 * self.fmt_t) * rows * self.n_pre)
 
     def cmd_end_sample(self, label):
@@ -353,11 +372,11 @@ class PEProgram:
         coef = self.L[:, None]
         if self.g_syn is None:
             acc.work *= coef
-            acc.sync()
+            acc.round()
             self.g_syn, self.acc = acc, None
         else:
             self.g_syn.work += coef * acc.work
-            self.g_syn.sync()
+            self.g_syn.round()
             acc.zero()
         self._charge((costs.CYCLES["grad_scale"] + 2 * self.fmt_t) * self.n * self.n_pre)
 
@@ -453,6 +472,8 @@ class PEProgram:
                     st.write(state[name])
 
     def cmd_counters(self):
+        for tr in self._traces():
+            tr.flush()
         c = self.pe.counters
         return {"cycles": c.cycles, "packets_sent": c.packets_sent,
                 "packets_received": c.packets_received, "payload_bytes_sent": c.payload_bytes_sent,

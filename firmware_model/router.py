@@ -140,20 +140,31 @@ class Router:
         dest[~known] = self.lookup(keys[~known])
         return dest
 
-    def deliver(self, keys: np.ndarray, payloads: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Route one batch; returns per target (PEs then host) the (keys, payloads) received."""
-        dest = self.route(keys)
+    def deliver(self, keys: np.ndarray, payloads: np.ndarray) -> list[tuple]:
+        """Route one batch; per target (PEs, then the host) the (keys, payloads, kind) received.
+
+        Packets keep their order (per source, ascending key), as the firmware sees them.
+        kind is the packet kind when the batch holds one kind, else -1.
+        """
         n = int(keys.size)
+        if n == 0:
+            return [(keys, payloads, -1)] * (self.n_pes + 1)
+        dest = self.route(keys)
         self.packets_routed += n
+        counts = np.bincount(keys >> np.uint32(28), minlength=len(KIND_NAMES))
+        for kd, c in enumerate(counts[: len(KIND_NAMES)]):
+            if c:
+                self.by_kind[KIND_NAMES[kd]] += int(c)
+        kind = int(keys[0] >> np.uint32(28)) if counts.max() == n else -1
+        empty = (keys[:0], payloads[:0], kind)
+        if (dest == dest[0]).all():  # one multicast set for the whole batch
+            self.deliveries += n * int(dest[0].sum())
+            return [(keys, payloads, kind) if d else empty for d in dest[0]]
         self.deliveries += int(dest.sum())
-        if n:
-            kinds, counts = np.unique(key_kind(keys), return_counts=True)
-            for kd, c in zip(kinds, counts):
-                self.by_kind[KIND_NAMES[int(kd)]] += int(c)
         out = []
         for t in range(self.n_pes + 1):
             col = dest[:, t]
-            out.append((keys[col], payloads[col]))
+            out.append((keys[col], payloads[col], kind) if col.any() else empty)
         return out
 
     def reset_counters(self) -> None:

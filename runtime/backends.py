@@ -43,17 +43,25 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, learner: Any, cfg: ModelConfig, params: Params):
+    def __init__(self, learner: Any, cfg: ModelConfig, params: Params,
+                 learner_kwargs: dict | None = None):
         self.learner = learner
+        self._learner_kwargs = dict(learner_kwargs or {})
         self.cfg = cfg
         self._params = params
         self.windows = 0
         self.learn_s = 0.0
+        self._refresh()
 
     @property
     def params(self) -> Params:
-        # A learner may keep its own (in-place updated) copy; that copy is the truth.
-        return getattr(self.learner, "params", self._params)
+        """The weights inference uses: re-read from the learner after every update (the
+        emulator gathers them from its PEs' SRAM, dequantised; the reference updates
+        the very same arrays in place)."""
+        return self._params
+
+    def _refresh(self) -> None:
+        self._params = getattr(self.learner, "params", self._params)
 
     def learn_window(self, x_seq: np.ndarray, label: int) -> float:
         """Learn one labelled window from a zero state (mean loss), apply one update."""
@@ -66,9 +74,23 @@ class Backend:
         out = self.learner.train_sample(x_seq, int(label))  # reset, step over T, end_sample
         loss = float(out[0] if isinstance(out, tuple) else out)
         self.learner.apply()
+        self._refresh()
         self.windows += 1
         self.learn_s += time.perf_counter() - t0
         return loss
+
+    def warmup(self) -> float:
+        """Compile/caches before the first real window (numba JIT would otherwise stall
+        the stream for ~0.5 s at the first label). Runs on a throwaway copy of the
+        weights; returns the seconds it took."""
+        t0 = time.perf_counter()
+        spare = type(self.learner)(self.cfg, self.params.copy(), **self._learner_kwargs)
+        spare.train_sample(np.zeros((3, self.cfg.n_in), np.float32), 0)
+        spare.apply()
+        close = getattr(spare, "close", None)
+        if close:
+            close()
+        return time.perf_counter() - t0
 
     def optimizer_state(self) -> dict | None:
         fn = getattr(self.learner, "optimizer_state", None)
@@ -104,7 +126,8 @@ def make_backend(name: str, cfg: ModelConfig, params: Params, *, lr: float = DEF
     if name == "reference":
         from edgeprop.eprop import EpropLearner
 
-        learner = EpropLearner(cfg, params, loss="mean", optimizer="adam", lr=lr)
+        kwargs: dict = {"loss": "mean", "optimizer": "adam", "lr": lr}
+        learner = EpropLearner(cfg, params, **kwargs)
         cls: type[Backend] = ReferenceBackend
     elif name == "emulator":
         try:
@@ -115,7 +138,8 @@ def make_backend(name: str, cfg: ModelConfig, params: Params, *, lr: float = DEF
             except ImportError:
                 raise ConfigError("the SpiNNaker 2 emulator backend is not available in this "
                                   "build; use --backend reference") from None
-        learner = EmulatedLearner(cfg, params, n_pes=n_pes, loss="mean", optimizer="adam", lr=lr)
+        kwargs = {"n_pes": n_pes, "loss": "mean", "optimizer": "adam", "lr": lr}
+        learner = EmulatedLearner(cfg, params, **kwargs)
         cls = EmulatorBackend
     else:
         raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
@@ -125,4 +149,4 @@ def make_backend(name: str, cfg: ModelConfig, params: Params, *, lr: float = DEF
         except Exception as exc:
             raise ConfigError(f"checkpoint optimizer state does not fit the {name} backend: "
                               f"{exc}") from None
-    return cls(learner, cfg, params)
+    return cls(learner, cfg, params, kwargs)

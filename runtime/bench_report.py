@@ -200,8 +200,8 @@ def pe_memory(obj: Any) -> dict | None:
     """Bytes used per PE (optionally by region) from the profile JSON."""
     best = None
     for path, recs in _record_lists(obj):
-        k_bytes = _find_key(recs[0], r"bytes|memory", prefer=("bytes", "total_bytes",
-                                                              "memory_bytes", "used_bytes"))
+        k_bytes = _find_key(recs[0], r"bytes|memory", prefer=(
+            "bytes_total", "bytes", "total_bytes", "memory_bytes", "used_bytes"))
         if not k_bytes:
             continue
         totals, regions = [], []
@@ -213,7 +213,7 @@ def pe_memory(obj: Any) -> dict | None:
                 totals.append(sum(nums.values()))
             elif _is_num(v):
                 totals.append(float(v))
-                reg = r.get("regions") or r.get("by_region")
+                reg = r.get("bytes_by_region") or r.get("regions") or r.get("by_region")
                 regions.append({k: float(x) for k, x in reg.items() if _is_num(x)}
                                if isinstance(reg, dict) else {})
             else:

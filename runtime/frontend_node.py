@@ -97,6 +97,7 @@ class FrontendNode:
         self.frames_made = 0
         self.dropped = 0
         self.rehellos = 0
+        self._last_rehello = 0.0
         self.latencies_ns: list[int] = []
         self.posteriors: list[P.Posteriors] = []
         self.detections: list[P.Detection] = []
@@ -239,7 +240,7 @@ class FrontendNode:
         frames_dealer = ctx.socket(zmq.DEALER)
         frames_dealer.setsockopt(zmq.LINGER, 0)
         frames_dealer.setsockopt(zmq.SNDHWM, self.hwm)
-        frames_dealer.setsockopt(zmq.RCVHWM, 10 * self.hwm)
+        frames_dealer.setsockopt(zmq.RCVHWM, 100000)  # outputs are small; never drop them
         frames_dealer.connect(self.endpoint)
         try:
             self._send(frames_dealer, self.hello_msg(), block=True)
@@ -313,7 +314,8 @@ class FrontendNode:
         except ProtocolError as exc:
             log.warning("frontend %s: bad message from learner: %s", self.stream, exc)
             return
-        if self.recorder is not None and isinstance(msg, (P.Posteriors, P.Detection)):
+        if self.recorder is not None and isinstance(msg, (P.Posteriors, P.Detection,
+                                                          P.HelloReply)):
             self.recorder.write("out", raw)
         if isinstance(msg, P.Posteriors):
             if msg.t_in_ns is not None:
@@ -329,7 +331,12 @@ class FrontendNode:
             self._eos_evt.set()
         elif isinstance(msg, P.Notice):
             self.notices.append(msg)
-            if msg.kind == "unknown_stream" and self._hello_reply is not None:
+            # at most one new hello a second: notices for frames already in flight when
+            # the learner restarted keep arriving for a moment and must not each re-hello
+            if (msg.kind == "unknown_stream" and self._hello_reply is not None
+                    and time.monotonic() - self._last_rehello > 1.0):
+                self._last_rehello = time.monotonic()
+                self._hello_reply = None  # hold frames in the outbox until accepted again
                 self.rehellos += 1
                 log.warning("frontend %s: learner lost the stream (restarted?); hello again",
                             self.stream)

@@ -23,6 +23,13 @@ window id changes (or the stream ends) the backend learns the window with the me
 loss from a zero state and applies one update (runtime/backends.py says why).
 `teach` does the same for a past window [t_start, t_end) of the stream's history.
 
+Learning never stalls inference: with apply_delay > 0 (default 100 frames = 1 s)
+windows are learned on a separate thread, and the updated weights replace the ones
+inference uses exactly when the stream that ended the window reaches frame
+end + apply_delay (waiting there if learning is slower). The switch point is a
+function of the stream, not of timing, so a replay gives bit-identical posteriors.
+apply_delay = 0 learns inline (simplest; the stream waits for each update).
+
 Faults are counters (`stats()`), logged (first few of each kind, then every 100th),
 and never raise out of `handle_bytes`: malformed, version, oversized, unknown_type,
 bad_field, shape, config_mismatch, seq_gaps / frames_missing, seq_dups,
@@ -33,16 +40,16 @@ Public API (stable)::
     Model.from_checkpoint(ckpt) ; load_model(path_or_None) -> Checkpoint
     LearnerCore(checkpoint, *, backend="emulator", lr=1e-4, detector=None (dict),
                 learning=True, history_s=5.0, peer_timeout_s=10.0, max_window_frames=300,
-                checkpoint_dir=None, checkpoint_every=30.0, n_pes=12)
+                checkpoint_dir=None, checkpoint_every=30.0, n_pes=12, apply_delay=100)
         .handle_bytes(payload, route=b"") -> list[Message]
         .handle(msg, route=b"") -> list[Message]
         .control(req: ControlRequest) -> ControlReply
         .tick(now_s=None) -> None      # timeouts + periodic checkpoint
         .save_checkpoint(path=None) -> dict(path, params_hash, updates)
         .stats() -> dict ; .finish() ; .close()
-        .model.params  (shared weights) ; .params_hash()
+        .params (shared weights, all updates learned) ; .infer_params ; .params_hash()
     LearnerNode(core, *, bind=None, connect=None, control_bind=None, pub_bind=None,
-                hwm=1000, recorder=None)
+                hwm=10000, recorder=None)
         .run(stop: threading.Event | None = None) ; .start() -> Thread ; .stop()
         .endpoints -> dict of resolved endpoints (after bind)
     resume_path(checkpoint_dir) -> Path   (dir/learner.ckpt)
@@ -53,7 +60,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import re
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -136,6 +145,32 @@ def load_model(path: str | os.PathLike | None):
     return load_shipped()
 
 
+class WeightSet:
+    """One set of weights: the backend that learns them and the copy inference uses.
+
+    Synchronous learning (apply_delay 0): `infer` IS the backend's weights. Asynchronous:
+    the backend learns on its own thread; `infer` is a snapshot replaced at a
+    deterministic point of the stream (see LearnerCore)."""
+
+    def __init__(self, backend: Backend, asynchronous: bool):
+        self.backend = backend
+        self.infer: Params = backend.params.copy() if asynchronous else backend.params
+        self.pending = 0  # jobs submitted, not yet swapped in
+
+
+@dataclass
+class _Job:
+    weights: WeightSet
+    stream: str
+    swap_seq: int
+    x: np.ndarray
+    label: int
+    done: threading.Event = field(default_factory=threading.Event)
+    params: Params | None = None
+    loss: float = float("nan")
+    error: str | None = None
+
+
 @dataclass
 class Session:
     stream: str
@@ -143,11 +178,12 @@ class Session:
     mode: str
     state: State
     detector: Detector
-    backend: Backend | None = None  # personalised weights, else None (shared model)
+    weights: WeightSet | None = None  # personalised weights, else None (shared model)
     next_seq: int | None = None
     win_id: int | None = None
     win_label: int = -1
     win_rows: list = field(default_factory=list)
+    win_last_seq: int = -1
     history: deque = field(default_factory=deque)  # (t, rows (substeps, n_in))
     last_seen: float = 0.0
     frames: int = 0
@@ -165,7 +201,8 @@ class LearnerCore:
                  lr: float = DEFAULT_ONLINE_LR, detector: dict | DetectorConfig | None = None,
                  learning: bool = True, history_s: float = 5.0, peer_timeout_s: float = 10.0,
                  max_window_frames: int = 300, checkpoint_dir: str | os.PathLike | None = None,
-                 checkpoint_every: float = 30.0, n_pes: int = 12, name: str = "learner"):
+                 checkpoint_every: float = 30.0, n_pes: int = 12, name: str = "learner",
+                 apply_delay: int = 100):
         self.model = Model.from_checkpoint(checkpoint)
         self.cfg = self.model.cfg
         self.backend_name = backend
@@ -173,6 +210,15 @@ class LearnerCore:
         self.n_pes = n_pes
         self.backend = make_backend(backend, self.cfg, checkpoint.params.copy(), lr=lr,
                                     optimizer_state=checkpoint.optimizer_state, n_pes=n_pes)
+        self.warmup_s = self.backend.warmup()
+        if apply_delay < 0:
+            raise ConfigError(f"apply_delay must be >= 0 frames, got {apply_delay}")
+        self.apply_delay = int(apply_delay)
+        self.shared = WeightSet(self.backend, self.apply_delay > 0)
+        self._jobs: deque[_Job] = deque()
+        self._queue: queue.Queue = queue.Queue()
+        self._learn_thread: threading.Thread | None = None
+        self.swap_wait_s = 0.0  # time inference waited for a late update (apply_delay too short)
         self.det_cfg = (detector if isinstance(detector, DetectorConfig)
                         else DetectorConfig.from_dict(detector))
         self.learning = bool(learning)
@@ -197,7 +243,13 @@ class LearnerCore:
 
     @property
     def params(self) -> Params:
-        return self.backend.params
+        """The shared weights with every submitted update learned (waits for them)."""
+        return self._settled(self.shared)
+
+    @property
+    def infer_params(self) -> Params:
+        """The shared weights inference uses right now."""
+        return self.shared.infer
 
     def params_hash(self, params: Params | None = None) -> str:
         from edgeprop.checkpoint import params_hash
@@ -264,20 +316,21 @@ class LearnerCore:
             problems.append(f"frames of {h.substeps}x{h.n_channels} != model's "
                             f"{m.substeps}x{self.cfg.n_in}")
         reply = P.HelloReply(h.stream, not problems, "; ".join(problems), self.params_hash(),
-                             m.frontend_hash, m.encoder_id, list(m.labels), self.name)
+                             m.frontend_hash, m.encoder_id, list(m.labels), self.name,
+                             self.settings())
         if problems:
             self._fault("config_mismatch", reply.reason, h.stream)
             return reply
         if h.stream in self.sessions:
             self.counts["rehello"] += 1
             self._close_session(h.stream, learn=False)
-        backend = None
+        weights = None
         if h.personal:
-            backend = self._personal_backend(h.stream)
-            reply.params_hash = self.params_hash(backend.params)
+            weights = WeightSet(self._personal_backend(h.stream), self.apply_delay > 0)
+            reply.params_hash = self.params_hash(weights.infer)
         self.sessions[h.stream] = Session(
             h.stream, route, h.mode, init_state(self.cfg), Detector(m.labels, self.det_cfg),
-            backend, last_seen=time.monotonic())
+            weights, last_seen=time.monotonic())
         self.counts["sessions_opened"] += 1
         log.info("%s: stream %r opened (%s%s)", self.name, h.stream, h.mode,
                  ", personal weights" if h.personal else "")
@@ -345,13 +398,16 @@ class LearnerCore:
         labels = f.labels[skip:] if f.labels is not None else None
         windows = f.windows[skip:] if f.windows is not None else None
         hist_len = max(1, int(round(self.history_s / max(f.hop_s, 1e-3))))
+        ws = sess.weights or self.shared
         for i in range(n):
-            params = sess.backend.params if sess.backend is not None else self.params
+            seq = f.seq + skip + i
+            if self._jobs:
+                self._swap_due(sess.stream, seq)
+            params = ws.infer
             rows = x_all[i]
             y = None
             for r in rows:
                 sess.state, y = step(cfg, params, sess.state, r)
-            seq = f.seq + skip + i
             probs[i], hit = sess.detector.push(y, seq, float(times[i]))
             if hit is not None:
                 sess.detections += 1
@@ -363,7 +419,7 @@ class LearnerCore:
                 sess.history.popleft()
             lab = labels[i] if labels is not None else P.NO_LABEL
             win = windows[i] if windows is not None else P.NO_LABEL
-            self._window_step(sess, lab, win, rows)
+            self._window_step(sess, lab, win, rows, seq)
         sess.frames += n
         self.counts["frames"] += n
         t_in = f.t_in_ns[skip:] if f.t_in_ns is not None else None
@@ -371,10 +427,11 @@ class LearnerCore:
                                    probs, t_in, P.now_ns()))
         return out
 
-    def _window_step(self, sess: Session, lab: int, win: int, rows: np.ndarray) -> None:
+    def _window_step(self, sess: Session, lab: int, win: int, rows: np.ndarray,
+                     seq: int) -> None:
         labelled = lab != P.NO_LABEL and win != P.NO_LABEL and self.learning
         if sess.win_id is not None and (not labelled or win != sess.win_id):
-            self._end_window(sess)
+            self._end_window(sess, seq - 1)
         if not labelled:
             return
         if not 0 <= lab < self.cfg.n_out:
@@ -388,26 +445,106 @@ class LearnerCore:
             # learn the first max_window_frames only; the rest of the window is ignored
             self.counts["windows_truncated"] += 1
             sess.win_rows.append(None)
+        sess.win_last_seq = seq
 
-    def _end_window(self, sess: Session) -> None:
+    def _end_window(self, sess: Session, last_seq: int | None = None) -> None:
         rows, label = sess.win_rows, sess.win_label
+        end = sess.win_last_seq if last_seq is None else last_seq
         sess.win_id, sess.win_label, sess.win_rows = None, -1, []
         rows = [r for r in rows if r is not None]
         if not rows:
             return
-        self._learn(sess, np.concatenate(rows, axis=0), label)
+        self._learn(sess, np.concatenate(rows, axis=0), label, end)
 
-    def _learn(self, sess: Session | None, x_seq: np.ndarray, label: int) -> float:
-        backend = sess.backend if sess is not None and sess.backend is not None else self.backend
-        loss = backend.learn_window(x_seq, label)
+    # ------------------------------------------------------------ learning
+
+    def _learn(self, sess: Session, x_seq: np.ndarray, label: int, end_seq: int) -> float | None:
+        """Learn one window. Synchronous: now, returning the loss. Asynchronous: queued
+        for the learning thread; the new weights replace the inference weights when the
+        stream reaches frame end_seq + apply_delay (or ends): a point fixed by the
+        stream itself, so posteriors stay a deterministic function of the input."""
+        ws = sess.weights or self.shared
+        sess.windows += 1
+        if self.apply_delay == 0:
+            loss = ws.backend.learn_window(x_seq, label)
+            ws.infer = ws.backend.params
+            self._learned(loss, label, ws)
+            return loss
+        job = _Job(ws, sess.stream, end_seq + self.apply_delay, x_seq, label)
+        ws.pending += 1
+        self._jobs.append(job)
+        if self._learn_thread is None:
+            self._learn_thread = threading.Thread(target=self._learn_loop, name="learn",
+                                                  daemon=True)
+            self._learn_thread.start()
+        self._queue.put(job)
+        return None
+
+    def _learn_loop(self) -> None:
+        """The learning thread: the only one touching backends while jobs are pending."""
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job.loss = job.weights.backend.learn_window(job.x, job.label)
+                job.params = job.weights.backend.params.copy()
+            except Exception as exc:  # reported (counted) when swapped in
+                job.error = f"{type(exc).__name__}: {exc}"
+            job.done.set()
+
+    def _learned(self, loss: float, label: int, ws: WeightSet) -> None:
         self.losses.append(loss)
-        self.updates += 1
+        if ws is self.shared:
+            self.updates += 1  # updates of the shared model (what checkpoints count)
+        else:
+            self.counts["personal_updates"] += 1
         self.counts["windows_learned"] += 1
-        if sess is not None:
-            sess.windows += 1
         if not math.isfinite(loss):
             self._fault("nonfinite_loss", f"loss {loss} on label {label}")
-        return loss
+
+    def _swap_head(self) -> None:
+        job = self._jobs.popleft()
+        if not job.done.is_set():
+            t0 = time.perf_counter()
+            job.done.wait()
+            self.swap_wait_s += time.perf_counter() - t0
+            self.counts["swap_waits"] += 1
+        job.weights.pending -= 1
+        if job.error is not None:
+            self._fault("learn_errors", job.error, job.stream)
+            return
+        job.weights.infer = job.params
+        self._learned(job.loss, job.label, job.weights)
+
+    def _swap_due(self, stream: str, seq: int) -> None:
+        while self._jobs and self._jobs[0].stream == stream and seq >= self._jobs[0].swap_seq:
+            self._swap_head()
+
+    def _drain(self, stream: str | None = None) -> None:
+        """Swap in every pending update (of `stream` and all queued before them)."""
+        if stream is None:
+            while self._jobs:
+                self._swap_head()
+            return
+        last = max((i for i, j in enumerate(self._jobs) if j.stream == stream), default=-1)
+        for _ in range(last + 1):
+            self._swap_head()
+
+    def _settled(self, ws: WeightSet) -> Params:
+        """ws's weights with every submitted update learned, without changing what
+        inference uses (so checkpoints and stats never perturb the stream)."""
+        if ws.pending:
+            for job in list(self._jobs):
+                if job.weights is ws:
+                    job.done.wait()
+            last = [j for j in self._jobs if j.weights is ws][-1]
+            if last.params is not None:
+                return last.params
+        return ws.infer
+
+    def _updates_settled(self) -> int:
+        return self.updates + sum(1 for j in self._jobs if j.weights is self.shared)
 
     def _eos(self, e: P.EndOfStream) -> list:
         if e.stream not in self.sessions:
@@ -431,9 +568,10 @@ class LearnerCore:
             return
         if learn and sess.win_id is not None:
             self._end_window(sess)
-        if sess.backend is not None:
+        self._drain(stream)
+        if sess.weights is not None:
             self._save_personal(sess)
-            sess.backend.close()
+            sess.weights.backend.close()
         log.info("%s: stream %r closed after %d frames (%d gaps, %d dups, %d windows learned)",
                  self.name, stream, sess.frames, sess.gaps, sess.dups, sess.windows)
 
@@ -471,9 +609,11 @@ class LearnerCore:
                     else "nothing")
             raise ConfigError(f"window {t0:.2f}-{t1:.2f} s is not in the stream's history "
                               f"(holds {have}, the last {self.history_s:g} s)")
-        loss = self._learn(sess, np.concatenate(rows, axis=0), label)
+        self._learn(sess, np.concatenate(rows, axis=0), label, sess.next_seq or 0)
+        self._drain(stream)  # a taught update applies now
         self.counts["teach"] += 1
-        return {"loss": loss, "frames": len(rows), "updates": self.updates}
+        return {"loss": self.losses[-1] if self.losses else None, "frames": len(rows),
+                "updates": self.updates}
 
     def _cmd_learning(self, stream: str, args: dict) -> dict:
         self.learning = bool(args["on"])
@@ -514,7 +654,7 @@ class LearnerCore:
                 self._fault("peers_timed_out", f"no message for {now - sess.last_seen:.1f} s; "
                                                "closing the stream", stream)
                 self._close_session(stream, learn=False)
-        if (self.checkpoint_dir is not None and self.updates != self._updates_at_ckpt
+        if (self.checkpoint_dir is not None and self._updates_settled() != self._updates_at_ckpt
                 and now - self._last_ckpt >= self.checkpoint_every):
             self.save_checkpoint()
 
@@ -528,59 +668,74 @@ class LearnerCore:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             path = resume_path(self.checkpoint_dir)
         extra = dict(self.model.extra)
-        extra["runtime"] = {"updates": self.updates, "saved_unix": time.time(),
+        params = self._settled(self.shared)
+        updates = self._updates_settled()
+        extra["runtime"] = {"updates": updates, "saved_unix": time.time(),
                             "backend": self.backend_name,
                             "streams": {s.stream: s.next_seq for s in self.sessions.values()}}
-        save_checkpoint(path, self.cfg, self.params,
+        save_checkpoint(path, self.cfg, params,
                         optimizer_state=self.backend.optimizer_state(),
                         frontend=self.model.frontend, encoder=self.model.encoder,
                         labels=list(self.model.labels), extra=extra)
         for sess in self.sessions.values():
-            if sess.backend is not None:
+            if sess.weights is not None:
                 self._save_personal(sess)
         self._last_ckpt = time.monotonic()
-        self._updates_at_ckpt = self.updates
+        self._updates_at_ckpt = updates
         self.counts["checkpoints"] += 1
-        self.last_checkpoint = {"path": str(path), "params_hash": self.params_hash(),
-                                "updates": self.updates}
-        log.info("%s: checkpoint %s (updates %d)", self.name, path, self.updates)
+        self.last_checkpoint = {"path": str(path), "params_hash": self.params_hash(params),
+                                "updates": updates}
+        log.info("%s: checkpoint %s (updates %d)", self.name, path, updates)
         return dict(self.last_checkpoint)
 
     def _save_personal(self, sess: Session) -> None:
         from edgeprop.checkpoint import save_checkpoint
 
         path = self._personal_path(sess.stream)
-        if path is None or sess.backend is None:
+        if path is None or sess.weights is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, self.cfg, sess.backend.params,
-                        optimizer_state=sess.backend.optimizer_state(),
+        save_checkpoint(path, self.cfg, self._settled(sess.weights),
+                        optimizer_state=sess.weights.backend.optimizer_state(),
                         frontend=self.model.frontend, encoder=self.model.encoder,
                         labels=list(self.model.labels),
                         extra={"runtime": {"stream": sess.stream, "windows": sess.windows}})
+
+    def settings(self) -> dict:
+        """What a replay needs to reproduce this learner (goes into recordings)."""
+        return {"backend": self.backend_name, "lr": self.lr, "apply_delay": self.apply_delay,
+                "learning": self.learning, "detector": self.det_cfg.to_dict()}
 
     def stats(self) -> dict:
         up = time.monotonic() - self.started
         return {
             "name": self.name, "backend": self.backend_name, "learning": self.learning,
-            "uptime_s": up, "busy_s": self.busy_s, "updates": self.updates,
-            "params_hash": self.params_hash(), "counts": dict(self.counts),
+            "uptime_s": up, "busy_s": self.busy_s, "updates": self._updates_settled(),
+            "params_hash": self.params_hash(), "infer_params_hash": self.params_hash(
+                self.shared.infer), "apply_delay": self.apply_delay,
+            "pending_updates": len(self._jobs), "swap_wait_s": self.swap_wait_s,
+            "counts": dict(self.counts),
             "recent_loss": float(np.mean(self.losses)) if self.losses else None,
             "last_checkpoint": self.last_checkpoint,
             "detector": self.det_cfg.to_dict(),
             "streams": {s.stream: {"frames": s.frames, "gaps": s.gaps, "missing": s.missing,
                                    "dups": s.dups, "windows": s.windows,
                                    "detections": s.detections, "mode": s.mode,
-                                   "personal": s.backend is not None, "next_seq": s.next_seq}
+                                   "personal": s.weights is not None, "next_seq": s.next_seq}
                         for s in self.sessions.values()},
         }
 
     def finish(self) -> None:
-        """Close every open stream, learning its pending window (end of a replay)."""
+        """Close every open stream, learning its pending window; swap in every update."""
         for stream in list(self.sessions):
             self._close_session(stream, learn=True)
+        self._drain()
 
     def close(self) -> None:
+        if self._learn_thread is not None:
+            self._queue.put(None)
+            self._learn_thread.join(30)
+            self._learn_thread = None
         self.backend.close()
 
 
@@ -592,7 +747,7 @@ class LearnerNode:
 
     def __init__(self, core: LearnerCore, *, bind: str | None = None,
                  connect: str | None = None, control_bind: str | None = None,
-                 pub_bind: str | None = None, hwm: int = 1000, recorder: Any = None,
+                 pub_bind: str | None = None, hwm: int = 10000, recorder: Any = None,
                  heartbeat_s: float = 1.0):
         if (bind is None) == (connect is None):
             raise ConfigError("give exactly one of bind (standalone) or connect (broker worker)")
@@ -602,6 +757,7 @@ class LearnerNode:
         self.hwm = hwm
         self.recorder = recorder
         self.heartbeat_s = heartbeat_s
+        self.replay_send_wait_s = 2.0
         self.endpoints: dict[str, str] = {}
         self.ready = threading.Event()
         self._stop = threading.Event()
@@ -631,14 +787,27 @@ class LearnerNode:
             self._thread.join(timeout)
 
     def _send(self, sock: Any, route: bytes, msg: Any) -> None:
+        """Never blocks for long: a replay peer whose queue is full gets up to
+        `replay_send_wait_s` of retries (backpressure, lossless); a live peer's output
+        or a vanished peer's is dropped and counted."""
         import zmq
 
         payload = P.encode(msg)
-        try:
-            sock.send_multipart([route, payload], flags=zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError):
-            self.core.counts["outputs_dropped"] += 1
-            return
+        sess = self.core.sessions.get(getattr(msg, "stream", ""))
+        patience = self.replay_send_wait_s if sess is not None and sess.mode == "replay" else 0
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                sock.send_multipart([route, payload], flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self.core.counts["outputs_dropped"] += 1
+                    return
+                time.sleep(0.0005)
+            except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
+                self.core.counts["outputs_dropped"] += 1
+                return
         if self.recorder is not None:
             self.recorder.write("out", payload)
 
@@ -648,6 +817,9 @@ class LearnerNode:
         stop = stop or self._stop
         ctx = zmq.Context.instance()
         core = self.core
+        # The learning thread (emulator: Python-heavy) shares the GIL with this one; a
+        # 1 ms switch interval (default 5 ms) bounds how long a frame waits for it.
+        sys.setswitchinterval(0.001)
         if self.bind is not None:
             data = ctx.socket(zmq.ROUTER)
             data.setsockopt(zmq.ROUTER_MANDATORY, 1)

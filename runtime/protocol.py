@@ -12,7 +12,7 @@ Public API (stable; the demo and regression suites build on it)::
     Hello(stream, frontend_hash, encoder_id, n_channels, substeps, mode="replay",
           personal=False, client="", sample_rate=16000, hop_s=0.01)
     HelloReply(stream, accepted, reason="", params_hash="", frontend_hash="",
-               encoder_id="", labels=[], session="")
+               encoder_id="", labels=[], session="", settings={})
     Frames(stream, seq, t, hop_s, encoder_id, spikes (n, substeps, channels) ndarray,
            labels=None|list[int], windows=None|list[int], t_in_ns=None|list[int])
            .n  .seqs()  .times()  -- fmt "bits" (0/1 arrays, bit-packed) or "f32"
@@ -34,7 +34,7 @@ Public API (stable; the demo and regression suites build on it)::
 
     # recordings (runtime/recording.py uses these; it never touches msgpack itself)
     RecordingHeader(created, frontend_hash, frontend, encoder_id, encoder, params_hash,
-                    labels, model, note="")
+                    labels, model, note="", runtime={})   runtime: the learner's settings
     RecordEntry(direction "in"|"out", t_ns, payload: bytes)   .message() -> Message
     iter_maps(fileobj) -> iterator of RecordingHeader | RecordEntry (truncated tail is ignored)
 
@@ -188,19 +188,20 @@ class HelloReply:
     encoder_id: str = ""
     labels: list = field(default_factory=list)
     session: str = ""  # which learner (worker) took the stream
+    settings: dict = field(default_factory=dict)  # learner: backend, lr, apply_delay, detector
 
     def to_map(self) -> dict:
         return {"stream": self.stream, "accepted": self.accepted, "reason": self.reason,
                 "params_hash": self.params_hash, "frontend_hash": self.frontend_hash,
                 "encoder_id": self.encoder_id, "labels": list(self.labels),
-                "session": self.session}
+                "session": self.session, "settings": dict(self.settings)}
 
     @classmethod
     def from_map(cls, d: dict) -> HelloReply:
         return cls(_get(d, "stream", str), _get(d, "accepted", bool), _get(d, "reason", str, ""),
                    _get(d, "params_hash", str, ""), _get(d, "frontend_hash", str, ""),
                    _get(d, "encoder_id", str, ""), _get(d, "labels", list, []),
-                   _get(d, "session", str, ""))
+                   _get(d, "session", str, ""), _get(d, "settings", dict, {}))
 
 
 @dataclass
@@ -438,19 +439,22 @@ class RecordingHeader:
     labels: list
     model: dict
     note: str = ""
+    runtime: dict = field(default_factory=dict)  # learner settings: backend, lr, detector...
 
     def to_map(self) -> dict:
         return {"created": self.created, "frontend_hash": self.frontend_hash,
                 "frontend": self.frontend, "encoder_id": self.encoder_id,
                 "encoder": self.encoder, "params_hash": self.params_hash,
-                "labels": list(self.labels), "model": self.model, "note": self.note}
+                "labels": list(self.labels), "model": self.model, "note": self.note,
+                "runtime": self.runtime}
 
     @classmethod
     def from_map(cls, d: dict) -> RecordingHeader:
         return cls(_get(d, "created", float), _get(d, "frontend_hash", str),
                    _get(d, "frontend", dict), _get(d, "encoder_id", str),
                    _get(d, "encoder", dict), _get(d, "params_hash", str),
-                   _get(d, "labels", list), _get(d, "model", dict), _get(d, "note", str, ""))
+                   _get(d, "labels", list), _get(d, "model", dict), _get(d, "note", str, ""),
+                   _get(d, "runtime", dict, {}))
 
 
 @dataclass

@@ -15,13 +15,15 @@ Public API (stable)::
     RecordingWriter(path, header: RecordingHeader)      context manager
         .write(direction: "in"|"out", msg: Message | bytes, t_ns: int | None = None)
         .close() -> Path
-    header_for(checkpoint, note="") -> RecordingHeader  (from an edgeprop Checkpoint)
+    header_for(checkpoint, note="", runtime=None) -> RecordingHeader
+        runtime: the learner settings replay needs to be identical (apply_delay, lr,
+        detector, backend); replay_recording uses them unless told otherwise
     read_recording(path) -> Recording
         Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs()
         (decoded messages), .posteriors() -> {stream: (n, n_out) array},
         .detections() -> list[Detection], .frames() -> list[Frames]
-    replay_recording(recording, checkpoint, *, backend="reference", learning=None,
-                     detector=None) -> ReplayResult
+    replay_recording(recording, checkpoint, *, backend=None, learning=None,
+                     detector=None, lr=None, apply_delay=None) -> ReplayResult
         feeds every "in" message, in recorded order, through a fresh LearnerCore
         (runtime.learner_node) loaded from the checkpoint: no sockets, no clocks, so
         the posteriors and the final weights are a pure function of (recording,
@@ -90,7 +92,7 @@ def _encoder_dict(encoder: Any) -> dict:
     return encoder.to_dict()
 
 
-def header_for(checkpoint: Any, note: str = "") -> P.RecordingHeader:
+def header_for(checkpoint: Any, note: str = "", runtime: dict | None = None) -> P.RecordingHeader:
     """A header describing the model (an edgeprop Checkpoint) a stream is recorded against."""
     from edgeprop.checkpoint import params_hash
     from edgeprop.frontend import FrontendConfig
@@ -104,7 +106,8 @@ def header_for(checkpoint: Any, note: str = "") -> P.RecordingHeader:
         frontend_hash=FrontendConfig.from_dict(fe).hash() if fe else "",
         frontend=dict(fe or {}), encoder_id=P.encoder_id(enc) if enc else "",
         encoder=enc, params_hash=params_hash(checkpoint.params),
-        labels=list(checkpoint.labels or []), model=checkpoint.cfg.to_dict(), note=note)
+        labels=list(checkpoint.labels or []), model=checkpoint.cfg.to_dict(), note=note,
+        runtime=dict(runtime or {}))
 
 
 @dataclass
@@ -172,15 +175,17 @@ class ReplayResult:
 
 
 def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, *,
-                     backend: str = "reference", learning: bool | None = None,
-                     detector: dict | None = None) -> ReplayResult:
+                     backend: str | None = None, learning: bool | None = None,
+                     detector: dict | None = None, lr: float | None = None,
+                     apply_delay: int | None = None) -> ReplayResult:
     """Feed the recorded inbound messages through a fresh learner core.
 
-    `learning` None keeps what the recording says (labels ride along, so learning is
-    on). The frontend-config hash of the recording must match the checkpoint's.
+    Settings left None come from the header's `runtime` (what the recorded learner
+    used), else the defaults (reference backend, learning on). The frontend-config
+    hash of the recording must match the checkpoint's.
     """
     from edgeprop.checkpoint import params_hash
-
+    from runtime.backends import DEFAULT_ONLINE_LR
     from runtime.learner_node import LearnerCore
 
     rec = recording if isinstance(recording, Recording) else read_recording(recording)
@@ -189,8 +194,20 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
         raise CheckpointError("recording was made with another frontend config "
                               f"({rec.header.frontend_hash[:12]} vs checkpoint "
                               f"{want[:12]}); replay it with its own model")
-    core = LearnerCore(checkpoint, backend=backend, detector=detector,
-                       learning=True if learning is None else learning)
+    rt = rec.header.runtime or {}
+    if not rt:  # recorded at a frontend: the learner announced its settings in hello_reply
+        for e in rec.entries:
+            if e.direction == "out":
+                m = e.message()
+                if isinstance(m, P.HelloReply) and m.settings:
+                    rt = m.settings
+                    break
+    pick = lambda given, key, default: given if given is not None else rt.get(key, default)
+    core = LearnerCore(checkpoint, backend=pick(backend, "backend", "reference"),
+                       detector=pick(detector, "detector", None),
+                       learning=pick(learning, "learning", True),
+                       lr=pick(lr, "lr", DEFAULT_ONLINE_LR),
+                       apply_delay=pick(apply_delay, "apply_delay", 100))
     outputs: list = []
     try:
         for entry in rec.entries:
@@ -199,7 +216,7 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
             for reply in core.handle_bytes(entry.payload, route=b"replay"):
                 outputs.append(reply)
         core.finish()
-        params = core.model.params
+        params = core.params
         return ReplayResult(collect_posteriors(outputs),
                             [m for m in outputs if isinstance(m, P.Detection)],
                             params, params_hash(params), outputs, core.stats())

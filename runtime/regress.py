@@ -140,7 +140,8 @@ class StreamRecording:
         """[{window, label, start, end}] frame ranges of the labelled windows."""
         out: list[dict] = []
         prev = P.NO_LABEL
-        for i, (w, lab) in enumerate(zip(self.windows.tolist(), self.labels.tolist())):
+        for i, (w, lab) in enumerate(zip(self.windows.tolist(), self.labels.tolist(),
+                                         strict=True)):
             if w == P.NO_LABEL or lab == P.NO_LABEL:
                 prev = P.NO_LABEL
                 continue
@@ -398,11 +399,13 @@ def compare(golden: dict, current: dict) -> dict:
     else:
         tol = TOLERANCES
         if gp.get("frames", 0) and cp.get("frames", 0):
-            dm = max(abs(a - b) for a, b in zip(gp["mean"], cp["mean"]))
-            dx = max(abs(a - b) for a, b in zip(gp["max"], cp["max"]))
-            da = max(abs(a - b) for a, b in zip(gp["argmax_counts"], cp["argmax_counts"]))
-            checks.append(Check("posterior_mean", dm <= tol["posterior_mean_abs"], f"max |d| {dm:.2e}"))
-            checks.append(Check("posterior_max", dx <= tol["posterior_max_abs"], f"max |d| {dx:.2e}"))
+            dm = _max_abs_diff(gp["mean"], cp["mean"])
+            dx = _max_abs_diff(gp["max"], cp["max"])
+            da = _max_abs_diff(gp["argmax_counts"], cp["argmax_counts"])
+            checks.append(Check("posterior_mean", dm <= tol["posterior_mean_abs"],
+                                f"max |d| {dm:.2e}"))
+            checks.append(Check("posterior_max", dx <= tol["posterior_max_abs"],
+                                f"max |d| {dx:.2e}"))
             checks.append(Check("argmax_counts", da <= tol["argmax_count_frac"] * gp["frames"],
                                 f"max |d| {da} frames"))
         matched = _match_detections(gd, cd, tol["detection_frames"])
@@ -419,8 +422,13 @@ def compare(golden: dict, current: dict) -> dict:
 def _stats_diff(g: dict, c: dict) -> str:
     if not g.get("mean") or not c.get("mean"):
         return "differs"
-    dm = max(abs(a - b) for a, b in zip(g["mean"], c["mean"]))
-    return f"differs; max |d mean| {dm:.2e}"
+    return f"differs; max |d mean| {_max_abs_diff(g['mean'], c['mean']):.2e}"
+
+
+def _max_abs_diff(a: list, b: list) -> float:
+    if len(a) != len(b):
+        return float("inf")
+    return float(max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0))
 
 
 def _first_diff(gd: list[dict], cd: list[dict]) -> str:
@@ -580,12 +588,12 @@ def recording_plans(data_dir: Path, labels: list[str], seed: int = 0) -> list[di
     sil = _pick(clips, "_silence_", 4, rng, used)
     plans.append({"name": "silence", "description": "4 s of _silence_ clips (background only)",
                   "clips": sil, "gaps": [0.0] * 4, "noise": None, "snr": [float("nan")] * 4})
-    long_clips = [c for kw in keywords for c in _pick(clips, kw, 3, rng, used)]
-    long_clips += _pick(clips, "_unknown_", 6, rng, used)
+    long_clips = [c for kw in keywords for c in _pick(clips, kw, 5, rng, used)]
+    long_clips += _pick(clips, "_unknown_", 10, rng, used)
     order = rng.permutation(len(long_clips))
     gaps = [round(float(g), 2) for g in rng.uniform(0.2, 1.0, size=len(long_clips))]
-    plans.append({"name": "long_stream", "description": f"{len(long_clips)} words (30 keywords, "
-                  "6 unknown) with 0.2-1.0 s gaps, clean", "clips": [long_clips[i] for i in order],
+    plans.append({"name": "long_stream", "description": f"{len(long_clips)} words (50 keywords, "
+                  "10 unknown) with 0.2-1.0 s gaps, clean", "clips": [long_clips[i] for i in order],
                   "gaps": gaps, "noise": None, "snr": [float("nan")] * len(long_clips)})
     return plans
 
@@ -596,6 +604,7 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
     from edgeprop.audio import load_wav
     from edgeprop.datasets import load_clip
     from runtime.recording import header_for
+    from runtime.stream import trim_voiced
 
     data_dir = Path(data_dir)
     fe = checkpoint.frontend if isinstance(checkpoint.frontend, dict) \
@@ -615,8 +624,10 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
             start = int(np.random.default_rng(seed + len(written)).integers(
                 0, max(1, len(bed) - 20 * sr)))
             bed = bed[start:start + 20 * sr]
-        pieces = [(load_clip(c, sr), c.label_index, s) for c, s in zip(plan["clips"],
-                                                                        plan["snr"])]
+        # words are trimmed to their voiced part as `edgeprop run` does (runtime/stream.py),
+        # so a label window is the utterance, not the 1 s padding; silence stays whole
+        pieces = [(load_clip(c, sr) if c.label == "_silence_" else trim_voiced(load_clip(c, sr)),
+                   c.label_index, s) for c, s in zip(plan["clips"], plan["snr"], strict=True)]
         audio, spans = _assemble(pieces, plan["gaps"], bed, sr)
         frames, lab, win = encode_stream(audio, spans, checkpoint)
         header = header_for(checkpoint, note=note or f"edgeprop regress --build-recordings "
@@ -890,3 +901,198 @@ def run_one(rec_path: Path, checkpoint: Any, checkpoint_hash: str, backend: str,
         row.update(verdict)
     row["seconds"] = round(time.monotonic() - t0, 3)
     return row
+
+
+# ---------------------------------------------------------------- a client that survives restarts
+
+class ResilientStreamer:
+    """Replays a recording in a loop, paced, losslessly *by acknowledgement*.
+
+    Every Frames message is acknowledged by the Posteriors the learner sends back for
+    it. At most `max_inflight` messages are unacknowledged at any time (application
+    flow control: nothing between us and the learner can overflow, so a broker's
+    NOBLOCK forwarding never drops). When the learner goes away -- a Notice
+    `unknown_stream` (it restarted, or the broker lost its worker) or `silence_s` with
+    unacknowledged frames and no reply -- it says hello again and, once accepted,
+    resends from the first unacknowledged message. A frame is *lost* only if it is
+    never acknowledged by the end; duplicates (frames acknowledged twice because the
+    learner died after processing but before we heard) are counted apart.
+
+    Loop k of the recording uses label-window ids offset by k, so windows of
+    consecutive loops never merge.
+    """
+
+    def __init__(self, endpoint: str, rec: StreamRecording, stream: str, *,
+                 speed: float = 1.0, max_inflight: int = 20, silence_s: float = 3.0,
+                 per_message: int = FRAMES_PER_MESSAGE):
+        self.endpoint = endpoint
+        self.rec = rec
+        self.stream = stream
+        self.speed = float(speed)
+        self.max_inflight = int(max_inflight)
+        self.silence_s = float(silence_s)
+        self.per = int(per_message)
+        self.n_msgs_loop = -(-rec.n_frames // self.per)
+        self.win_span = int(rec.windows.max()) + 1 if rec.n_frames else 1
+        self.acked: bytearray = bytearray()  # per message: 0 none, else number of acks
+        self.stats: dict = {"rehellos": 0, "resent_messages": 0, "notices": 0,
+                            "detections": 0, "errors": []}
+
+    def _message(self, k: int) -> P.Frames:
+        loop, j = divmod(k, self.n_msgs_loop)
+        s = j * self.per
+        e = min(self.rec.n_frames, s + self.per)
+        base = loop * self.rec.n_frames
+        win = self.rec.windows[s:e]
+        win = np.where(win == P.NO_LABEL, P.NO_LABEL, win + loop * self.win_span)
+        seq = base + s
+        return P.Frames(self.stream, seq, round(seq * self.rec.hop_s, 6), self.rec.hop_s,
+                        self.rec.header.encoder_id, self.rec.frames[s:e],
+                        labels=[int(v) for v in self.rec.labels[s:e]],
+                        windows=[int(v) for v in win], t_in_ns=[P.now_ns()] * (e - s))
+
+    def _seq_to_msg(self, seq: int) -> int:
+        loop, f = divmod(seq, self.rec.n_frames)
+        return loop * self.n_msgs_loop + f // self.per
+
+    def run(self, duration_s: float, stop_sending: Any = None, finish_timeout_s: float = 120.0
+            ) -> dict:
+        """Stream for `duration_s` (or until `stop_sending` is set), then drain and end."""
+        import time
+
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        hop = self.rec.hop_s * self.per / self.speed  # seconds of stream per message
+        t0 = time.monotonic()
+        next_new = 0          # next never-sent message
+        resend: list[int] = []
+        inflight: dict[int, float] = {}  # message -> time sent
+        accepted = False
+        last_hello = -1e9
+        last_reply = time.monotonic()
+        ended = eos_sent = False
+        final_total = None
+        stall_since: float | None = None
+
+        def send(data: bytes) -> bool:
+            try:  # never block: a vanished peer must not hang the client
+                sock.send(data, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False
+
+        def hello() -> None:
+            nonlocal last_hello, accepted
+            send(P.encode(self.rec.hello(self.stream)))  # if it fails, the stall timer retries
+            last_hello = time.monotonic()
+            accepted = False
+
+        try:
+            hello()
+            while True:
+                now = time.monotonic()
+                sending = final_total is None
+                if sending and (now - t0 >= duration_s or
+                                (stop_sending is not None and stop_sending.is_set())):
+                    final_total = next_new
+                if accepted and not eos_sent:
+                    while resend and len(inflight) < self.max_inflight:
+                        if not send(P.encode(self._message(resend[0]))):
+                            break
+                        inflight[resend.pop(0)] = now
+                        self.stats["resent_messages"] += 1
+                    while (final_total is None and len(inflight) < self.max_inflight
+                           and now - t0 >= next_new * hop and not resend):
+                        if not send(P.encode(self._message(next_new))):
+                            break
+                        self.acked.append(0)
+                        inflight[next_new] = now
+                        next_new += 1
+                    if final_total is not None and not inflight and not resend:
+                        eos = P.EndOfStream(self.stream, self._last_seq(final_total))
+                        if send(P.encode(eos)):
+                            eos_sent = True
+                            eos_at = now
+                if eos_sent and (ended or now - eos_at > 10.0):
+                    break
+                if final_total is not None and now - t0 > duration_s + finish_timeout_s:
+                    self.stats["errors"].append("finish timeout with unacknowledged frames")
+                    break
+                stalled = (inflight or not accepted) and now - max(last_reply, last_hello) \
+                    > self.silence_s
+                if stalled:
+                    stall_since = stall_since or now - self.silence_s
+                    self.stats["rehellos"] += 1
+                    resend = sorted(set(resend) | set(inflight))
+                    inflight.clear()
+                    hello()
+                if not sock.poll(10):
+                    continue
+                while True:
+                    try:
+                        raw = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_reply = time.monotonic()
+                    try:
+                        msg = P.decode(raw)
+                    except P.WireError as exc:
+                        self.stats["errors"].append(f"undecodable reply: {exc}")
+                        continue
+                    if isinstance(msg, P.HelloReply) and msg.stream == self.stream:
+                        if not msg.accepted:
+                            self.stats["errors"].append(f"hello refused: {msg.reason}")
+                            continue
+                        if not accepted:
+                            accepted = True
+                            if stall_since is not None:
+                                self.stats.setdefault("recovery_s", []).append(
+                                    round(time.monotonic() - stall_since, 2))
+                                stall_since = None
+                            # the (new) session starts from scratch: resend what is not acked
+                            resend = sorted(set(resend) | set(inflight))
+                            inflight.clear()
+                    elif isinstance(msg, P.Posteriors) and msg.stream == self.stream:
+                        k = self._seq_to_msg(msg.seq)
+                        if k < len(self.acked):
+                            self.acked[k] = min(255, self.acked[k] + 1)
+                        inflight.pop(k, None)
+                    elif isinstance(msg, P.Detection):
+                        self.stats["detections"] += 1
+                    elif isinstance(msg, P.Notice):
+                        self.stats["notices"] += 1
+                        if msg.kind == "unknown_stream" and accepted:
+                            stall_since = stall_since or time.monotonic()
+                            self.stats["rehellos"] += 1
+                            resend = sorted(set(resend) | set(inflight))
+                            inflight.clear()
+                            hello()
+                    elif isinstance(msg, P.EndOfStream) and msg.stream == self.stream:
+                        ended = True
+        finally:
+            sock.close(0)
+        total = final_total if final_total is not None else next_new
+        acked = self.acked[:total]
+        frames_total = sum(self._msg_len(k) for k in range(total))
+        lost = sum(self._msg_len(k) for k in range(total) if not acked[k])
+        dups = sum(self._msg_len(k) * (acked[k] - 1) for k in range(total) if acked[k] > 1)
+        self.stats.update(frames=frames_total, lost_frames=lost, duplicate_frames=dups,
+                          messages=total, loops=total / max(1, self.n_msgs_loop),
+                          ended_cleanly=ended, seconds=time.monotonic() - t0)
+        return self.stats
+
+    def _msg_len(self, k: int) -> int:
+        j = k % self.n_msgs_loop
+        return min(self.per, self.rec.n_frames - j * self.per)
+
+    def _last_seq(self, total: int) -> int:
+        if total == 0:
+            return -1
+        k = total - 1
+        loop, j = divmod(k, self.n_msgs_loop)
+        return loop * self.rec.n_frames + j * self.per + self._msg_len(k) - 1

@@ -159,3 +159,10 @@ def build_stream(clips: list[ClipRef], *, gap_s: tuple[float, float] = (0.3, 0.8
         audio = audio + noise_gain * np.tile(nz, reps)[: len(audio)]
     audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
     return Stream(audio, events)
+
+
+def truncate(stream: Stream, seconds: float) -> Stream:
+    """The first `seconds` of a stream, keeping only the events that end inside it."""
+    n = int(seconds * stream.sample_rate)
+    return Stream(stream.audio[:n].copy(), [e for e in stream.events if e.t_end <= seconds],
+                  stream.sample_rate)

@@ -29,3 +29,69 @@ def make_checkpoint(path: Path, seed: int = 0, encoder: str = "current") -> Path
 
 def _norm(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.maximum(f.std(axis=0), 1e-3)
+
+
+# ---------------------------------------------------------------- live pieces
+
+def start_learner(ckpt, **core_kw):
+    """A learner core + node in a thread, on loopback TCP; returns the node."""
+    from runtime.learner_node import LearnerCore, LearnerNode
+
+    core_kw.setdefault("backend", "reference")
+    core = LearnerCore(ckpt, **core_kw)
+    node = LearnerNode(core, bind="tcp://127.0.0.1:*", control_bind="tcp://127.0.0.1:*")
+    node.start()
+    return node
+
+
+def control(endpoint: str, cmd: str, stream: str = "", timeout_ms: int = 20000, **args):
+    import zmq
+
+    from runtime import protocol as P
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    sock.connect(endpoint)
+    try:
+        sock.send(P.encode(P.ControlRequest(cmd, stream, args)))
+        return P.decode(sock.recv(), max_bytes=1 << 24)
+    finally:
+        sock.close(0)
+
+
+def real_clip_stream(data_dir: Path, per_label: int = 1, seed: int = 0):
+    from runtime.stream import build_stream, folder_clips
+
+    return build_stream(folder_clips(data_dir, per_label, seed), seed=seed, noise_gain=0.05)
+
+
+def frontend_for(ckpt, endpoint: str, **kw):
+    from edgeprop.encoders import encoder_from_dict
+    from edgeprop.frontend import FrontendConfig
+
+    from runtime.frontend_node import FrontendNode
+
+    return FrontendNode(endpoint, FrontendConfig.from_dict(ckpt.frontend),
+                        encoder_from_dict(ckpt.encoder), **kw)
+
+
+def feed_stream(node, stream, labelled: bool = True, limit_s: float | None = None) -> int:
+    """Feed a Stream hop by hop (10 ms blocks), labels riding along."""
+    hop = node.fcfg.hop
+    lab, win = stream.frame_labels(hop)
+    n = len(lab) if limit_s is None else min(len(lab), int(limit_s * 100))
+    for k in range(n):
+        node.feed(stream.audio[k * hop:(k + 1) * hop],
+                  label=int(lab[k]) if labelled else -1, window=int(win[k]) if labelled else -1)
+    return n
+
+
+def raw_dealer(endpoint: str):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(endpoint)
+    return sock

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 120)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, order, noise")
     parser.add_argument("--b-th", type=float, default=None,
                         help="sparse BPTT band |v - A| < B_th (default 0.2)")
@@ -35,10 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-aug", type=int, default=None,
-                        help="background-noise copies per training clip (default 3)")
+                        help="background-noise copies per training clip (default 8)")
     parser.add_argument("--reg-coef", type=float, default=None, help="firing-rate regulariser")
     parser.add_argument("--max-clips", type=int, default=None,
                         help="use a seeded random subset of this many clips (quick runs)")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many epochs, keeping <out>.resume.npz for "
+                             "--resume (splits a long run)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")
     add_output_flags(parser)
@@ -91,6 +94,8 @@ def run(args) -> int:
     resume_file = _resume_path(out)
 
     def stage(name: str, total: int):
+        while stages:  # one bar at a time: close the previous stage
+            stages.pop().__exit__(None, None, None)
         ctx = progress(name, total, args.quiet)
         adv = ctx.__enter__()
         stages.append(ctx)
@@ -146,10 +151,17 @@ def run(args) -> int:
     bars: list = []
     try:
         state = training.train(cfg, data, tcfg, state, on_epoch_start=on_epoch_start,
-                               on_epoch_end=on_epoch_end)
+                               on_epoch_end=on_epoch_end, stop_after=args.stop_after)
     finally:
         while bars:
             bars.pop().__exit__(None, None, None)
+    if state.epoch < tcfg.epochs:
+        say(f"stopped after epoch {state.epoch} of {tcfg.epochs}; continue with the same "
+            f"flags plus --resume ({resume_file})")
+        if args.json:
+            print_json({"stopped_after": state.epoch, "epochs": tcfg.epochs,
+                        "resume": str(resume_file)})
+        return 0
     seconds = time.perf_counter() - t_start
     val_acc = training.accuracy(cfg, state.params, data.val_x, data.val_y)
     record = {
@@ -178,6 +190,8 @@ def run(args) -> int:
     with os.fdopen(fd, "w") as fh:
         json.dump(record, fh, indent=1)
     os.replace(tmp, rec_path)
+    for p in (out, rec_path):  # mkstemp files are 0600; these are meant to be shared
+        os.chmod(p, 0o644)
     if resume_file.exists():
         resume_file.unlink()
     say(f"wrote {out} (val accuracy {val_acc:.4f} on {record['n_val']} clips of unseen "

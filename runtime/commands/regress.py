@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and their .golden.json (default: the shipped ones)")
     parser.add_argument("--model", default=None,
                         help="checkpoint to replay through (default: the shipped model)")
-    parser.add_argument("--backend", default="reference", choices=("reference", "emulator"),
-                        help="learner backend; goldens are kept per backend (default reference)")
+    parser.add_argument("--backend", default="all", choices=("all", "emulator", "reference"),
+                        help="learner backend(s); goldens are kept per backend (default all: "
+                             "the SpiNNaker 2 emulator and the reference NumPy e-prop)")
     parser.add_argument("--only", default="", help="comma-separated recording names")
     parser.add_argument("--update", action="store_true",
                         help="rewrite the goldens from this run and print what changed")
@@ -56,17 +57,18 @@ def _load_checkpoint(path: str | None):
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'recording':<28} {'frames':>6} {'learn':>5} {'det':>4} {'hit/kw':>7} " \
-           f"{'tier':<8} {'result':<6} {'s':>5}  detail"
+    head = f"{'recording':<24} {'backend':<9} {'frames':>6} {'learn':>5} {'det':>4} " \
+           f"{'hit/kw':>7} {'tier':<8} {'result':<6} {'s':>5}  detail"
     lines = [head, "-" * len(head)]
     for r in rows:
         sc = r.get("detection_score") or {}
         hits = f"{sc.get('hits', '-')}/{sc.get('keyword_windows', '-')}" if sc else "-"
         result = "ok" if r["passed"] else "FAIL"
         detail = r.get("reason") or "; ".join(r.get("changes", [])[:3])
-        lines.append(f"{r['name']:<28} {r.get('frames', 0):>6} {r.get('learned_windows', '-'):>5} "
-                     f"{r.get('detections', '-'):>4} {hits:>7} {r.get('tier', ''):<8} "
-                     f"{result:<6} {r.get('seconds', 0):>5.1f}  {detail}")
+        lines.append(f"{r['name']:<24} {r['backend']:<9} {r.get('frames', 0):>6} "
+                     f"{r.get('learned_windows', '-'):>5} {r.get('detections', '-'):>4} "
+                     f"{hits:>7} {r.get('tier', ''):<8} {result:<6} {r.get('seconds', 0):>5.1f}"
+                     f"  {detail}")
     return "\n".join(lines)
 
 
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     folder = Path(args.recordings)
+    if not args.build_recordings:
+        R.list_recordings(folder)  # a missing folder is the first thing to say
     ckpt, ck_hash = _load_checkpoint(args.model)
     built: list[str] = []
     if args.build_recordings:
@@ -93,33 +97,35 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"no recordings named {sorted(missing)} in {folder}")
     if not paths:
         raise ConfigError(f"{folder}: no recordings (build them with --build-recordings)")
+    backends = ["emulator", "reference"] if args.backend == "all" else [args.backend]
     rows = []
-    with progress("regress", len(paths), args.quiet) as advance:
+    with progress("regress", len(paths) * len(backends), args.quiet) as advance:
         for p in paths:
-            rows.append(R.run_one(p, ckpt, ck_hash, args.backend, update=args.update,
-                                  timeout_s=args.timeout))
-            advance()
-    failed = [r["name"] for r in rows if not r["passed"]]
+            for backend in backends:
+                rows.append(R.run_one(p, ckpt, ck_hash, backend, update=args.update,
+                                      timeout_s=args.timeout))
+                advance()
+    failed = [f"{r['name']}/{r['backend']}" for r in rows if not r["passed"]]
     say(_table(rows))
     if args.update:
         say("goldens rewritten; what changed:")
         for r in rows:
             for line in r.get("changes", []):
-                say(f"  {r['name']}: {line}")
+                say(f"  {r['name']} ({r['backend']}): {line}")
     total = time.monotonic() - t0
     say(f"regress: {len(rows) - len(failed)} passed, {len(failed)} failed "
-        f"({args.backend} backend, {total:.1f} s)")
+        f"({', '.join(backends)}; {total:.1f} s)")
     if args.json:
         print_json({
             "passed": len(rows) - len(failed),
             "failed": len(failed),
             "failed_names": failed,
-            "backend": args.backend,
+            "backends": backends,
             "checkpoint_params_hash": ck_hash,
             "updated": bool(args.update),
             "built": built,
             "seconds": round(total, 2),
-            "fingerprint": R.platform_fingerprint(args.backend),
+            "fingerprint": R.platform_fingerprint(",".join(backends)),
             "recordings": rows,
         })
     return 1 if failed else 0

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between checkpoints (when weights changed)")
     parser.add_argument("--lr", type=float, default=1e-4, help="online learning rate (Adam)")
     parser.add_argument("--no-learning", action="store_true", help="inference only")
+    parser.add_argument("--apply-delay", type=int, default=100,
+                        help="frames after a labelled window ends until its update is used "
+                             "(learning runs on its own thread meanwhile); 0 = inline")
     parser.add_argument("--window", type=int, default=50, help="detection smoothing, frames")
     parser.add_argument("--threshold", type=float, default=0.6, help="detection threshold")
     parser.add_argument("--refractory", type=int, default=100,
@@ -95,7 +98,8 @@ def build_core(args: argparse.Namespace):
     return LearnerCore(ckpt, backend=args.backend, lr=args.lr, detector=detector,
                        learning=not args.no_learning, peer_timeout_s=args.peer_timeout,
                        checkpoint_dir=args.checkpoint_dir,
-                       checkpoint_every=args.checkpoint_every, name=args.name)
+                       checkpoint_every=args.checkpoint_every, name=args.name,
+                       apply_delay=args.apply_delay)
 
 
 def _install_signals(stop: threading.Event, who: str) -> None:
@@ -118,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
     core = build_core(args)
     recorder = None
     if args.record:
-        from runtime.recording import RecordingWriter, header_for
         from edgeprop.checkpoint import Checkpoint
+        from runtime.recording import RecordingWriter, header_for
 
         ck = Checkpoint(core.cfg, core.params, frontend=core.model.frontend,
                         encoder=core.model.encoder, labels=core.model.labels)
-        recorder = RecordingWriter(args.record, header_for(ck, note=f"serve {args.name}"))
+        recorder = RecordingWriter(args.record, header_for(ck, note=f"serve {args.name}",
+                                                           runtime=core.settings()))
     node = LearnerNode(core, bind=None if args.connect else args.bind,
                        connect=args.connect or None, control_bind=args.control or None,
                        pub_bind=args.pub or None, recorder=recorder)
@@ -151,7 +156,8 @@ def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
            "--lr", str(args.lr), "--window", str(args.window),
            "--threshold", str(args.threshold), "--refractory", str(args.refractory),
            "--peer-timeout", str(args.peer_timeout), "--log-level", args.log_level,
-           "--checkpoint-every", str(args.checkpoint_every)]
+           "--checkpoint-every", str(args.checkpoint_every),
+           "--apply-delay", str(args.apply_delay)]
     if args.model:
         cmd += ["--model", args.model]
     if args.checkpoint_dir:

@@ -1,0 +1,131 @@
+"""`edgeprop listen`: a frontend node from a microphone, a file, a folder or stdin.
+
+    edgeprop listen --list-devices
+    edgeprop listen                         default microphone, live mode (drop oldest)
+    edgeprop listen --file clip.wav --label yes --realtime
+    edgeprop listen --folder clips/ --realtime
+    arecord -f S16_LE -r 16000 -c 1 | edgeprop listen --stdin
+
+It connects to a learner (`edgeprop serve`, default tcp://127.0.0.1:5555), says hello
+with the model's frontend-config hash and encoder (from --model, default the shipped
+model), streams spike frames, and prints detections as they arrive. Mic and stdin run
+in live mode (drop the oldest frames when the learner falls behind, counted); file and
+folder replay are lossless (backpressure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from edgeprop.errors import ConfigError
+from runtime.console import add_output_flags, print_json, say
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--device", help="input device index or name (default: system default)")
+    src.add_argument("--file", help="replay one audio file")
+    src.add_argument("--folder", help="replay every .wav/.flac under a folder")
+    src.add_argument("--stdin", action="store_true", help="raw mono PCM at 16 kHz on stdin")
+    parser.add_argument("--list-devices", action="store_true", help="list input devices, exit")
+    parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
+    parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
+    parser.add_argument("--label", help="label of --file (rides along: the learner learns it)")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="learner/broker")
+    parser.add_argument("--model", help="checkpoint whose frontend/encoder to use "
+                                        "(default: the shipped model)")
+    parser.add_argument("--stream", default="", help="stream id (default: listen-<pid>)")
+    parser.add_argument("--mode", choices=("replay", "live"),
+                        help="default: live for mic/stdin, replay for file/folder")
+    parser.add_argument("--batch", type=int, default=1, help="frames per message")
+    parser.add_argument("--block-ms", type=float, default=10.0)
+    parser.add_argument("--personal", action="store_true",
+                        help="ask for personalised weights for this stream")
+    add_output_flags(parser)
+
+
+def _open_source(args: argparse.Namespace, labels: list[str]):
+    from runtime import sources
+
+    if args.file:
+        label = None
+        if args.label is not None:
+            if args.label not in labels:
+                raise ConfigError(f"unknown label {args.label!r}; labels: {', '.join(labels)}")
+            label = labels.index(args.label)
+        return sources.FileSource(args.file, args.block_ms, args.realtime, label), "replay"
+    if args.folder:
+        return sources.FolderSource(args.folder, args.block_ms, args.realtime), "replay"
+    if args.stdin:
+        return sources.StdinSource(dtype=args.stdin_dtype, block_ms=args.block_ms), "live"
+    return sources.MicrophoneSource(args.device, block_ms=args.block_ms), "live"
+
+
+def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
+    import os
+
+    if args.list_devices:
+        from runtime.sources import list_devices
+
+        devs = list_devices()
+        for d in devs:
+            say(f"  {d['index']:>3}  {d['name']}  ({d['channels']} ch, "
+                f"{d['default_samplerate']:.0f} Hz)")
+        if not devs:
+            say("no audio input devices found; replay instead: edgeprop listen --file clip.wav")
+        if args.json:
+            print_json({"devices": devs})
+        return 0
+    from edgeprop.encoders import encoder_from_dict
+    from edgeprop.frontend import FrontendConfig
+    from runtime import protocol as P
+    from runtime.frontend_node import FrontendNode
+    from runtime.learner_node import load_model
+
+    ckpt = load_model(args.model)
+    fe = FrontendConfig.from_dict(ckpt.frontend)
+    labels = list(ckpt.labels)
+    source, default_mode = _open_source(args, labels)
+    recorder = None
+    if recorder_path:
+        from runtime.recording import RecordingWriter, header_for
+
+        recorder = RecordingWriter(recorder_path, header_for(ckpt, note="edgeprop record"))
+
+    def show(msg) -> None:
+        if isinstance(msg, P.Detection) and not args.quiet:
+            say(f"  {msg.t:8.2f} s  {msg.label:<8} p={msg.score:.2f}")
+
+    node = FrontendNode(args.endpoint, fe, encoder_from_dict(ckpt.encoder),
+                        stream=args.stream or f"listen-{os.getpid()}",
+                        mode=args.mode or default_mode, batch=args.batch,
+                        personal=args.personal, recorder=recorder, on_output=show)
+    node.keep_posteriors = False
+    t0 = time.perf_counter()
+    try:
+        reply = node.start()
+        say(f"listen: stream {node.stream!r} accepted by {reply.session or 'learner'} "
+            f"(params {reply.params_hash[:12]}), {node.mode} mode")
+        try:
+            for blk in source.blocks():
+                node.feed(blk.samples, label=blk.label, window=blk.window, t_in_ns=blk.t_in_ns)
+        except KeyboardInterrupt:
+            say("listen: interrupted; ending the stream")
+        stats = node.finish()
+    finally:
+        source.close()
+        node.close()
+        if recorder is not None:
+            recorder.close()
+    stats["wall_s"] = time.perf_counter() - t0
+    stats["source_overruns"] = int(getattr(source, "overruns", 0))
+    if recorder is not None:
+        stats["recording"] = str(recorder.path)
+    p50, p99 = stats["latency_p50_ms"], stats["latency_p99_ms"]
+    say(f"listen: {stats['frames']} frames, {stats['dropped']} dropped, "
+        f"{stats['detections']} detections"
+        + (f", latency p50 {p50:.2f} ms p99 {p99:.2f} ms" if p50 is not None else ""))
+    if args.json:
+        print_json(stats)
+    return 0

@@ -1,0 +1,409 @@
+"""`edgeprop personalize`: adapt the keyword spotter to one speaker with online e-prop.
+
+Non-interactive (evaluation), on a Speech Commands folder::
+
+    edgeprop personalize --data DIR --speaker HASH --shots 2 [--json] [--report OUT.md]
+    edgeprop personalize --data DIR --all-speakers --min-clips 30 --shots 2 --json
+
+Interactive (default when --data is absent and stdin is a terminal): prompts for each
+keyword, records and trims each utterance from the microphone, adapts on the emulator,
+reports accuracy before/after on held-back utterances and saves a personalised
+checkpoint. The base checkpoint is never written; see docs/personalization.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from runtime.console import add_output_flags, print_json, say
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from runtime.personalization import AdaptConfig
+
+    d = AdaptConfig()
+    parser.add_argument("--model", type=Path, default=None,
+                        help="base checkpoint (default: the shipped model); never modified")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Speech Commands folder: run the non-interactive protocol")
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--speaker", default=None, help="speaker hash (8 hex digits)")
+    who.add_argument("--all-speakers", action="store_true",
+                     help="sweep every speaker with >= --min-clips clips")
+    who.add_argument("--speakers", default=None, help="comma-separated speaker hashes to sweep")
+    parser.add_argument("--min-clips", type=int, default=30)
+    parser.add_argument("--shots", type=int, default=d.shots,
+                        help="adaptation utterances per keyword (default %(default)s)")
+    parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
+                        help="where e-prop runs (default: the SpiNNaker 2 emulator)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
+    parser.add_argument("--passes", type=int, default=d.passes,
+                        help="passes over the shots (default %(default)s)")
+    parser.add_argument("--learn", default=",".join(d.learn),
+                        help="layers that learn, of w_in,w_rec,w_out (default %(default)s)")
+    parser.add_argument("--rehearsal", type=int, default=d.rehearsal,
+                        help="generic clips of other speakers per pass (default %(default)s)")
+    parser.add_argument("--silence", type=int, default=d.silence,
+                        help="_silence_ clips per pass (default %(default)s)")
+    parser.add_argument("--pull", type=float, default=d.pull,
+                        help="pull toward the base weights after each update, in [0, 1)")
+    parser.add_argument("--gate", type=float, default=d.gate,
+                        help="learn an utterance only while p(label) < gate (default "
+                             "%(default)s; 1 = always)")
+    parser.add_argument("--precision", default=d.precision,
+                        help="emulator storage format (default %(default)s; fp16-m8 is the "
+                             "chip default, see docs/personalization.md)")
+    parser.add_argument("--no-unknown", action="store_true",
+                        help="do not use the speaker's _unknown_ clips as shots")
+    parser.add_argument("--out", nargs="?", const="", default=None, metavar="CKPT",
+                        help="save the personalised checkpoint (default path: "
+                             "<user data dir>/<base>.<speaker>.npz)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="write a markdown report with a PNG plot of accuracy against "
+                             "adaptation utterances")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+    live = parser.add_argument_group("interactive session")
+    live.add_argument("--interactive", action="store_true",
+                      help="force the microphone session (even without a terminal)")
+    live.add_argument("--device", default=None, help="input device (index or name)")
+    live.add_argument("--takes", type=int, default=4,
+                      help="utterances recorded per keyword (default %(default)s)")
+    live.add_argument("--holdout", type=int, default=1,
+                      help="of those, held back to test (default %(default)s)")
+    live.add_argument("--keywords", default=None,
+                      help="comma-separated keywords to record (default: all 10)")
+    live.add_argument("--name", default="me", help="speaker name for the saved checkpoint")
+    live.add_argument("--timeout", type=float, default=8.0,
+                      help="seconds to wait for each utterance (default %(default)s)")
+    add_output_flags(parser)
+
+
+def adapt_config(args):
+    from runtime.personalization import AdaptConfig
+
+    learn = tuple(s.strip() for s in args.learn.split(",") if s.strip())
+    return AdaptConfig(shots=args.shots, passes=args.passes, lr=args.lr,
+                       optimizer=args.optimizer, learn=learn, pull=args.pull,
+                       rehearsal=args.rehearsal, silence=args.silence,
+                       include_unknown=not args.no_unknown, gate=args.gate,
+                       precision=args.precision, seed=args.seed)
+
+
+def load_base(model: Path | None):
+    """(checkpoint, path) of the base model: --model or the shipped one."""
+    from edgeprop.checkpoint import load_checkpoint
+    from edgeprop.shipped import SHIPPED_MODEL, load_shipped
+
+    if model is None:
+        return load_shipped(), SHIPPED_MODEL
+    return load_checkpoint(model), Path(model)
+
+
+def run(args) -> int:
+    from edgeprop.errors import ConfigError
+
+    if args.shots < 0:
+        raise ConfigError("--shots must be >= 0")
+    if args.data is None:
+        if args.speaker or args.all_speakers or args.speakers:
+            raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
+                              "folder)")
+        if not (args.interactive or sys.stdin.isatty()):
+            raise ConfigError("no --data DIR and no terminal: pass --data DIR for the "
+                              "non-interactive protocol, or --interactive for the microphone")
+        return run_interactive(args)
+    return _run_dataset(args)
+
+
+def _run_dataset(args) -> int:
+    from edgeprop.errors import ConfigError
+    from runtime import personalization as P
+    from runtime.console import progress
+
+    acfg = adapt_config(args)
+    ckpt, base_path = load_base(args.model)
+    cache = None
+    if args.cache_dir is not None:
+        from edgeprop.feature_cache import FeatureCache
+
+        cache = FeatureCache(args.cache_dir)
+    session = P.Session.open(ckpt, args.data, cache)
+    common = {"model": str(base_path), "data": str(args.data), "backend": args.backend,
+              "adapt_config": acfg.to_dict()}
+    t0 = time.perf_counter()
+    if args.speaker is None:
+        if args.speakers:
+            speakers = [s.strip().lower() for s in args.speakers.split(",") if s.strip()]
+        elif args.all_speakers:
+            speakers = session.speakers(args.min_clips)
+        else:
+            raise ConfigError("say whose voice: --speaker HASH, --speakers A,B or "
+                              "--all-speakers")
+        if args.out is not None:
+            raise ConfigError("--out saves one speaker's checkpoint; use it with --speaker")
+        with progress("speakers", len(speakers), args.quiet) as adv:
+            def on_speaker(r: dict) -> None:
+                adv()
+                say(f"{r['speaker']}: {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
+                    f"(adapt {r['n_adapt']}, test {r['n_test']})")
+
+            out = P.sweep(session, acfg, min_clips=args.min_clips, backend=args.backend,
+                          speakers=speakers, curve=args.report is not None,
+                          on_speaker=on_speaker)
+        result = common | {"min_clips": args.min_clips} | out
+        say(f"{out['n_speakers']} speakers: mean {100 * out['mean_before']:.2f} % -> "
+            f"{100 * out['mean_after']:.2f} %, relative error reduction "
+            f"{100 * out['relative_error_reduction']:.1f} %, worst delta "
+            f"{100 * out['worst_delta']:+.1f} points, "
+            f"{1000 * out['seconds_per_adapt_utterance']:.0f} ms per adaptation utterance "
+            f"({args.backend})")
+        if "heldout" in out and out["heldout"].get("n_speakers"):
+            h = out["heldout"]
+            say(f"  held out from pretraining ({h['n_speakers']} speakers): "
+                f"{100 * h['mean_before']:.2f} % -> {100 * h['mean_after']:.2f} %, "
+                f"relative error reduction {100 * h['relative_error_reduction']:.1f} %")
+    else:
+        r = P.personalize_speaker(session, args.speaker.lower(), acfg, backend=args.backend,
+                                  curve=args.report is not None)
+        params = r.pop("_params")
+        say(f"{r['speaker']}: accuracy {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
+            f"on {r['n_test']} held-out clips, adapted on {r['n_adapt']} "
+            f"({r['n_learned']} learned utterances, {r['adapt_seconds']:.2f} s, {args.backend})")
+        result = common | r
+        if args.out is not None:
+            path = P.save_personalized(ckpt, base_path, params, r["speaker"], acfg,
+                                       out=Path(args.out) if args.out else None,
+                                       result={k: r[k] for k in ("before", "after", "n_adapt",
+                                                                 "n_test")})
+            result["out"] = str(path)
+            say(f"wrote {path} (base {base_path} untouched)")
+    result["seconds"] = time.perf_counter() - t0
+    result["command"] = "edgeprop personalize " + " ".join(
+        sys.argv[2:] if sys.argv[1:2] == ["personalize"] else sys.argv[1:])
+    if args.report is not None:
+        png = write_report(result, args.report)
+        result["report"] = str(args.report)
+        result["plot"] = str(png)
+        say(f"wrote {args.report} and {png}")
+    if args.json:
+        print_json(result)
+    return 0
+
+
+
+# ---------------------------------------------------------------- interactive session
+def _record_utterances(source, endpointer, want: int, timeout_s: float, prompt) -> list:
+    """Read the microphone until `want` utterances were heard (or the timeout per one)."""
+    got: list = []
+    prompt(len(got))
+    deadline = time.monotonic() + timeout_s
+    for block in source.blocks():
+        for utt in endpointer.push(block.samples):
+            got.append(utt)
+            if len(got) >= want:
+                return got
+            prompt(len(got))
+            deadline = time.monotonic() + timeout_s
+        if time.monotonic() > deadline:
+            break
+    return got
+
+
+def run_interactive(args) -> int:
+    """Prompt, record, trim, adapt on the emulator, compare before/after, save."""
+    import numpy as np
+
+    from edgeprop.errors import ConfigError, DeviceError
+    from edgeprop.evaluation import checkpoint_frontend, encode_batch
+    from edgeprop.frontend import features
+    from runtime import personalization as P
+    from runtime.sources import MicrophoneSource
+
+    if args.takes < 1 or not 0 <= args.holdout < args.takes:
+        raise ConfigError("need --takes >= 1 and 0 <= --holdout < --takes")
+    ckpt, base_path = load_base(args.model)
+    labels = list(ckpt.labels)
+    keywords = ([k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords
+                else [lab for lab in labels if not lab.startswith("_")])
+    unknown = [k for k in keywords if k not in labels]
+    if unknown:
+        raise ConfigError(f"not keywords of this model: {unknown}; choose from "
+                          f"{[lab for lab in labels if not lab.startswith('_')]}")
+    acfg = adapt_config(args)
+    fcfg = checkpoint_frontend(ckpt)
+
+    def to_input(audio: np.ndarray) -> np.ndarray:
+        return encode_batch(ckpt, features(P.fit_clip(audio)[None], fcfg))[0]
+
+    source = MicrophoneSource(device=args.device)
+    recorded: dict[str, list[np.ndarray]] = {}
+    silence: list[np.ndarray] = []
+    try:
+        say("personalization: stay quiet for 1 s while the noise level is measured ...")
+        ep = P.Endpointer()
+        quiet: list[np.ndarray] = []
+        for block in source.blocks():
+            quiet.append(block.samples)
+            ep.push(block.samples)
+            if len(quiet) >= 100:
+                break
+        silence.append(np.concatenate(quiet))
+        say(f"noise floor {ep.floor_db:.1f} dBFS")
+        for word in keywords:
+            def prompt(k: int, word: str = word) -> None:
+                say(f'say "{word}"  ({k + 1}/{args.takes})')
+
+            utts = _record_utterances(source, ep, args.takes, args.timeout, prompt)
+            if len(utts) < args.takes:
+                raise DeviceError(f'heard only {len(utts)} of {args.takes} takes of "{word}" '
+                                  f"within {args.timeout:g} s each; check the microphone "
+                                  f"(edgeprop demo live --list-devices)")
+            recorded[word] = utts
+    finally:
+        source.close()
+    overruns = int(getattr(source, "overruns", 0) or 0)
+
+    # shots = the first takes, held back = the last --holdout takes of every keyword
+    idx = {lab: i for i, lab in enumerate(labels)}
+    shot_x, shot_y, test_x, test_y = [], [], [], []
+    for word, utts in recorded.items():
+        for k, u in enumerate(utts):
+            held = k >= args.takes - args.holdout
+            (test_x if held else shot_x).append(to_input(u))
+            (test_y if held else shot_y).append(idx[word])
+    sil_idx = idx.get("_silence_")
+    gen_x, gen_y = _rehearsal_inputs(ckpt, acfg, to_input)
+    if sil_idx is not None:
+        for s in silence:
+            gen_x.append(to_input(s))
+            gen_y.append(sil_idx)
+    x_shot = np.stack(shot_x)
+    y_shot = np.array(shot_y)
+    x_gen = np.stack(gen_x) if gen_x else np.zeros((0,) + x_shot.shape[1:], np.float32)
+    y_gen = np.array(gen_y, np.int64)
+    say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
+    run = P.adapt(ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=args.backend)
+    result = {"speaker": args.name, "keywords": keywords, "n_adapt": int(len(y_shot)),
+              "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
+              "seconds_per_adapt_utterance": run.seconds / max(len(y_shot), 1),
+              "backend": args.backend, "model": str(base_path), "mic_overrun_samples": overruns,
+              "adapt_config": acfg.to_dict()}
+    if test_y:
+        x_test, y_test = np.stack(test_x), np.array(test_y)
+        result["before"] = P.accuracy_of(ckpt, ckpt.params, x_test, y_test)
+        result["after"] = P.accuracy_of(ckpt, run.params, x_test, y_test)
+        result["n_test"] = int(len(y_test))
+        say(f"held-back utterances: accuracy {100 * result['before']:.0f} % before, "
+            f"{100 * result['after']:.0f} % after ({len(y_test)} utterances)")
+    out = Path(args.out) if args.out else None
+    path = P.save_personalized(ckpt, base_path, run.params, args.name, acfg, out=out,
+                               result={k: result[k] for k in ("before", "after", "n_adapt",
+                                                              "n_test") if k in result})
+    result["out"] = str(path)
+    say(f"saved the personalised model to {path} (base {base_path} untouched); use it with "
+        f"`edgeprop demo live --model {path}`")
+    if args.json:
+        print_json(result)
+    return 0
+
+
+def _rehearsal_inputs(ckpt, acfg, to_input) -> tuple[list, list]:
+    """Generic clips of other voices to rehearse: the clips shipped with the runtime."""
+    import numpy as np
+
+    from edgeprop.audio import load_wav
+    from runtime.stream import embedded_clips
+
+    labels = list(ckpt.labels)
+    try:
+        clips = embedded_clips()
+    except Exception:  # noqa: BLE001 - rehearsal is an improvement, not a requirement
+        return [], []
+    rng = np.random.default_rng([acfg.seed, 5])
+    order = rng.permutation(len(clips))[: max(acfg.rehearsal * max(acfg.passes, 1), 0)]
+    xs, ys = [], []
+    for i in sorted(order):
+        c = clips[i]
+        if c.label in labels:
+            xs.append(to_input(load_wav(c.path, 16000)))
+            ys.append(labels.index(c.label))
+    return xs, ys
+
+
+# ---------------------------------------------------------------- report
+def write_report(result: dict, md_path: Path) -> Path:
+    """Markdown report + PNG plot (accuracy against adaptation utterances), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from runtime.bench_report import atomic_write_text
+
+    md_path = Path(md_path)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    png = md_path.with_suffix(".png")
+    curve = result.get("curve") or []
+    per = result.get("speakers") or []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve:
+        ax.plot([p["n_adapt"] for p in curve], [100 * p["accuracy"] for p in curve], "o-",
+                label="mean over speakers" if per else result.get("speaker", ""))
+    for r in per:
+        c = r.get("curve") or []
+        if c:
+            ax.plot([p["n_adapt"] for p in c], [100 * p["accuracy"] for p in c], "-",
+                    color="0.8", lw=0.8, zorder=0)
+    ax.set_xlabel("adaptation utterances (per speaker)")
+    ax.set_ylabel("accuracy on the speaker's other clips (%)")
+    ax.set_title(f"personalization ({result.get('backend')}), {Path(result['data']).name}")
+    ax.grid(alpha=0.3)
+    if curve:
+        ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name("." + png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
+    lines = ["# Personalization report", "", f"Command: `{result.get('command', '')}`", "",
+             f"Model: `{result['model']}`; data: `{result['data']}`; backend: "
+             f"{result['backend']}.", "", f"Adaptation settings: `{result['adapt_config']}`", ""]
+    if per:
+        lines += ["| | value |", "|---|---|",
+                  f"| speakers | {result['n_speakers']} |",
+                  f"| mean accuracy before | {pct(result['mean_before'])} |",
+                  f"| mean accuracy after | {pct(result['mean_after'])} |",
+                  f"| relative error reduction | {pct(result['relative_error_reduction'])} |",
+                  f"| worst speaker delta | {100 * result['worst_delta']:+.1f} points |",
+                  f"| speakers > 2 points worse | {result['n_worse_by_more_than_2_points']} |",
+                  f"| wall time per adaptation utterance | "
+                  f"{1000 * result['seconds_per_adapt_utterance']:.0f} ms |",
+                  f"| wall time per learned utterance | "
+                  f"{1000 * result['seconds_per_learned_utterance']:.1f} ms |", ""]
+        for key, title in (("heldout", "held out from pretraining"),
+                           ("seen", "seen in pretraining")):
+            h = result.get(key)
+            if h and h.get("n_speakers"):
+                lines += [f"Speakers {title}: {h['n_speakers']}, {pct(h['mean_before'])} -> "
+                          f"{pct(h['mean_after'])}, relative error reduction "
+                          f"{pct(h['relative_error_reduction'])}, worst delta "
+                          f"{100 * h['worst_delta']:+.1f} points.", ""]
+        lines += ["| speaker | seen in pretraining | before | after | n_adapt | n_test |",
+                  "|---|---|---|---|---|---|"]
+        for r in per:
+            lines.append(f"| {r['speaker']} | {r['seen_in_pretraining']} | {pct(r['before'])} "
+                         f"| {pct(r['after'])} | {r['n_adapt']} | {r['n_test']} |")
+    else:
+        lines += [f"Speaker {result['speaker']}: {pct(result['before'])} -> "
+                  f"{pct(result['after'])} on {result['n_test']} clips, adapted on "
+                  f"{result['n_adapt']} ({result['adapt_seconds']:.2f} s).", ""]
+    lines += ["", f"![accuracy against adaptation utterances]({png.name})", ""]
+    atomic_write_text(md_path, "\n".join(lines))
+    return png

@@ -1,0 +1,224 @@
+"""`edgeprop profile`: map the SRNN onto SpiNNaker 2 PEs; memory, time, energy, traffic.
+
+Trains the mapped network with e-prop on a few real clips (speech_commands_dev, the
+shipped model's frontend and weights when present) and prints the placement, bytes
+by SRAM region per PE and in total, the modelled chip time per step and real-time
+margin, energy per sample, packets per step, and how fast the emulator itself ran
+(`emulator_realtime_factor`: audio seconds per wall second while training).
+
+`--variants` instead measures every storage variant's memory and validation accuracy
+after a short online fine-tuning (see firmware_model/variants.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeprop.errors import ConfigError, DatasetError
+from runtime.console import add_output_flags, print_json, progress, say
+
+WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from firmware_model.precision import DEFAULT_PRECISION, VARIANTS
+
+    parser.add_argument("--pes", type=int, default=12, help="number of PEs (default 12)")
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=list(VARIANTS),
+                        help=f"storage variant (default {DEFAULT_PRECISION})")
+    parser.add_argument("--clock", type=float, default=150.0, help="PE clock in MHz")
+    parser.add_argument("--loss", default="mean", choices=["mean", "per_step"])
+    parser.add_argument("--samples", type=int, default=3,
+                        help="training samples to run for the time/energy/traffic figures")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Speech Commands folder (default: ../shared/data/speech_commands_dev)")
+    parser.add_argument("--multiprocess", action="store_true",
+                        help="run PE groups in worker processes (ZeroMQ)")
+    parser.add_argument("--variants", action="store_true",
+                        help="memory and validation accuracy of every storage variant")
+    parser.add_argument("--train-clips", type=int, default=200,
+                        help="--variants: clips to fine-tune on (default 200)")
+    parser.add_argument("--val-clips", type=int, default=0,
+                        help="--variants: validation clips (0 = all of the split)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint to map (default: the shipped kws_srnn.npz)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_output_flags(parser)
+
+
+def _data_dir(arg: Path | None) -> Path | None:
+    if arg is not None:
+        if not arg.is_dir():
+            raise DatasetError(f"{arg}: no such folder")
+        return arg
+    repo = Path(__file__).resolve().parents[2]
+    d = repo.parent / "shared" / "data" / "speech_commands_dev"
+    return d if d.is_dir() else None
+
+
+def _model(path: Path | None = None):
+    """(cfg, params, checkpoint or None, source text): shipped model, else seeded init."""
+    from edgeprop.network import ModelConfig, init_params
+
+    if path is not None:
+        from edgeprop.checkpoint import load_checkpoint
+
+        return *_unpack(load_checkpoint(path)), str(path)
+    try:
+        from edgeprop.shipped import load_shipped
+
+        return *_unpack(load_shipped()), "shipped kws_srnn.npz"
+    except Exception as exc:  # noqa: BLE001 - fall back, and say so in the output
+        cfg = ModelConfig()
+        return cfg, init_params(cfg, 0), None, f"init_params(seed 0) (no shipped model: {exc})"
+
+
+def _unpack(ck):
+    return ck.cfg, ck.params, ck
+
+
+def _features(ck, clips) -> np.ndarray:
+    from edgeprop.feature_cache import FeatureCache
+    from edgeprop.frontend import FrontendConfig
+
+    if ck is not None:
+        from edgeprop.evaluation import checkpoint_frontend, encode_batch
+
+        return encode_batch(ck, FeatureCache().features(clips, checkpoint_frontend(ck)))
+    return FeatureCache().features(clips, FrontendConfig())
+
+
+def _profile_inputs(cfg, ck, data: Path | None, n: int, seed: int):
+    """n real clips (fixed choice), or seeded random spikes when no data folder exists."""
+    if data is not None:
+        from edgeprop.datasets import scan_speech_commands
+
+        labels = tuple(ck.labels) if ck is not None and ck.labels else None
+        scan = scan_speech_commands(data, labels) if labels else scan_speech_commands(data)
+        clips = sorted(scan.clips, key=lambda c: c.key)
+        pick = np.random.default_rng(seed).choice(len(clips), size=n, replace=False)
+        chosen = [clips[i] for i in sorted(pick)]
+        return _features(ck, chosen), [c.label_index for c in chosen], f"{n} clips of {data.name}"
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 100, cfg.n_in)) < 0.05).astype(np.float32)
+    return x, list(rng.integers(0, cfg.n_out, n)), "seeded random input (no data folder)"
+
+
+def run_profile(args) -> dict:
+    from firmware_model import EmulatedLearner
+
+    if args.samples < 1:
+        raise ConfigError("--samples must be >= 1")
+    cfg, params, ck, source = _model(args.model)
+    xs, labels, input_desc = _profile_inputs(cfg, ck, _data_dir(args.data), args.samples,
+                                             args.seed)
+    opts = dict(n_pes=args.pes, precision=args.precision, clock_mhz=args.clock,
+                loss=args.loss, lr=args.lr, seed=args.seed)
+    warm = EmulatedLearner(cfg, params.copy(), **opts)  # compiles the kernels, untimed
+    warm.train_sample(xs[0][:2], labels[0])
+    warm.apply()
+    emu = EmulatedLearner(cfg, params.copy(), multiprocess=args.multiprocess, **opts)
+    try:
+        wall = 0.0
+        frames = 0
+        with progress("training on the emulated chip", len(xs), args.quiet) as advance:
+            for x, lab in zip(xs, labels, strict=True):
+                t0 = time.perf_counter()
+                emu.train_sample(x, lab)
+                emu.apply()
+                wall += time.perf_counter() - t0
+                frames += x.shape[0]
+                advance()
+        prof = emu.profile()
+    finally:
+        emu.close()
+    audio_s = frames * 0.010
+    prof.update({
+        "model": source,
+        "input": input_desc,
+        "samples": len(xs),
+        "multiprocess": bool(args.multiprocess),
+        "wall_s": wall,
+        "emulator_realtime_factor": audio_s / wall if wall > 0 else None,
+    })
+    return prof
+
+
+def run_variants(args) -> dict:
+    from edgeprop.datasets import scan_speech_commands, speaker_split
+    from firmware_model.precision import DEFAULT_PRECISION, VARIANTS
+    from firmware_model.variants import accuracy, choose_default, measure_variant
+
+    cfg, params, ck, source = _model(args.model)
+    if ck is None:
+        raise ConfigError(f"--variants needs the shipped pretrained model ({source})")
+    data = _data_dir(args.data)
+    if data is None:
+        raise DatasetError("--variants needs speech_commands_dev (pass --data)")
+    scan = scan_speech_commands(data, tuple(ck.labels) if ck.labels else None) \
+        if ck.labels else scan_speech_commands(data)
+    train, val = speaker_split(scan.clips, 0.2, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    train = [train[i] for i in sorted(rng.choice(len(train), min(args.train_clips, len(train)),
+                                                 replace=False))]
+    if args.val_clips:
+        val = [val[i] for i in sorted(rng.choice(len(val), min(args.val_clips, len(val)),
+                                                 replace=False))]
+    say(f"features: {len(train)} train, {len(val)} validation clips (speaker-disjoint)")
+    tx, vx = _features(ck, train), _features(ck, val)
+    ty = np.array([c.label_index for c in train])
+    vy = np.array([c.label_index for c in val])
+    rows = []
+    base_acc = accuracy(cfg, params, vx, vy)
+    with progress("variants", len(VARIANTS) * len(train), args.quiet) as advance:
+        for name in VARIANTS:
+            rows.append(measure_variant(name, cfg, params, tx, ty, vx, vy, n_pes=args.pes,
+                                        lr=args.lr, seed=args.seed, progress=advance))
+            r = rows[-1]
+            say(f"{name:12s} {r['memory_total_bytes']:8d} B  acc {100 * r['val_accuracy']:.2f} %")
+    fp32 = next(r for r in rows if r["precision"] == "fp32")
+    for r in rows:
+        r["accuracy_delta_points"] = 100 * (r["val_accuracy"] - fp32["val_accuracy"])
+    return {
+        "model": source,
+        "data": f"{data.name}: speaker_split(0.2, seed {args.seed})",
+        "train_clips": len(train),
+        "val_clips": len(val),
+        "lr": args.lr,
+        "pes": args.pes,
+        "shipped_val_accuracy": base_acc,
+        "variants": rows,
+        "recommended": choose_default(rows),
+        "current_default": DEFAULT_PRECISION,
+    }
+
+
+def run(args) -> int:
+    out = run_variants(args) if args.variants else run_profile(args)
+    if args.json:
+        print_json(out)
+    else:
+        _print_human(out)
+    return 0
+
+
+def _print_human(out: dict) -> None:
+    if "variants" in out:
+        for r in out["variants"]:
+            say(f"{r['precision']:12s} {r['memory_total_bytes']:8d} B  "
+                f"acc {100 * r['val_accuracy']:.2f} % ({r['accuracy_delta_points']:+.2f})")
+        say(f"recommended: {out['recommended']}")
+        return
+    say(f"{out['pes']} PEs at {out['clock_mhz']:.0f} MHz, precision {out['precision']}")
+    for pe in out["placement"]:
+        regions = " ".join(f"{k}={v}" for k, v in pe["bytes_by_region"].items())
+        say(f"  PE {pe['pe']:3d} (QPE {pe['qpe']}) neurons {pe['neurons'][0]:3d}-"
+            f"{pe['neurons'][1] - 1:3d} {','.join(pe['roles'])}: {pe['bytes_total']} B [{regions}]")
+    for k in ("memory_total_bytes", "memory_max_pe_bytes", "step_time_us", "realtime_margin",
+              "energy_per_sample_uj", "packets_per_step", "emulator_realtime_factor"):
+        say(f"{k}: {out[k]}")

@@ -1,0 +1,21 @@
+"""`edgeprop record OUT`: listen (mic, file, folder or stdin) and record the stream.
+
+The recording holds every frame sent (with its labels), and every posterior and
+detection received, after a header naming the frontend config, encoder and the model's
+params_hash (runtime/recording.py). `edgeprop replay OUT` replays it deterministically.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from runtime.commands import listen
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="recording file to write (atomic: OUT.part until done)")
+    listen.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return listen.run(args, recorder_path=args.out)

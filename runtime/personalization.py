@@ -1,0 +1,613 @@
+"""Speaker personalization: adapt the keyword spotter to one voice with online e-prop.
+
+The protocol (`personalize_speaker`), for one speaker of a Speech Commands folder:
+
+1. **Split.** For each of the 10 keywords, K of the speaker's clips (seeded shuffle) are
+   *shots*; the speaker's `_unknown_` clips give up to K shots too (a user says other
+   words to a real device as well). Everything else of that speaker is the *test* set.
+   `_silence_` clips have no speaker; they never enter the test set.
+2. **Adapt** online, one utterance at a time (reset, T steps, end_sample, one optimizer
+   step: what the chip does), for `passes` passes over the shots. Each pass also
+   replays `rehearsal` generic clips (balanced over the 12 classes, *other* speakers,
+   drawn from a fixed pool chosen before anything about the test speaker is looked
+   at) and `silence` background clips, so the model does not forget the other voices
+   or silence. Only the layers in `learn` change (default: input and readout; the
+   recurrent layer stays at its pretrained values, which keeps the dynamics the
+   pretraining found), and after every update the learned weights are pulled back
+   toward the base weights by a fraction `pull` (an L2-SP style prior, decoupled).
+3. **Measure** accuracy on the test set before (base weights) and after (adapted
+   weights), with the reference forward pass (`edgeprop.training.predict_logits`),
+   which the emulator's kernels are held equal to by their own tests.
+
+The learner is `edgeprop.eprop.EpropLearner` ("reference") or
+`firmware_model.EmulatedLearner` ("emulator"), both with the mean loss the model was
+pretrained with. Everything is deterministic for a seed: the splits and draws come from
+`default_rng([seed, crc32(speaker)])`.
+
+`sweep` runs the protocol for every speaker with at least `min_clips` clips and
+summarises mean_before, mean_after, relative_error_reduction
+(= (err_before - err_after) / err_before of the mean accuracies) and worst_delta. When
+the checkpoint records its pretraining split (extra.train_config / extra.data_info, as
+`edgeprop pretrain` writes them), each speaker is marked `seen_in_pretraining`, and the
+summary is repeated over held-out speakers only: personalising a voice the model was
+trained on measures something else.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeprop.checkpoint import Checkpoint
+from edgeprop.datasets import SILENCE, UNKNOWN, Clip, scan_speech_commands, speaker_split
+from edgeprop.errors import ConfigError, DatasetError
+from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
+
+LAYERS = ("w_in", "w_rec", "w_out")
+BACKENDS = ("emulator", "reference")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How adaptation runs. Defaults were tuned on 4 speakers (docs/personalization.md)."""
+
+    shots: int = 2                 # clips per keyword (and of _unknown_) to adapt on
+    passes: int = 3                # passes over the shots (each pass = more utterances)
+    lr: float = 1e-3
+    optimizer: str = "adam"        # "adam" | "sgd"
+    learn: tuple[str, ...] = ("w_in", "w_out")
+    pull: float = 0.0              # after each update: W <- W - pull (W - W_base)
+    rehearsal: int = 6             # generic clips of other speakers per pass
+    silence: int = 2               # _silence_ clips per pass
+    include_unknown: bool = True   # the speaker's _unknown_ clips as shots too
+    gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
+    precision: str = "fp32"        # emulator storage format (see the note in make_learner)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shots < 0 or self.passes < 0 or self.rehearsal < 0 or self.silence < 0:
+            raise ConfigError("shots, passes, rehearsal and silence must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.gate <= 1.0:
+            raise ConfigError(f"gate must be in (0, 1], got {self.gate}")
+        if not 0.0 <= self.pull < 1.0:
+            raise ConfigError(f"pull must be in [0, 1), got {self.pull}")
+        bad = [name for name in self.learn if name not in LAYERS]
+        if bad or not self.learn:
+            raise ConfigError(f"learn must name some of {LAYERS}, got {self.learn}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["learn"] = list(self.learn)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdaptConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "learn" in kw:
+            kw["learn"] = tuple(kw["learn"])
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class SpeakerSplit:
+    speaker: str
+    shots: list[Clip]
+    test: list[Clip]
+
+
+def _rng(seed: int, speaker: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(speaker.encode())])
+
+
+def split_speaker(clips: list[Clip], speaker: str, shots: int, seed: int = 0, *,
+                  include_unknown: bool = True,
+                  labels: tuple[str, ...] = KWS_LABELS) -> SpeakerSplit:
+    """K shots per keyword (and of _unknown_) of one speaker; the rest of theirs is test."""
+    mine = sorted((c for c in clips if c.speaker == speaker), key=lambda c: c.key)
+    if not mine:
+        raise DatasetError(f"speaker {speaker!r} has no clips in this folder")
+    rng = _rng(seed, speaker)
+    adapt, test = [], []
+    for lab in labels:
+        if lab == SILENCE:
+            continue
+        group = [c for c in mine if c.label == lab]
+        order = rng.permutation(len(group))
+        k = shots if (lab != UNKNOWN or include_unknown) else 0
+        if lab == UNKNOWN:
+            k = min(k, max(len(group) - 1, 0))  # keep one for the test when we can
+        adapt += [group[i] for i in order[:k]]
+        test += [group[i] for i in order[k:]]
+    if not test:
+        raise DatasetError(f"speaker {speaker!r}: no clips left to test on after {shots} shots "
+                           f"per keyword; use fewer --shots")
+    return SpeakerSplit(speaker, adapt, test)
+
+
+def rehearsal_pool(clips: list[Clip], exclude_speaker: str, per_class: int, seed: int,
+                   allowed_speakers: set[str] | None = None,
+                   labels: tuple[str, ...] = KWS_LABELS) -> list[Clip]:
+    """A fixed, class-balanced pool of generic clips; never the excluded speaker's.
+
+    Drawn from the seed alone (not from any result), so it cannot be tuned on the test
+    set. `allowed_speakers` (e.g. the pretraining speakers) restricts the draw further.
+    """
+    rng = np.random.default_rng([seed, 7])
+    pool = []
+    for lab in labels:
+        group = sorted((c for c in clips if c.label == lab and c.speaker != exclude_speaker
+                        and (lab == SILENCE or allowed_speakers is None
+                             or c.speaker in allowed_speakers)), key=lambda c: c.key)
+        if group:
+            pick = rng.permutation(len(group))[:per_class]
+            pool += [group[i] for i in sorted(pick)]
+    return pool
+
+
+def pretraining_speakers(ckpt: Checkpoint, clips: list[Clip], data_dir: Path) -> set[str] | None:
+    """Speakers the checkpoint was pretrained on, recomputed from its recorded split.
+
+    None when the checkpoint does not say (or was trained on another folder).
+    """
+    extra = ckpt.extra or {}
+    tc, info = extra.get("train_config"), extra.get("data_info") or {}
+    if not isinstance(tc, dict) or "val_fraction" not in tc:
+        return None
+    if info.get("data") and Path(info["data"]).resolve() != Path(data_dir).resolve():
+        return None
+    seed = int(tc.get("seed", 0))
+    pool = list(clips)
+    n_total = info.get("n_train", 0) + info.get("n_val", 0)
+    if n_total and n_total < len(pool):  # pretrain ran with --max-clips
+        pick = np.random.default_rng(seed).choice(len(pool), n_total, replace=False)
+        pool = [pool[i] for i in sorted(pick)]
+    train, _ = speaker_split(pool, float(tc["val_fraction"]), seed=seed)
+    return {c.speaker for c in train}
+
+
+class FeatureSource:
+    """Network inputs for clips through the checkpoint's own frontend and encoder."""
+
+    def __init__(self, ckpt: Checkpoint, cache=None):
+        from edgeprop.evaluation import checkpoint_frontend
+        from edgeprop.feature_cache import FeatureCache
+
+        self.ckpt = ckpt
+        self.fcfg = checkpoint_frontend(ckpt)
+        self.cache = cache or FeatureCache()
+        self._memo: dict[str, np.ndarray] = {}
+
+    def inputs(self, clips: list[Clip]) -> np.ndarray:
+        """(N, T, n_in) float32."""
+        from edgeprop.evaluation import encode_batch
+
+        todo = [c for c in clips if c.key not in self._memo]
+        if todo:
+            x = encode_batch(self.ckpt, self.cache.features(todo, self.fcfg))
+            for c, xi in zip(todo, x, strict=True):
+                self._memo[c.key] = np.ascontiguousarray(xi, dtype=DTYPE)
+        if not clips:
+            return np.zeros((0, 1, self.ckpt.cfg.n_in), DTYPE)
+        return np.stack([self._memo[c.key] for c in clips])
+
+
+# ---------------------------------------------------------------- learning
+def make_learner(backend: str, ckpt: Checkpoint, params: Params, acfg: AdaptConfig):
+    """An online e-prop learner over `params` (mean loss, as pretrained)."""
+    kw = dict(loss="mean", optimizer=acfg.optimizer, lr=acfg.lr)
+    if backend == "reference":
+        from edgeprop.eprop import EpropLearner
+
+        return EpropLearner(ckpt.cfg, params, **kw)
+    if backend == "emulator":
+        try:
+            from firmware_model import EmulatedLearner
+        except ImportError:
+            try:
+                from firmware_model.learner import EmulatedLearner  # type: ignore[no-redef]
+            except ImportError:
+                raise ConfigError("the SpiNNaker 2 emulator backend is not available in this "
+                                  "build; use --backend reference") from None
+        # precision: the emulator's default fp16-m8 stores Adam's v in fp16, where g^2 of
+        # a few-shot update (~1e-8) underflows to 0 and the next step divides m by eps:
+        # measured weights jumping by ~76 after the 2nd update. fp32 matches the
+        # reference bit for bit, so it is the default here until the store is fixed.
+        return EmulatedLearner(ckpt.cfg, params, precision=acfg.precision, **kw)
+    raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def _learner_params(learner, fallback: Params) -> Params:
+    return getattr(learner, "params", fallback)
+
+
+def _constrain(learner, base: Params, acfg: AdaptConfig) -> None:
+    """Frozen layers back to base; learned ones pulled toward base by `pull`."""
+    p = _learner_params(learner, base)
+    changed = False
+    for name in LAYERS:
+        w, w0 = getattr(p, name), getattr(base, name)
+        if name not in acfg.learn:
+            w[...] = w0
+            changed = True
+        elif acfg.pull:
+            w -= DTYPE(acfg.pull) * (w - w0)
+            changed = True
+    zero_diagonal(p.w_rec)
+    if changed and p is not getattr(learner, "params", None):
+        # The emulator's `params` is a copy gathered from PE SRAM: write it back. It has no
+        # public loader yet, so use the one its constructor uses (asked for in the report).
+        sync = getattr(learner, "load_params", None) or getattr(learner, "_load", None)
+        if sync is None:
+            raise ConfigError("this backend cannot take weights back; use --learn "
+                              "w_in,w_rec,w_out --pull 0")
+        sync(p)
+
+
+@dataclass
+class AdaptRun:
+    params: Params
+    n_utterances: int          # learned samples, passes and rehearsal included
+    seconds: float             # wall time of the learning alone
+    losses: list[float] = field(default_factory=list)
+
+
+def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic: np.ndarray,
+          y_generic: np.ndarray, acfg: AdaptConfig, *, backend: str = "reference",
+          rng: np.random.Generator | None = None,
+          on_utterance: Callable[[int], None] | None = None) -> AdaptRun:
+    """Online e-prop over the shots (+ generic rehearsal each pass). Base is untouched."""
+    rng = rng or np.random.default_rng(acfg.seed)
+    base = ckpt.params
+    params = base.copy()
+    learner = make_learner(backend, ckpt, params, acfg)
+    losses: list[float] = []
+    n = 0
+    sil = (ckpt.labels or list(KWS_LABELS)).index(SILENCE)
+    words = np.flatnonzero(y_generic != sil)
+    quiet = np.flatnonzero(y_generic == sil)
+    t_learn = 0.0
+    try:
+        for _ in range(acfg.passes):
+            xs, ys = [x_shots], [y_shots]
+            for idx, k in ((words, acfg.rehearsal), (quiet, acfg.silence)):
+                take = idx[rng.permutation(len(idx))[:k]]
+                xs.append(x_generic[take])
+                ys.append(y_generic[take])
+            x = np.concatenate(xs)
+            y = np.concatenate(ys)
+            for i in rng.permutation(len(y)):
+                t0 = time.perf_counter()
+                if acfg.gate < 1.0:
+                    cur = _learner_params(learner, params)
+                    if _p_label(ckpt, cur, x[i], int(y[i])) >= acfg.gate:
+                        t_learn += time.perf_counter() - t0
+                        n += 1
+                        continue
+                out = learner.train_sample(x[i], int(y[i]))
+                learner.apply()
+                _constrain(learner, base, acfg)
+                t_learn += time.perf_counter() - t0
+                losses.append(float(out[0] if isinstance(out, tuple) else out))
+                n += 1
+                if on_utterance:
+                    on_utterance(n)
+        final = _learner_params(learner, params).copy()
+    finally:
+        close = getattr(learner, "close", None)
+        if close:
+            close()
+    return AdaptRun(final, n, t_learn, losses)
+
+
+def _p_label(ckpt: Checkpoint, params: Params, x: np.ndarray, label: int) -> float:
+    """Softmax probability of `label` for one utterance (T, n_in): the gate's evidence."""
+    from edgeprop.training import predict_logits
+
+    ybar = predict_logits(ckpt.cfg, params, x[None])[0]
+    e = np.exp(ybar - ybar.max())
+    return float(e[label] / e.sum())
+
+
+def accuracy_of(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    from edgeprop.training import predict_logits
+
+    if len(y) == 0:
+        return float("nan")
+    return float((predict_logits(ckpt.cfg, params, x).argmax(1) == y).mean())
+
+
+# ---------------------------------------------------------------- the protocol
+@dataclass
+class Session:
+    """Everything the protocol needs that does not depend on the speaker."""
+
+    ckpt: Checkpoint
+    clips: list[Clip]
+    data_dir: Path
+    features: FeatureSource
+    seen: set[str] | None
+
+    @classmethod
+    def open(cls, ckpt: Checkpoint, data_dir: str | Path, cache=None) -> Session:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DatasetError(f"{data_dir}: no such folder (expected a Speech Commands folder)")
+        labels = tuple(ckpt.labels or KWS_LABELS)
+        clips = scan_speech_commands(data_dir, labels).clips
+        return cls(ckpt, clips, data_dir, FeatureSource(ckpt, cache),
+                   pretraining_speakers(ckpt, clips, data_dir))
+
+    def speakers(self, min_clips: int) -> list[str]:
+        from collections import Counter
+
+        cnt = Counter(c.speaker for c in self.clips
+                      if not c.speaker.startswith(("silence:", "noise:")))
+        return sorted(s for s, n in cnt.items() if n >= min_clips)
+
+
+def _generic(session: Session, speaker: str, acfg: AdaptConfig) -> tuple[np.ndarray, np.ndarray]:
+    per_class = max(2, (acfg.rehearsal * acfg.passes) // 11 + 1)
+    pool = rehearsal_pool(session.clips, speaker, per_class, acfg.seed, session.seen)
+    words = [c for c in pool if c.label != SILENCE]
+    sil = [c for c in pool if c.label == SILENCE]
+    rng = np.random.default_rng([acfg.seed, 11])
+    sil = [sil[i] for i in rng.permutation(len(sil))[:max(acfg.silence * acfg.passes, 1)]]
+    chosen = words if acfg.rehearsal else []
+    chosen = chosen + (sil if acfg.silence else [])
+    if not chosen:
+        return (np.zeros((0, 1, session.ckpt.cfg.n_in), DTYPE), np.zeros(0, np.int64))
+    return session.features.inputs(chosen), np.array([c.label_index for c in chosen])
+
+
+def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
+                        backend: str = "reference", curve: bool = False) -> dict:
+    """The non-interactive protocol for one speaker; returns a JSON-able result."""
+    split = split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
+                          include_unknown=acfg.include_unknown,
+                          labels=tuple(session.ckpt.labels or KWS_LABELS))
+    x_test = session.features.inputs(split.test)
+    y_test = np.array([c.label_index for c in split.test], np.int64)
+    x_shot = session.features.inputs(split.shots)
+    y_shot = np.array([c.label_index for c in split.shots], np.int64)
+    x_gen, y_gen = _generic(session, speaker, acfg)
+    before = accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)
+    run = adapt(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=backend,
+                rng=_rng(acfg.seed + 1, speaker))
+    after = accuracy_of(session.ckpt, run.params, x_test, y_test)
+    out = {
+        "speaker": speaker, "before": before, "after": after, "delta": after - before,
+        "n_adapt": len(split.shots), "n_test": len(split.test),
+        "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
+        "seconds_per_learned_utterance": run.seconds / max(run.n_utterances, 1),
+        "seconds_per_adapt_utterance": run.seconds / max(len(split.shots), 1),
+        "seen_in_pretraining": None if session.seen is None else speaker in session.seen,
+        "backend": backend,
+    }
+    if curve:
+        out["curve"] = shots_curve(session, speaker, acfg, backend=backend)
+    out["_params"] = run.params
+    return out
+
+
+def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
+                backend: str = "reference") -> list[dict]:
+    """Accuracy against adaptation utterances: k = 0..shots per keyword, one fixed test set."""
+    full = split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
+                         include_unknown=acfg.include_unknown)
+    x_test = session.features.inputs(full.test)
+    y_test = np.array([c.label_index for c in full.test], np.int64)
+    x_gen, y_gen = _generic(session, speaker, acfg)
+    points = [{"shots": 0, "n_adapt": 0,
+               "accuracy": accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)}]
+    for k in range(1, acfg.shots + 1):
+        sub = split_speaker(full.shots, speaker, k, acfg.seed,
+                            include_unknown=acfg.include_unknown)
+        shots = sub.shots
+        x = session.features.inputs(shots)
+        y = np.array([c.label_index for c in shots], np.int64)
+        run = adapt(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
+                    backend=backend, rng=_rng(acfg.seed + 1, speaker))
+        points.append({"shots": k, "n_adapt": len(shots),
+                       "accuracy": accuracy_of(session.ckpt, run.params, x_test, y_test)})
+    return points
+
+
+def summarize(results: list[dict]) -> dict:
+    """mean_before/after, relative_error_reduction, worst_delta over speaker results."""
+    if not results:
+        return {"n_speakers": 0}
+    b = float(np.mean([r["before"] for r in results]))
+    a = float(np.mean([r["after"] for r in results]))
+    err_b, err_a = 1.0 - b, 1.0 - a
+    secs = sum(r["adapt_seconds"] for r in results)
+    n_learned = sum(r["n_learned"] for r in results)
+    n_adapt = sum(r["n_adapt"] for r in results)
+    return {
+        "n_speakers": len(results),
+        "mean_before": b, "mean_after": a,
+        "relative_error_reduction": (err_b - err_a) / err_b if err_b > 0 else float("nan"),
+        "worst_delta": float(min(r["delta"] for r in results)),
+        "n_worse_by_more_than_2_points": int(sum(r["delta"] < -0.02 for r in results)),
+        "seconds_per_learned_utterance": secs / max(n_learned, 1),
+        "seconds_per_adapt_utterance": secs / max(n_adapt, 1),
+    }
+
+
+def sweep(session: Session, acfg: AdaptConfig, *, min_clips: int = 30,
+          backend: str = "reference", speakers: list[str] | None = None,
+          curve: bool = False, on_speaker: Callable[[dict], None] | None = None) -> dict:
+    """The protocol for every speaker with >= min_clips clips (or the given ones)."""
+    todo = speakers if speakers is not None else session.speakers(min_clips)
+    if not todo:
+        raise DatasetError(f"{session.data_dir}: no speaker has >= {min_clips} clips")
+    results = []
+    for spk in todo:
+        r = personalize_speaker(session, spk, acfg, backend=backend, curve=curve)
+        r.pop("_params")
+        results.append(r)
+        if on_speaker:
+            on_speaker(r)
+    out = {"speakers": results, **summarize(results)}
+    if session.seen is not None:
+        held = [r for r in results if not r["seen_in_pretraining"]]
+        out["heldout"] = summarize(held)
+        out["seen"] = summarize([r for r in results if r["seen_in_pretraining"]])
+    if curve:
+        out["curve"] = mean_curve(results)
+    return out
+
+
+def mean_curve(results: list[dict]) -> list[dict]:
+    by_k: dict[int, list] = {}
+    for r in results:
+        for p in r.get("curve", []):
+            by_k.setdefault(p["shots"], []).append(p)
+    return [{"shots": k, "n_adapt": float(np.mean([p["n_adapt"] for p in ps])),
+             "accuracy": float(np.mean([p["accuracy"] for p in ps])), "n_speakers": len(ps)}
+            for k, ps in sorted(by_k.items())]
+
+
+# ---------------------------------------------------------------- saving
+def user_data_dir() -> Path:
+    """$EDGEPROP_HOME, else $XDG_DATA_HOME/edgeprop, else ~/.local/share/edgeprop."""
+    import os
+
+    if os.environ.get("EDGEPROP_HOME"):
+        return Path(os.environ["EDGEPROP_HOME"])
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "edgeprop"
+
+
+def default_personal_path(base_path: Path, speaker: str) -> Path:
+    """<user data dir>/personal/<base stem>.<speaker>.npz: never inside the package."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in speaker) or "speaker"
+    return user_data_dir() / "personal" / f"{Path(base_path).stem}.{safe}.npz"
+
+
+def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker: str,
+                      acfg: AdaptConfig, *, out: Path | None = None,
+                      result: dict | None = None) -> Path:
+    """Write the adapted weights as a new checkpoint (atomic); refuses to touch the base."""
+    from edgeprop.checkpoint import params_hash, save_checkpoint
+
+    path = Path(out) if out is not None else default_personal_path(base_path, speaker)
+    if path.resolve() == Path(base_path).resolve():
+        raise ConfigError(f"refusing to overwrite the base checkpoint {base_path}; "
+                          f"choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = dict(ckpt.extra or {})
+    extra["personalized"] = {
+        "speaker": speaker, "base": str(base_path),
+        "base_params_sha256": params_hash(ckpt.params),
+        "adapt_config": acfg.to_dict(), **(result or {}),
+    }
+    save_checkpoint(path, ckpt.cfg, params, frontend=ckpt.frontend, encoder=ckpt.encoder,
+                    labels=ckpt.labels, extra=extra)
+    return path
+
+
+# ---------------------------------------------------------------- live utterances
+def frame_db(x: np.ndarray, hop: int = 160) -> np.ndarray:
+    """Per-10 ms-frame RMS level in dBFS (floor -120)."""
+    n = len(x) // hop
+    if n == 0:
+        return np.zeros(0)
+    e = np.mean(np.square(x[: n * hop].reshape(n, hop), dtype=np.float64), axis=1)
+    return 10.0 * np.log10(np.maximum(e, 1e-12))
+
+
+def fit_clip(x: np.ndarray, n: int = 16000, hop: int = 160) -> np.ndarray:
+    """An utterance as a 1 s clip like the training data: centred on its energy, padded."""
+    x = np.asarray(x, np.float32)
+    if len(x) > n:
+        db = frame_db(x, hop)
+        if db.size:
+            w = np.power(10.0, db / 10.0)
+            c = int(np.round(np.sum(w * np.arange(db.size)) / np.sum(w))) * hop + hop // 2
+            start = int(np.clip(c - n // 2, 0, len(x) - n))
+            x = x[start:start + n]
+        else:
+            x = x[:n]
+    out = np.zeros(n, np.float32)
+    off = (n - len(x)) // 2
+    out[off:off + len(x)] = x
+    return out
+
+
+class Endpointer:
+    """Energy endpointing over a live stream of 10 ms blocks (pure; no device).
+
+    The noise floor is the running 20th percentile of frame levels while nobody speaks
+    (the first `calibrate_ms` only measure it). An utterance starts when a frame is
+    `start_db` above the floor (and above `min_level_dbfs`), and ends after `hang_ms` of
+    frames below floor + `stop_db`. It is returned with `margin_ms` of audio either side;
+    shorter than `min_ms` is ignored.
+    """
+
+    def __init__(self, *, start_db: float = 15.0, stop_db: float = 8.0,
+                 min_level_dbfs: float = -55.0, hang_ms: float = 300.0,
+                 margin_ms: float = 150.0, min_ms: float = 100.0, max_ms: float = 2000.0,
+                 calibrate_ms: float = 300.0, hop: int = 160, sample_rate: int = 16000):
+        self.start_db, self.stop_db, self.min_level = start_db, stop_db, min_level_dbfs
+        fr = sample_rate / hop / 1000.0
+        self.hang = max(1, int(hang_ms * fr))
+        self.margin = max(0, int(margin_ms * fr))
+        self.min_frames = max(1, int(min_ms * fr))
+        self.max_frames = max(self.min_frames + 1, int(max_ms * fr))
+        self.hop = hop
+        self.calibrate = max(1, int(calibrate_ms * fr))
+        self._hist: list[float] = []
+        self._pre: list[np.ndarray] = []
+        self._cur: list[np.ndarray] | None = None
+        self._quiet = 0
+        self._buf = np.zeros(0, np.float32)
+
+    @property
+    def floor_db(self) -> float:
+        if not self._hist:
+            return -90.0
+        return float(np.percentile(self._hist[-300:], 20))
+
+    def push(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Feed audio; returns the utterances completed by it (usually none)."""
+        self._buf = np.concatenate([self._buf, np.asarray(samples, np.float32).reshape(-1)])
+        done = []
+        while len(self._buf) >= self.hop:
+            frame, self._buf = self._buf[:self.hop], self._buf[self.hop:]
+            utt = self._frame(frame)
+            if utt is not None:
+                done.append(utt)
+        return done
+
+    def _frame(self, frame: np.ndarray) -> np.ndarray | None:
+        db = float(frame_db(frame, self.hop)[0])
+        floor = self.floor_db
+        if self._cur is None:
+            self._pre = (self._pre + [frame])[-(self.margin + 1):]
+            calibrated = len(self._hist) >= self.calibrate
+            if calibrated and db > floor + self.start_db and db > self.min_level:
+                self._cur = list(self._pre)
+                self._quiet = 0
+            else:
+                self._hist.append(db)
+            return None
+        self._cur.append(frame)
+        self._quiet = self._quiet + 1 if db < floor + self.stop_db else 0
+        voiced = len(self._cur) - self._quiet
+        if self._quiet >= self.hang or len(self._cur) >= self.max_frames + self.margin:
+            cut = len(self._cur) - max(0, self._quiet - self.margin)
+            utt = np.concatenate(self._cur[:cut])
+            self._cur, self._pre, self._quiet = None, [], 0
+            return utt if voiced >= self.min_frames + self.margin else None
+        return None

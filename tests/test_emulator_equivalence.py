@@ -1,0 +1,122 @@
+"""The emulated chip equals the edgeprop e-prop reference on real clips.
+
+fp32 storage: bit for bit with EpropLearner(kernel="numba") (same operation order:
+sequential sums over inputs and over spikes in ascending id), and within 1e-5
+relative of EpropLearner(kernel="numpy") (BLAS sums in another order), for outputs,
+spikes and weights after training. Multi-process mode (PE groups in worker processes
+over ZeroMQ) gives the same bits as single-process mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeprop.eprop import EpropLearner
+from edgeprop.network import ModelConfig, init_params
+from firmware_model import EmulatedLearner
+
+
+@pytest.fixture(scope="module")
+def clips(data_dir):
+    """Three real clips -> per-channel standardised log-mel + delta features (T=100, 80)."""
+    from edgeprop.datasets import load_clip, scan_speech_commands
+    from edgeprop.frontend import FrontendConfig, features
+
+    scan = scan_speech_commands(data_dir)
+    chosen = sorted(scan.clips, key=lambda c: c.key)[::997][:3]
+    audio = np.stack([load_clip(c) for c in chosen])
+    f = features(audio, FrontendConfig())
+    f = (f - f.mean(axis=(0, 1))) / (f.std(axis=(0, 1)) + 1e-6)
+    return f.astype(np.float32), [c.label_index for c in chosen]
+
+
+def _train(learner, xs, labels, per_step=False):
+    ys = []
+    for x, lab in zip(xs, labels, strict=True):
+        learner.reset()
+        for t in range(x.shape[0]):
+            ys.append(learner.step(x[t], lab if per_step and t % 3 else None))
+        learner.end_sample(None if per_step else lab)
+        learner.apply()
+    return np.array(ys)
+
+
+def _arrays(params):
+    return params.w_in, params.w_rec, params.w_out
+
+
+@pytest.mark.parametrize("loss", ["mean", "per_step"])
+def test_fp32_emulator_is_bit_exact_with_numba_reference(clips, loss):
+    xs, labels = clips
+    cfg = ModelConfig()
+    p = init_params(cfg, 3)
+    ref = EpropLearner(cfg, p.copy(), loss=loss, reg_coef=0.05, kernel="numba")
+    emu = EmulatedLearner(cfg, p.copy(), loss=loss, reg_coef=0.05, precision="fp32")
+    y_ref = _train(ref, xs, labels, per_step=loss == "per_step")
+    y_emu = _train(emu, xs, labels, per_step=loss == "per_step")
+    assert np.abs(y_ref).sum() > 0, "the readout never moved: the test would prove nothing"
+    assert np.array_equal(y_ref, y_emu)
+    for a, b in zip(_arrays(ref.params), _arrays(emu.params), strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(ref.params.w_in, p.w_in), "training changed no weight"
+    st_ref, st_emu = ref.optimizer_state(), emu.optimizer_state()
+    for k in ("m.0", "m.1", "m.2", "v.0", "v.1", "v.2"):
+        assert np.array_equal(st_ref[k], st_emu[k]), k
+
+
+def test_fp32_spikes_and_grads_bit_exact_per_step_of_a_clip(clips):
+    xs, labels = clips
+    cfg = ModelConfig()
+    p = init_params(cfg, 5)
+    ref = EpropLearner(cfg, p.copy(), kernel="numba")
+    emu = EmulatedLearner(cfg, p.copy(), precision="fp32")
+    spikes = 0
+    for t in range(xs.shape[1]):
+        ref.step(xs[0, t])
+        emu.step(xs[0, t])
+        # spikes as the host sees them: the readout PE's received spike vector
+        z_emu = emu._exec.programs[emu.readout_pe].zin.astype(np.float32)
+        assert np.array_equal(ref.state.z, z_emu), f"step {t}"
+        spikes += int(z_emu.sum())
+    assert spikes > 0
+    assert ref.end_sample(labels[0]) == emu.end_sample(labels[0])
+    for a, b in zip(ref.grads().arrays(), emu.grads().arrays(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_fp32_emulator_within_1e5_of_numpy_reference(clips):
+    xs, labels = clips
+    cfg = ModelConfig()
+    p = init_params(cfg, 3)
+    ref = EpropLearner(cfg, p.copy(), kernel="numpy")
+    emu = EmulatedLearner(cfg, p.copy(), precision="fp32")
+    y_ref = _train(ref, xs[:1, :40], labels[:1])
+    y_emu = _train(emu, xs[:1, :40], labels[:1])
+    np.testing.assert_allclose(y_emu, y_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_arrays(ref.params), _arrays(emu.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16-m8"])
+def test_multiprocess_equals_single_process(clips, precision):
+    xs, labels = clips
+    cfg = ModelConfig()
+    p = init_params(cfg, 1)
+    single = EmulatedLearner(cfg, p.copy(), precision=precision)
+    multi = EmulatedLearner(cfg, p.copy(), precision=precision, multiprocess=True)
+    procs = list(multi._exec.procs)
+    try:
+        assert len(procs) == 3 and all(pr.poll() is None for pr in procs)
+        y_s = _train(single, xs[:2, :50], labels[:2])
+        y_m = _train(multi, xs[:2, :50], labels[:2])
+        assert np.array_equal(y_s, y_m)
+        for a, b in zip(_arrays(single.params), _arrays(multi.params), strict=True):
+            assert np.array_equal(a, b)
+        ps, pm = single.profile(), multi.profile()
+        for k in ("memory_total_bytes", "step_time_us", "packets_per_step",
+                  "energy_per_sample_uj"):
+            assert ps[k] == pm[k], k
+    finally:
+        multi.close()
+    assert all(pr.poll() is not None for pr in procs), "close() left workers running"

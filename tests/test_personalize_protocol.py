@@ -1,0 +1,168 @@
+"""Speaker personalization: the non-interactive protocol on real speakers of the dev set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import personalization as P
+
+REPO = Path(__file__).resolve().parents[1]
+SPEAKERS = ("837a0f64", "97f4c236")  # held out from the shipped model's pretraining
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from edgeprop.shipped import SHIPPED_MODEL, load_shipped
+
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip("shipped model not built yet (edgeprop pretrain)")
+    return load_shipped()
+
+
+@pytest.fixture(scope="module")
+def session(shipped, data_dir):
+    return P.Session.open(shipped, data_dir)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+
+
+def test_split_keeps_shots_out_of_the_test_set(session):
+    sp = P.split_speaker(session.clips, SPEAKERS[0], 2, seed=0)
+    shot_keys = {c.key for c in sp.shots}
+    assert shot_keys.isdisjoint({c.key for c in sp.test})
+    assert all(c.speaker == SPEAKERS[0] for c in sp.shots + sp.test)
+    per_label = {}
+    for c in sp.shots:
+        per_label[c.label] = per_label.get(c.label, 0) + 1
+    keywords = [lab for lab in session.ckpt.labels if not lab.startswith("_")]
+    have = {k: sum(c.label == k for c in session.clips if c.speaker == SPEAKERS[0])
+            for k in keywords}
+    assert all(per_label.get(k, 0) == min(2, have[k]) for k in keywords)
+    assert "_silence_" not in {c.label for c in sp.test}
+
+
+def test_rehearsal_never_uses_the_test_speaker(session):
+    pool = P.rehearsal_pool(session.clips, SPEAKERS[0], 5, seed=0, allowed_speakers=session.seen)
+    assert pool and all(c.speaker != SPEAKERS[0] for c in pool)
+    assert {c.label for c in pool} == set(session.ckpt.labels)
+
+
+def test_pretraining_split_is_recovered_from_the_checkpoint(session):
+    # the shipped model records seed + val_fraction; our two speakers are on the val side
+    assert session.seen is not None and len(session.seen) > 100
+    assert not any(s in session.seen for s in SPEAKERS)
+
+
+def test_protocol_is_deterministic_and_improves_held_out_speakers(session):
+    acfg = replace(P.AdaptConfig(), passes=2)
+    runs = []
+    for _ in range(2):
+        res = [P.personalize_speaker(session, s, acfg, backend="reference") for s in SPEAKERS]
+        runs.append([(r["before"], r["after"], r["n_adapt"], r["n_test"]) for r in res])
+        params = [r.pop("_params") for r in res]
+    assert runs[0] == runs[1]
+    for (before, after, n_adapt, n_test), p in zip(runs[0], params, strict=True):
+        assert n_adapt == 22 or n_adapt == 21  # 2 per keyword + up to 2 _unknown_
+        assert n_test >= 20
+        assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+        assert not np.array_equal(p.w_out, session.ckpt.params.w_out)  # it did learn
+    mean_before = np.mean([r[0] for r in runs[0]])
+    mean_after = np.mean([r[1] for r in runs[0]])
+    assert mean_after >= mean_before
+
+
+def test_frozen_layers_stay_at_the_base(session):
+    sp = P.split_speaker(session.clips, SPEAKERS[1], 1, seed=0)
+    x = session.features.inputs(sp.shots)
+    y = np.array([c.label_index for c in sp.shots])
+    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=0, silence=0, learn=("w_out",))
+    run = P.adapt(session.ckpt, x, y, x[:0], y[:0], acfg, backend="reference")
+    assert np.array_equal(run.params.w_in, session.ckpt.params.w_in)
+    assert np.array_equal(run.params.w_rec, session.ckpt.params.w_rec)
+    assert not np.array_equal(run.params.w_out, session.ckpt.params.w_out)
+    assert run.n_utterances == len(y)
+
+
+def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path):
+    from edgeprop.checkpoint import load_checkpoint
+    from edgeprop.shipped import SHIPPED_MODEL
+
+    base = tmp_path / "base.npz"
+    shutil.copy(SHIPPED_MODEL, base)
+    h_base, h_shipped = _sha256(base), _sha256(SHIPPED_MODEL)
+    out = tmp_path / "personal.npz"
+    r = _cli("personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
+             SPEAKERS[1], "--shots", "1", "--passes", "1", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert {"before", "after", "n_adapt", "n_test"} <= set(res)
+    assert res["out"] == str(out) and out.is_file()
+    assert _sha256(base) == h_base and _sha256(SHIPPED_MODEL) == h_shipped
+    ck = load_checkpoint(out)
+    assert ck.extra["personalized"]["speaker"] == SPEAKERS[1]
+    assert not np.array_equal(ck.params.w_out, shipped.params.w_out)
+    # asking to overwrite the base is a one-line user error, and the base survives it
+    r = _cli("personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
+             SPEAKERS[1], "--shots", "1", "--passes", "1", "--out", str(base))
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _sha256(base) == h_base
+
+
+def test_unknown_speaker_is_a_clean_error(shipped, data_dir):
+    r = _cli("personalize", "--data", str(data_dir), "--speaker", "00000000", "--json")
+    assert r.returncode == 2
+    assert "no clips" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_writes_markdown_and_plot(session, tmp_path):
+    from runtime.commands.personalize import write_report
+
+    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=2)
+    out = P.sweep(session, acfg, speakers=[SPEAKERS[0]], curve=True, backend="reference")
+    result = {"model": "m", "data": "d", "backend": "reference",
+              "adapt_config": acfg.to_dict(), "command": "x"} | out
+    png = write_report(result, tmp_path / "rep.md")
+    text = (tmp_path / "rep.md").read_text()
+    assert "relative error reduction" in text and png.name in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p["shots"] for p in out["curve"]] == [0, 1]
+
+
+def test_endpointer_cuts_one_utterance_per_word():
+    from edgeprop.datasets import load_clip, scan_speech_commands
+
+    from tests.conftest import DATA_DIR
+
+    if not DATA_DIR.is_dir():
+        pytest.skip("no dev data")
+    clips = [c for c in scan_speech_commands(DATA_DIR).clips if c.speaker == SPEAKERS[0]
+             and c.label in ("yes", "left", "stop")][:3]
+    rng = np.random.default_rng(0)
+    parts = [np.zeros(8000, np.float32)]
+    for c in clips:
+        parts += [load_clip(c), np.zeros(12000, np.float32)]
+    stream = np.concatenate(parts) + 0.002 * rng.standard_normal(sum(map(len, parts)))
+    ep = P.Endpointer()
+    utts = []
+    for i in range(0, len(stream), 160):
+        utts += ep.push(stream[i:i + 160].astype(np.float32))
+    assert len(utts) == len(clips)
+    assert all(0.2 < len(u) / 16000 < 1.6 for u in utts)
+    assert all(P.fit_clip(u).shape == (16000,) for u in utts)

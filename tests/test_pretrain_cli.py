@@ -1,0 +1,135 @@
+"""`edgeprop pretrain` and `edgeprop evaluate` end to end, through the real CLI in
+subprocesses, on a tiny real subset of speech_commands_dev."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeprop.checkpoint import load_checkpoint, params_hash
+from edgeprop.frontend import FrontendConfig
+from edgeprop.network import KWS_LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--max-clips", "60", "--epochs", "2", "--n-aug", "1", "--seed", "3", "--quiet"]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pretrain")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(work: Path, data_dir: Path) -> tuple[Path, dict]:
+    out = work / "tiny.npz"
+    res = _json(_cli("pretrain", "--data", data_dir, "--out", out, "--cache-dir",
+                     work / "cache", "--json", *TINY))
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def eval_folder(work: Path, data_dir: Path) -> Path:
+    """A never-seen folder in the Speech Commands layout: 2 keywords, an unknown word
+    ('bed', not one of the labels) and a silence clip, as symlinks to real clips."""
+    root = work / "evalset"
+    picks = {"yes": sorted((data_dir / "yes").glob("*.wav"))[-3:],
+             "stop": sorted((data_dir / "stop").glob("*.wav"))[-2:],
+             "_silence_": sorted((data_dir / "_silence_").glob("*.wav"))[-1:]}
+    for word, files in picks.items():
+        (root / word).mkdir(parents=True)
+        for f in files:
+            (root / word / f.name).symlink_to(f)
+    (root / "bed").mkdir()
+    for f in sorted((data_dir / "_unknown_").glob("bed_*"))[-2:]:
+        (root / "bed" / f.name.removeprefix("bed_")).symlink_to(f)
+    return root
+
+
+def test_pretrain_writes_a_complete_checkpoint_and_record(tiny_model):
+    out, res = tiny_model
+    assert res["epochs_run"] == 2 and res["method"] == "sparse_bptt"
+    assert 0.0 <= res["val_accuracy"] <= 1.0 and res["n_val"] > 0
+    assert res["data_info"]["n_train"] + res["n_val"] == 60
+    ck = load_checkpoint(out)
+    assert ck.cfg.n_weights == 25440
+    assert ck.labels == list(KWS_LABELS)
+    assert ck.encoder["name"] == "current"
+    fcfg = FrontendConfig.from_dict(ck.frontend)
+    assert fcfg.normalized and fcfg.n_features == ck.cfg.n_in
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["seed"] == 3 and "pretrain" in record["command"]
+    assert not (out.parent / (out.name + ".resume.npz")).exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model, work, data_dir):
+    out, _ = tiny_model
+    split = work / "split.npz"
+    common = ["pretrain", "--data", data_dir, "--out", split, "--cache-dir", work / "cache",
+              "--json", *TINY]
+    first = _json(_cli(*common, "--stop-after", "1"))
+    resume_file = work / "split.npz.resume.npz"
+    assert first["stopped_after"] == 1 and resume_file.is_file() and not split.exists()
+    second = _json(_cli(*common, "--resume"))
+    assert second["epochs_run"] == 2 and not resume_file.exists()
+    assert params_hash(load_checkpoint(split).params) == params_hash(load_checkpoint(out).params)
+    assert second["val_accuracy"] == pytest.approx(tiny_model[1]["val_accuracy"])
+
+
+def test_evaluate_on_a_never_seen_folder(tiny_model, eval_folder, work):
+    out, _ = tiny_model
+    res = _json(_cli("evaluate", "--model", out, "--data", eval_folder, "--cache-dir",
+                     work / "cache", "--json", "--quiet"))
+    assert res["n"] == 8 and res["labels"] == list(KWS_LABELS)
+    assert res["per_class_n"]["yes"] == 3 and res["per_class_n"]["_unknown_"] == 2
+    assert res["per_class"]["no"] is None  # absent class
+    cm = res["confusion"]
+    assert sum(map(sum, cm)) == 8 and len(cm) == 12
+    assert res["accuracy"] == pytest.approx(sum(cm[i][i] for i in range(12)) / 8)
+
+
+def test_evaluate_shipped_model_on_real_clips(eval_folder, work):
+    from edgeprop.shipped import SHIPPED_MODEL
+
+    assert SHIPPED_MODEL.is_file(), "the shipped model is missing (edgeprop pretrain)"
+    res = _json(_cli("evaluate", "--data", eval_folder, "--cache-dir", work / "cache",
+                     "--json", "--quiet"))
+    assert res["n"] == 8 and res["model"] == str(SHIPPED_MODEL)
+    assert 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
+    out, _ = tiny_model
+    junk = work / "junk.npz"
+    junk.write_text("not a checkpoint")
+    empty = work / "empty_dir"
+    empty.mkdir()
+    cases = [
+        (("evaluate", "--model", out, "--data", work / "nope"), "no such folder"),
+        (("evaluate", "--model", out, "--data", empty), "no class folders"),
+        (("evaluate", "--model", junk, "--data", empty), "not an edgeprop checkpoint"),
+        (("pretrain", "--data", work / "nope", "--out", work / "x.npz", "--quiet"),
+         "no such folder"),
+        (("pretrain", "--data", empty, "--out", work / "x.npz", "--resume", "--quiet"),
+         "no class folders"),
+    ]
+    for args, msg in cases:
+        proc = _cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert msg in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

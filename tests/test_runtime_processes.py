@@ -1,0 +1,157 @@
+"""Real learner subprocesses: kill -9 and resume, SIGINT, a broker with two workers, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runtime_support import control, feed_stream, frontend_for, make_checkpoint, \
+    real_clip_stream
+
+from edgeprop.checkpoint import load_checkpoint, params_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.ckpt")
+
+
+@pytest.fixture(scope="module")
+def stream(data_dir):
+    return real_clip_stream(data_dir, per_label=1, seed=3)
+
+
+def _serve(tmp: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    ready = tmp / "ready.json"
+    if ready.exists():
+        ready.unlink()
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--ready-file", str(ready),
+           "--log-level", "WARNING", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, "serve did not come up"
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def _wait_for(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill9_then_restart_resumes_from_the_last_checkpoint(model, stream, tmp_path):
+    ck_dir = tmp_path / "ck"
+    args = ["--model", str(model), "--backend", "reference", "--bind",
+            f"ipc://{tmp_path}/data", "--control", f"ipc://{tmp_path}/ctl",
+            "--checkpoint-dir", str(ck_dir), "--checkpoint-every", "0.2", "--apply-delay", "0"]
+    proc, ep = _serve(tmp_path, *args)
+    fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="k")
+    try:
+        fe.start()
+        n = feed_stream(fe, stream, limit_s=8)
+        _wait_for(lambda: control(ep["control_rep"], "stats").result["counts"].get(
+            "frames", 0) >= n)
+        before = control(ep["control_rep"], "stats").result
+        assert before["updates"] >= 3
+        time.sleep(0.6)  # > the checkpoint interval
+        t_kill = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        ck = load_checkpoint(ck_dir / "learner.ckpt")  # atomic: never half-written
+        rt = ck.extra["runtime"]
+        assert rt["updates"] == before["updates"]  # lost nothing older than the interval
+        assert t_kill - rt["saved_unix"] < 0.2 + 1.0
+        assert params_hash(ck.params) == before["params_hash"]
+
+        proc, ep = _serve(tmp_path, *args)  # same command: resumes from ck_dir
+        after = control(ep["control_rep"], "stats").result
+        assert after["params_hash"] == before["params_hash"]
+        assert after["updates"] == before["updates"]
+        # the same frontend carries on: the new learner has no session, so it says hello
+        feed_stream(fe, stream, limit_s=1)
+        _wait_for(lambda: fe.rehellos >= 1 and fe._hello_reply is not None)
+        feed_stream(fe, stream, limit_s=5)
+        st = fe.finish(timeout_s=30)
+        assert st["eos_confirmed"] and fe.rehellos >= 1
+        assert control(ep["control_rep"], "stats").result["updates"] > before["updates"]
+    finally:
+        fe.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigint_checkpoints_and_exits_cleanly(model, stream, tmp_path):
+    ck_dir = tmp_path / "ck"
+    proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
+                      "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+                      "--checkpoint-dir", str(ck_dir), "--checkpoint-every", "1000")
+    try:
+        fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="i")
+        fe.start()
+        feed_stream(fe, stream, limit_s=5)
+        assert fe.finish()["eos_confirmed"]
+        fe.close()
+        stats = control(ep["control_rep"], "stats").result
+        assert stats["updates"] >= 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        err = proc.stderr.read()
+        assert "SIGINT received" in err and "Traceback" not in err
+        ck = load_checkpoint(ck_dir / "learner.ckpt")
+        assert params_hash(ck.params) == stats["params_hash"]  # no committed weight lost
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_two_workers_behind_the_broker_share_the_sessions(model, stream, tmp_path):
+    proc, ep = _serve(tmp_path, "--workers", "2", "--model", str(model), "--backend",
+                      "reference", "--bind", f"ipc://{tmp_path}/broker")
+    nodes = []
+    try:
+        assert ep["workers"] == 2
+        ck = load_checkpoint(model)
+        for name in ("a", "b", "c", "d"):
+            node = frontend_for(ck, ep["clients_router"], stream=name)
+            nodes.append((node, node.start()))
+        assert {r.session for _, r in nodes} == {"worker-0", "worker-1"}
+        for node, _ in nodes:
+            n = feed_stream(node, stream, limit_s=2)
+        for node, _ in nodes:
+            st = node.finish(timeout_s=30)
+            assert st["eos_confirmed"] and st["posterior_frames"] == n
+    finally:
+        for node, _ in nodes:
+            node.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def test_edgeprop_run_default_job_exits_0_with_the_summary():
+    env = dict(os.environ, EDGEPROP_DATA="/nonexistent")  # the job needs no ../shared
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--speed", "0",
+                          "--json", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                         timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    for key in ("frames", "dropped", "detections", "accuracy", "latency_p50_ms",
+                "latency_p99_ms", "realtime_factor"):
+        assert key in res
+    assert res["frames"] > 3000 and res["dropped"] == 0 and res["eos_confirmed"]
+    assert res["backend"] == "emulator" and res["updates"] >= 30
+    assert res["params_hash_after"] != res["params_hash_before"]
