@@ -146,6 +146,37 @@ def forward(
     )
 
 
+def forward_fused(
+    cfg: ModelConfig, params: Params, x: np.ndarray, *, b_th: float = 0.1,
+    keep_y: bool = False,
+) -> SparseTrace:
+    """`forward` in one compiled pass (`sparse_kernels.forward_kernel`): same equations
+    and float32 arithmetic as `network.step`; only the summation order of the input and
+    recurrent currents differs (one matrix product for x W_in^T, spike-driven sums), so
+    results agree to float rounding (tests/test_sparse_bptt.py holds it to `forward`)."""
+    if not b_th > 0:
+        raise ConfigError(f"b_th must be > 0, got {b_th}")
+    x = _check_x(cfg, x)
+    T, B, n_in = x.shape
+    n = cfg.n_rec
+    i_in = (x.reshape(T * B, n_in) @ params.w_in.T).reshape(T, B, n)
+    act_ptr = np.zeros(T + 1, np.int64)
+    spk_ptr = np.zeros(T + 1, np.int64)
+    ysum = np.zeros((B, cfg.n_out), np.float64)
+    zw = np.zeros((B, n), np.float64)
+    y_all = np.empty((T if keep_y else 0, B, cfg.n_out), DTYPE)
+    f32 = lambda v: np.float32(v)
+    act_idx, act_psi, spk_idx = sparse_kernels.forward_kernel(
+        f32(cfg.alpha), f32(cfg.rho), f32(cfg.beta_eff), f32(cfg.kappa), f32(cfg.v_th),
+        f32(cfg.gamma), f32(min(float(b_th), float(cfg.v_th))), i_in,
+        np.ascontiguousarray(params.w_rec.T), np.ascontiguousarray(params.w_out.T),
+        readout_tail(cfg, T), keep_y, act_ptr, spk_ptr, ysum, zw, y_all)
+    return SparseTrace(
+        x=x, act_ptr=act_ptr, act_idx=act_idx, act_psi=act_psi, spk_ptr=spk_ptr,
+        spk_idx=spk_idx, ybar=ysum / T, y=y_all if keep_y else None, zw=zw,
+        b_th=float(b_th))
+
+
 def check_activity(
     trace: SparseTrace, *, min_active: float = MIN_ACTIVE_FRACTION,
     min_rate: float = MIN_FIRING_RATE,

@@ -200,3 +200,94 @@ def out_grads_kernel(n, spk_ptr, spk_idx, y_adj, g_out):  # pragma: no cover - c
             j = flat - b * n
             for c in range(K):
                 g_out[c, j] += y_adj[t, b, c]
+
+
+@njit(cache=True, fastmath=False)
+def forward_kernel(
+    alpha, rho, beta, kappa, v_th, gamma, band, i_in, w_rec_t, w_out_t, tail, keep_y,
+    act_ptr, spk_ptr, ysum, zw, y_all,
+):  # pragma: no cover - compiled
+    """Fused forward of `edgeprop.network.step` over time, keeping the sparse trace.
+
+    i_in = x @ W_in^T for all steps (T, B, n), precomputed by one matrix product;
+    the recurrent input and the readout are summed over the spikes only (w_rec_t, w_out_t
+    are the transposed, pre-major weights). Same equations as `network.step`, float32;
+    only the summation order differs (tests hold it to the step loop).
+    Returns (act_idx, act_psi, spk_idx) trimmed to size.
+    """
+    T, B, n = i_in.shape
+    K = w_out_t.shape[1]
+    cap = max(1024, (T * B * n) // 16)
+    act_idx = np.empty(cap, np.int32)
+    act_psi = np.empty(cap, np.float32)
+    scap = max(1024, (T * B * n) // 16)
+    spk_idx = np.empty(scap, np.int32)
+    v = np.zeros((B, n), np.float32)
+    a = np.zeros((B, n), np.float32)
+    z = np.zeros((B, n), np.float32)
+    rec = np.zeros((B, n), np.float32)
+    y = np.zeros((B, K), np.float32)
+    zp = np.zeros((B, n), np.float32)
+    g = np.float32(gamma / v_th)  # scalars arrive as float32: float32 arithmetic as in step
+    na = 0
+    ns = 0
+    for t in range(T):
+        for b in range(B):
+            for j in range(n):
+                zp[b, j] = z[b, j]
+        # recurrent input of z[t-1], summed over its spikes
+        rec[:, :] = 0.0
+        for s in range(spk_ptr[t - 1] if t > 0 else 0, spk_ptr[t] if t > 0 else 0):
+            flat = spk_idx[s]
+            b = flat // n
+            i = flat - b * n
+            for j in range(n):
+                rec[b, j] += w_rec_t[i, j]
+        for b in range(B):
+            for j in range(n):
+                vv = alpha * v[b, j] + i_in[t, b, j] + rec[b, j] - v_th * zp[b, j]
+                aa = rho * a[b, j] + zp[b, j]
+                thr = v_th + beta * aa
+                v[b, j] = vv
+                a[b, j] = aa
+                d = vv - thr
+                zz = np.float32(1.0) if vv > thr else np.float32(0.0)
+                z[b, j] = zz
+                ad = abs(d)
+                if ad < band:
+                    if na == act_idx.shape[0]:
+                        bigger = np.empty(2 * na, np.int32)
+                        bigger[:na] = act_idx
+                        act_idx = bigger
+                        biggerp = np.empty(2 * na, np.float32)
+                        biggerp[:na] = act_psi
+                        act_psi = biggerp
+                    act_idx[na] = b * n + j
+                    act_psi[na] = g * max(np.float32(0.0), np.float32(1.0) - ad / v_th)
+                    na += 1
+                if zz != 0.0:
+                    if ns == spk_idx.shape[0]:
+                        bigger = np.empty(2 * ns, np.int32)
+                        bigger[:ns] = spk_idx
+                        spk_idx = bigger
+                    spk_idx[ns] = b * n + j
+                    ns += 1
+                    zw[b, j] += tail[t]
+        act_ptr[t + 1] = na
+        spk_ptr[t + 1] = ns
+        # readout y[t] = kappa y[t-1] + W_out z[t], over the spikes of step t
+        for b in range(B):
+            for k in range(K):
+                y[b, k] *= kappa
+        for s in range(spk_ptr[t], ns):
+            flat = spk_idx[s]
+            b = flat // n
+            j = flat - b * n
+            for k in range(K):
+                y[b, k] += w_out_t[j, k]
+        for b in range(B):
+            for k in range(K):
+                ysum[b, k] += y[b, k]
+                if keep_y:
+                    y_all[t, b, k] = y[b, k]
+    return act_idx[:na].copy(), act_psi[:na].copy(), spk_idx[:ns].copy()

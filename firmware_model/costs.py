@@ -40,6 +40,10 @@ CYCLES = {
     "elig_lif": 12,
     # per synapse, fused (no ebar): one load and store fewer and no VMLA for ebar
     "elig_alif_fused": 17,
+    # per synapse of a row whose psi is 0 at t and t-1 (the kernels' skip path):
+    # eps_a *= rho (VMUL), ebar *= kappa (VMUL), acc += ebar (VADD), 3 loads and 3
+    # stores as VLDM/VSTM bursts (~5), overhead (2)
+    "elig_skip": 10,
     # per synapse at the end of a sample: grad = coef * S (VLDR, VMUL, VSTR)
     "grad_scale": 5,
     # per synapse per step with per_step loss: grad += L * ebar (VLDR x2, VMLA, VSTR)

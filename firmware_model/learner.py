@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeprop.bptt import Grads
 from edgeprop.errors import CheckpointError, ConfigError
-from edgeprop.network import DTYPE, ModelConfig, Params
+from edgeprop.network import DTYPE, ModelConfig, Params, State
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, map_network
@@ -157,6 +157,17 @@ class EmulatedLearner:
         ni = self.cfg.n_in
         return Params(np.ascontiguousarray(w[:, :ni]), np.ascontiguousarray(w[:, ni:]),
                       res[self.readout_pe]["w_out"], self._b_fb.copy())
+
+    @property
+    def state(self) -> State:
+        """Neuron state (v, a, z, y) gathered from the PEs (copies)."""
+        res, _ = self._call("read_state", self._all)
+        cat = lambda k: np.concatenate([res[p][k] for p in range(self.chip.n_pes)])
+        return State(cat("v"), cat("a"), cat("z"), res[self.readout_pe]["y"])
+
+    def state_nbytes(self) -> dict[str, int]:
+        """Chip SRAM bytes by region, summed over PEs (EpropLearner.state_nbytes's role)."""
+        return dict(self.memory()["by_region"])
 
     def reset(self) -> None:
         """New sample: neuron state, traces and this sample's sums cleared on every PE."""

@@ -297,7 +297,7 @@ class PEProgram:
         n, n_pre, ft = self.n, self.n_pre, self.fmt_t
         cyc = (self._tick_fixed + (C["rec_add"] + self.fmt_w) * n * n_rx
                + (self._elig_cyc + 2 * self._n_trace_arrays * ft) * active * n_pre
-               + (4 + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
+               + (C["elig_skip"] + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
                + C["packet_send"] * n_spk)
         self.pe.counters.cycles += cyc
         self.pe.counters.packets_sent += n_spk
@@ -448,6 +448,12 @@ class PEProgram:
             out["w_out"] = self.w_out.read().copy()
             out["stats"] = self.stats.copy()
             out["n_samples"] = self.n_samples
+        return out
+
+    def cmd_read_state(self):
+        out = {"v": self.neur[0].copy(), "a": self.neur[1].copy(), "z": self.neur[2].copy()}
+        if self.is_readout:
+            out["y"] = self.y.copy()
         return out
 
     def cmd_opt_state(self):

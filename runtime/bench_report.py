@@ -234,19 +234,24 @@ def pe_memory(obj: Any) -> dict | None:
     return best
 
 
-def latencies(obj: Any) -> tuple[list[float] | None, dict[str, float]]:
-    """(raw latencies in ms if given, percentiles found) from the run JSON."""
-    raw = None
+def latencies(obj: Any) -> tuple[list[float] | dict | None, dict[str, float]]:
+    """(raw latencies in ms, or a {edges, counts} histogram, if given; percentiles found)."""
+    raw: list[float] | dict | None = None
     pct: dict[str, float] = {}
     for path, v in _walk(obj):
         last = path.rsplit(".", 1)[-1]
         if (isinstance(v, list) and len(v) >= 5 and all(_is_num(x) for x in v)
-                and re.search(r"latenc", last, re.I)):
+                and re.search(r"latenc", last, re.I) and not re.search(r"hist", last, re.I)):
             scale = 1000.0 if re.search(r"_s$|seconds", last) else 1.0
             raw = [float(x) * scale for x in v]
-        m = re.match(r"latency_p(\d+(?:\.\d+)?)_ms$", last)
+        if (isinstance(v, dict) and re.search(r"latenc.*hist", last, re.I)
+                and isinstance(v.get("edges"), list) and isinstance(v.get("counts"), list)
+                and len(v["edges"]) == len(v["counts"]) + 1 and raw is None):
+            raw = {"edges": [float(x) for x in v["edges"]],
+                   "counts": [float(x) for x in v["counts"]]}
+        m = re.match(r"latency_(p\d+(?:\.\d+)?|max)_ms$", last)
         if m and _is_num(v):
-            pct[f"p{m.group(1)}"] = float(v)
+            pct[m.group(1)] = float(v)
     return raw, pct
 
 
@@ -333,14 +338,20 @@ def plot_latency(raw: list[float] | None, pct: dict[str, float], path: Path,
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     if raw:
-        ax.hist(raw, bins=60, color="steelblue")
+        if isinstance(raw, dict):  # a histogram the benchmark binned itself
+            e = np.asarray(raw["edges"])
+            ax.bar(e[:-1], raw["counts"], width=np.diff(e), align="edge", color="steelblue")
+            n = int(sum(raw["counts"]))
+        else:
+            ax.hist(raw, bins=60, color="steelblue")
+            n = len(raw)
         ax.set_ylabel("frames")
-        ax.set_title(f"latency, audio block in to posterior out ({len(raw)} frames)", fontsize=10)
+        ax.set_title(f"latency, audio block in to posterior out ({n} frames)", fontsize=10)
         for name, v in pct.items():
             ax.axvline(v, color="red", ls="--", lw=0.8)
             ax.text(v, ax.get_ylim()[1] * 0.9, name, fontsize=7, color="red")
     else:
-        names = sorted(pct, key=lambda s: float(s[1:]))
+        names = sorted(pct, key=lambda s: float("inf") if s == "max" else float(s[1:]))
         ax.bar(names, [pct[k] for k in names], color="steelblue")
         ax.set_title("latency percentiles (the run gave no raw latencies)", fontsize=10)
     ax.set_xlabel("latency (ms)" if raw else "percentile")

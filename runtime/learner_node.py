@@ -29,6 +29,9 @@ inference uses exactly when the stream that ended the window reaches frame
 end + apply_delay (waiting there if learning is slower). The switch point is a
 function of the stream, not of timing, so a replay gives bit-identical posteriors.
 apply_delay = 0 learns inline (simplest; the stream waits for each update).
+late_updates="defer" trades that determinism for real time under overload: an update
+not learned by its switch point is used from the first frame after it is ready; and
+at most max_pending_updates windows wait for learning (more are skipped, counted).
 
 Faults are counters (`stats()`), logged (first few of each kind, then every 100th),
 and never raise out of `handle_bytes`: malformed, version, oversized, unknown_type,
@@ -40,7 +43,8 @@ Public API (stable)::
     Model.from_checkpoint(ckpt) ; load_model(path_or_None) -> Checkpoint
     LearnerCore(checkpoint, *, backend="emulator", lr=1e-4, detector=None (dict),
                 learning=True, history_s=5.0, peer_timeout_s=10.0, max_window_frames=300,
-                checkpoint_dir=None, checkpoint_every=30.0, n_pes=12, apply_delay=100)
+                checkpoint_dir=None, checkpoint_every=30.0, n_pes=12, apply_delay=100,
+                late_updates="wait", max_pending_updates=256)
         .handle_bytes(payload, route=b"") -> list[Message]
         .handle(msg, route=b"") -> list[Message]
         .control(req: ControlRequest) -> ControlReply
@@ -202,7 +206,8 @@ class LearnerCore:
                  learning: bool = True, history_s: float = 5.0, peer_timeout_s: float = 10.0,
                  max_window_frames: int = 300, checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every: float = 30.0, n_pes: int = 12, name: str = "learner",
-                 apply_delay: int = 100):
+                 apply_delay: int = 100, late_updates: str = "wait",
+                 max_pending_updates: int = 256):
         self.model = Model.from_checkpoint(checkpoint)
         self.cfg = self.model.cfg
         self.backend_name = backend
@@ -214,6 +219,10 @@ class LearnerCore:
         if apply_delay < 0:
             raise ConfigError(f"apply_delay must be >= 0 frames, got {apply_delay}")
         self.apply_delay = int(apply_delay)
+        if late_updates not in ("wait", "defer"):
+            raise ConfigError(f"late_updates must be 'wait' or 'defer', got {late_updates!r}")
+        self.late_updates = late_updates
+        self.max_pending_updates = int(max_pending_updates)
         self.shared = WeightSet(self.backend, self.apply_delay > 0)
         self._jobs: deque[_Job] = deque()
         self._queue: queue.Queue = queue.Queue()
@@ -470,6 +479,12 @@ class LearnerCore:
             ws.infer = ws.backend.params
             self._learned(loss, label, ws)
             return loss
+        if len(self._jobs) >= self.max_pending_updates:
+            self._fault("windows_skipped", f"{len(self._jobs)} updates already queued; "
+                                           "learning cannot keep up, window skipped",
+                        sess.stream)
+            sess.windows -= 1
+            return None
         job = _Job(ws, sess.stream, end_seq + self.apply_delay, x_seq, label)
         ws.pending += 1
         self._jobs.append(job)
@@ -519,6 +534,9 @@ class LearnerCore:
 
     def _swap_due(self, stream: str, seq: int) -> None:
         while self._jobs and self._jobs[0].stream == stream and seq >= self._jobs[0].swap_seq:
+            if self.late_updates == "defer" and not self._jobs[0].done.is_set():
+                self.counts["updates_deferred"] += 1  # real time first: try next frame
+                return
             self._swap_head()
 
     def _drain(self, stream: str | None = None) -> None:
@@ -704,7 +722,8 @@ class LearnerCore:
     def settings(self) -> dict:
         """What a replay needs to reproduce this learner (goes into recordings)."""
         return {"backend": self.backend_name, "lr": self.lr, "apply_delay": self.apply_delay,
-                "learning": self.learning, "detector": self.det_cfg.to_dict()}
+                "learning": self.learning, "detector": self.det_cfg.to_dict(),
+                "late_updates": self.late_updates}
 
     def stats(self) -> dict:
         up = time.monotonic() - self.started

@@ -66,12 +66,14 @@ class AdaptConfig:
     silence: int = 2               # _silence_ clips per pass
     include_unknown: bool = True   # the speaker's _unknown_ clips as shots too
     gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
+    shift: int = 0                 # passes after the first roll each shot by up to +-shift
+                                   # frames (circular): new utterances from the same shots
     precision: str = "fp32"        # emulator storage format (see the note in make_learner)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.shots < 0 or self.passes < 0 or self.rehearsal < 0 or self.silence < 0:
-            raise ConfigError("shots, passes, rehearsal and silence must be >= 0")
+        if min(self.shots, self.passes, self.rehearsal, self.silence, self.shift) < 0:
+            raise ConfigError("shots, passes, rehearsal, silence and shift must be >= 0")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.gate <= 1.0:
@@ -278,8 +280,8 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
     quiet = np.flatnonzero(y_generic == sil)
     t_learn = 0.0
     try:
-        for _ in range(acfg.passes):
-            xs, ys = [x_shots], [y_shots]
+        for p in range(acfg.passes):
+            xs, ys = [shifted(x_shots, acfg.shift if p else 0, rng)], [y_shots]
             for idx, k in ((words, acfg.rehearsal), (quiet, acfg.silence)):
                 take = idx[rng.permutation(len(idx))[:k]]
                 xs.append(x_generic[take])
@@ -317,6 +319,14 @@ def _p_label(ckpt: Checkpoint, params: Params, x: np.ndarray, label: int) -> flo
     ybar = predict_logits(ckpt.cfg, params, x[None])[0]
     e = np.exp(ybar - ybar.max())
     return float(e[label] / e.sum())
+
+
+def shifted(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each utterance (N, T, F) rolled in time by its own k in [-max_shift, max_shift]."""
+    if max_shift <= 0 or len(x) == 0:
+        return x
+    ks = rng.integers(-max_shift, max_shift + 1, size=len(x))
+    return np.stack([np.roll(xi, int(k), axis=0) for xi, k in zip(x, ks, strict=True)])
 
 
 def accuracy_of(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> float:

@@ -19,7 +19,8 @@ Public API (stable)::
         runtime: the learner settings replay needs to be identical (apply_delay, lr,
         detector, backend); replay_recording uses them unless told otherwise
     read_recording(path) -> Recording
-        Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs()
+        Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs(),
+        .learner_params_hash() (the weights the learner had at hello)
         (decoded messages), .posteriors() -> {stream: (n, n_out) array},
         .detections() -> list[Detection], .frames() -> list[Frames]
     replay_recording(recording, checkpoint, *, backend=None, learning=None,
@@ -116,11 +117,21 @@ class Recording:
     entries: list[P.RecordEntry]
     path: Path | None = None
 
+    def _decoded(self, direction: str) -> list[P.Message]:
+        out = []
+        for e in self.entries:
+            if e.direction == direction:
+                try:
+                    out.append(e.message())
+                except P.WireError:
+                    continue  # a learner-side recording keeps the bad inputs it survived
+        return out
+
     def inputs(self) -> list[P.Message]:
-        return [e.message() for e in self.entries if e.direction == "in"]
+        return self._decoded("in")
 
     def outputs(self) -> list[P.Message]:
-        return [e.message() for e in self.entries if e.direction == "out"]
+        return self._decoded("out")
 
     def frames(self) -> list[P.Frames]:
         return [m for m in self.inputs() if isinstance(m, P.Frames)]
@@ -130,6 +141,16 @@ class Recording:
 
     def detections(self) -> list[P.Detection]:
         return [m for m in self.outputs() if isinstance(m, P.Detection)]
+
+    def learner_params_hash(self) -> str:
+        """The weights the learner really had when the stream began (its hello_reply);
+        the header's hash (the model file the recorder read) if none was recorded."""
+        for e in self.entries:
+            if e.direction == "out":
+                m = e.message()
+                if isinstance(m, P.HelloReply) and m.accepted and m.params_hash:
+                    return m.params_hash
+        return self.header.params_hash
 
 
 def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
@@ -207,7 +228,8 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
                        detector=pick(detector, "detector", None),
                        learning=pick(learning, "learning", True),
                        lr=pick(lr, "lr", DEFAULT_ONLINE_LR),
-                       apply_delay=pick(apply_delay, "apply_delay", 100))
+                       apply_delay=pick(apply_delay, "apply_delay", 100),
+                       late_updates=rt.get("late_updates", "wait"))
     outputs: list = []
     try:
         for entry in rec.entries:

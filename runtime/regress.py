@@ -3,10 +3,10 @@
 A *recording* is an inbound stream exactly as a frontend sends it (hello, frames with
 labels and label windows, end-of-stream) plus the header that says what produced it
 (frontend config and hash, encoder, labels, the checkpoint's params_hash). The suite
-replays every recording through a learner on real ZeroMQ sockets (see
-runtime/regress_run in `replay_over_sockets`) with learning on and compares what comes
-back with the recording's *golden*: detections with times, the final weight hash, and
-posterior summary statistics.
+replays every recording through a learner on real ZeroMQ sockets
+(`replay_over_sockets`) with learning on and compares what comes back with the
+recording's *golden*: detections with times, the final weight hash, and posterior
+summary statistics.
 
 Shipped recordings are stored compactly (`.npz`, zlib) because a protocol recording of
 float frames costs 320 bytes a frame: binary spike frames are bit-packed (10 bytes for
@@ -28,6 +28,22 @@ Two tiers of comparison (docs/regression.md):
 
 A golden whose starting checkpoint hash differs from the checkpoint in use is a
 failure with the reason "checkpoint changed"; `--update` rewrites it.
+
+Public API::
+
+    StreamRecording(name, header, frames (T, substeps, ch), labels (T,), windows (T,))
+        .hello(stream) / .frame_messages(stream) / .end(stream) / .label_windows()
+    save_compact(rec, path) / load_compact(path) / load_any(path: .npz | .rec)
+    list_recordings(folder) ; golden_path(rec_path) ; read_goldens / write_golden
+    build_recordings(data_dir, out_dir, checkpoint, seed=0) -> [paths]
+    encode_stream(audio, spans [(start, end, label)], checkpoint) -> frames, labels, windows
+    LoopbackLearner(checkpoint, backend)      learner thread on 127.0.0.1 (context manager)
+    stream_over_socket(rec, endpoint, stream, garbage=None) -> posteriors, detections, ...
+    replay_over_sockets(rec, checkpoint, backend) -> result ; make_golden ; compare
+    run_one(rec_path, checkpoint, checkpoint_hash, backend, update=False) -> row
+    control_call(endpoint, ControlRequest) -> ControlReply
+    ResilientStreamer(endpoint, rec, stream, speed=1.0).run(duration_s) -> stats
+        (lossless by acknowledgement across learner restarts; the soak's client)
 """
 
 from __future__ import annotations
@@ -106,6 +122,11 @@ class StreamRecording:
     hop_s: float = 0.01
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    #: an *audio* recording keeps the samples and (start, end, label) spans instead of
+    #: frames; `materialize` runs the model's frontend + encoder on them at replay time,
+    #: so the suite covers the feature chain too
+    audio: np.ndarray | None = None
+    spans: list | None = None
 
     @property
     def n_frames(self) -> int:
@@ -153,8 +174,36 @@ class StreamRecording:
         return out
 
 
+def materialize(rec: StreamRecording, checkpoint: Any) -> StreamRecording:
+    """An audio recording -> frames through the checkpoint's own frontend and encoder."""
+    from runtime.recording import header_for
+
+    if rec.audio is None:
+        return rec
+    frames, labels, windows = encode_stream(rec.audio, rec.spans or [], checkpoint)
+    header = header_for(checkpoint, note=rec.header.note)
+    return StreamRecording(rec.name, header, frames, labels, windows, rec.hop_s, rec.meta,
+                           rec.path)
+
+
+def _flac_bytes(audio: np.ndarray, sr: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sr, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _flac_audio(data: bytes) -> np.ndarray:
+    import soundfile as sf
+
+    x, _ = sf.read(io.BytesIO(data), dtype="float32")
+    return x
+
+
 def save_compact(rec: StreamRecording, path: Path) -> Path:
-    """Write a shipped recording: bit-packed or int8-quantised frames, zlib-compressed."""
+    """Write a shipped recording: bit-packed or int8-quantised frames, or 16-bit FLAC
+    audio, zlib-compressed."""
     arrays: dict[str, np.ndarray] = {
         "labels": rec.labels.astype(np.int8),
         "windows": rec.windows.astype(np.int16),
@@ -162,7 +211,13 @@ def save_compact(rec: StreamRecording, path: Path) -> Path:
     meta = dict(rec.meta)
     meta.update({"format": COMPACT_FORMAT, "name": rec.name, "hop_s": rec.hop_s,
                  "shape": list(rec.frames.shape), "header": rec.header.to_map()})
-    if rec.is_binary:
+    if rec.audio is not None:
+        meta["fmt"] = "audio"
+        sr = int(meta.get("sample_rate", 16000))
+        meta["sample_rate"] = sr
+        arrays["audio_flac"] = np.frombuffer(_flac_bytes(rec.audio, sr), dtype=np.uint8)
+        arrays["spans"] = np.asarray(rec.spans or np.zeros((0, 3)), dtype=np.int64)
+    elif rec.is_binary:
         meta["fmt"] = "bits"
         arrays["frames"] = np.frombuffer(P.pack_bits(rec.frames), dtype=np.uint8)
     else:
@@ -189,7 +244,12 @@ def load_compact(path: Path) -> StreamRecording:
             if meta.get("format") != COMPACT_FORMAT:
                 raise ProtocolError(f"{path}: not a {COMPACT_FORMAT} file")
             shape = tuple(int(s) for s in meta["shape"])
-            if meta["fmt"] == "bits":
+            audio = spans = None
+            if meta["fmt"] == "audio":
+                audio = _flac_audio(z["audio_flac"].tobytes())
+                spans = [tuple(int(v) for v in row) for row in z["spans"]]
+                frames = np.zeros(shape, dtype=np.float32)
+            elif meta["fmt"] == "bits":
                 frames = P.unpack_bits(z["frames"].tobytes(), shape).astype(np.uint8)
             elif meta["fmt"] == "q8":
                 frames = (z["frames"].astype(np.float32) * z["scale"]).astype(np.float32)
@@ -197,12 +257,12 @@ def load_compact(path: Path) -> StreamRecording:
                 raise ProtocolError(f"{path}: unknown frame format {meta['fmt']!r}")
             labels = z["labels"].astype(np.int64)
             windows = z["windows"].astype(np.int64)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ProtocolError(f"{path}: unreadable recording ({type(exc).__name__}: {exc})") \
             from None
     header = P.RecordingHeader.from_map(meta.pop("header"))
     return StreamRecording(meta["name"], header, frames, labels, windows,
-                           float(meta["hop_s"]), meta, path)
+                           float(meta["hop_s"]), meta, path, audio, spans)
 
 
 def load_protocol_recording(path: Path) -> StreamRecording:
@@ -632,6 +692,8 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
         frames, lab, win = encode_stream(audio, spans, checkpoint)
         header = header_for(checkpoint, note=note or f"edgeprop regress --build-recordings "
                                                      f"(seed {seed})")
+        # a reproducible build: the same data, model and seed give byte-identical files
+        header.created = float(os.environ.get("SOURCE_DATE_EPOCH", 0))
         meta = {"description": plan["description"], "seed": seed,
                 "clips": [str(Path(c.path).relative_to(data_dir)) for c in plan["clips"]],
                 "snr_db": [None if not np.isfinite(s) else s for s in plan["snr"]],
@@ -641,6 +703,14 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
         rec = StreamRecording(plan["name"], header, frames, lab, win,
                               hop_s=fe.get("hop_ms", 10.0) / 1000.0, meta=meta)
         written.append(save_compact(rec, Path(out_dir) / f"{plan['name']}.npz"))
+        if plan["name"] == "clean_speech":  # the same stream once more, as audio
+            name = "clean_speech_audio"
+            audio_meta = dict(meta, sample_rate=sr, description=plan["description"] +
+                          "; stored as 16-bit FLAC audio, encoded by the model's frontend "
+                          "at replay time")
+            arec = StreamRecording(name, header, np.zeros((0,) + frames.shape[1:], np.float32),
+                                   lab, win, rec.hop_s, audio_meta, audio=audio, spans=spans)
+            written.append(save_compact(arec, Path(out_dir) / f"{name}.npz"))
     return written
 
 
@@ -870,7 +940,7 @@ def run_one(rec_path: Path, checkpoint: Any, checkpoint_hash: str, backend: str,
     import time
 
     t0 = time.monotonic()
-    rec = load_any(rec_path)
+    rec = materialize(load_any(rec_path), checkpoint)
     row: dict = {"name": rec.name, "recording": Path(rec_path).name, "backend": backend,
                  "frames": rec.n_frames}
     why = check_recording_fits(rec, checkpoint)

@@ -33,13 +33,14 @@ def _norm(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- live pieces
 
-def start_learner(ckpt, **core_kw):
+def start_learner(ckpt, recorder=None, **core_kw):
     """A learner core + node in a thread, on loopback TCP; returns the node."""
     from runtime.learner_node import LearnerCore, LearnerNode
 
     core_kw.setdefault("backend", "reference")
     core = LearnerCore(ckpt, **core_kw)
-    node = LearnerNode(core, bind="tcp://127.0.0.1:*", control_bind="tcp://127.0.0.1:*")
+    node = LearnerNode(core, bind="tcp://127.0.0.1:*", control_bind="tcp://127.0.0.1:*",
+                       recorder=recorder)
     node.start()
     return node
 
@@ -69,7 +70,6 @@ def real_clip_stream(data_dir: Path, per_label: int = 1, seed: int = 0):
 def frontend_for(ckpt, endpoint: str, **kw):
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig
-
     from runtime.frontend_node import FrontendNode
 
     return FrontendNode(endpoint, FrontendConfig.from_dict(ckpt.frontend),

@@ -98,8 +98,8 @@ def test_fp32_emulator_within_1e5_of_numpy_reference(clips):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16-m8"])
-def test_multiprocess_equals_single_process(clips, precision):
+@pytest.mark.parametrize("precision", ["fp32", "int8w-v8"])
+def test_multiprocess_equals_single_process_and_reference(clips, precision):
     xs, labels = clips
     cfg = ModelConfig()
     p = init_params(cfg, 1)
@@ -113,6 +113,11 @@ def test_multiprocess_equals_single_process(clips, precision):
         assert np.array_equal(y_s, y_m)
         for a, b in zip(_arrays(single.params), _arrays(multi.params), strict=True):
             assert np.array_equal(a, b)
+        if precision == "fp32":  # and both equal the reference, bit for bit
+            ref = EpropLearner(cfg, p.copy(), kernel="numba")
+            assert np.array_equal(_train(ref, xs[:2, :50], labels[:2]), y_m)
+            for a, b in zip(_arrays(ref.params), _arrays(multi.params), strict=True):
+                assert np.array_equal(a, b)
         ps, pm = single.profile(), multi.profile()
         for k in ("memory_total_bytes", "step_time_us", "packets_per_step",
                   "energy_per_sample_uj"):

@@ -145,14 +145,10 @@ def test_report_writes_markdown_and_plot(session, tmp_path):
     assert [p["shots"] for p in out["curve"]] == [0, 1]
 
 
-def test_endpointer_cuts_one_utterance_per_word():
+def test_endpointer_cuts_one_utterance_per_word(data_dir):
     from edgeprop.datasets import load_clip, scan_speech_commands
 
-    from tests.conftest import DATA_DIR
-
-    if not DATA_DIR.is_dir():
-        pytest.skip("no dev data")
-    clips = [c for c in scan_speech_commands(DATA_DIR).clips if c.speaker == SPEAKERS[0]
+    clips = [c for c in scan_speech_commands(data_dir).clips if c.speaker == SPEAKERS[0]
              and c.label in ("yes", "left", "stop")][:3]
     rng = np.random.default_rng(0)
     parts = [np.zeros(8000, np.float32)]

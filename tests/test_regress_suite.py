@@ -67,8 +67,8 @@ def built(tmp_path_factory, data_dir):
     ckpt = make_checkpoint(tmp / "model.ckpt", seed=0)
     recs = tmp / "recordings"
     rc, out, err = edgeprop("regress", "--build-recordings", "--data", str(data_dir),
-                            "--model", str(ckpt), "--recordings", str(recs), "--json",
-                            "--quiet")
+                            "--model", str(ckpt), "--recordings", str(recs), "--backend",
+                            "reference", "--json", "--quiet")
     assert rc == 0 and out is not None, err
     return {"ckpt": ckpt, "recs": recs, "build": out, "tmp": tmp}
 
@@ -88,9 +88,25 @@ def test_build_writes_small_recordings_with_goldens(built):
     assert "changes" in built["build"]["recordings"][0]
 
 
+def test_audio_recording_goes_through_the_frontend_to_the_same_frames(built):
+    from edgeprop.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(built["ckpt"])
+    audio = R.load_any(built["recs"] / "clean_speech_audio.npz")
+    frames = R.load_any(built["recs"] / "clean_speech.npz")
+    assert audio.audio is not None and audio.audio.dtype == np.float32
+    live = R.materialize(audio, ck)
+    assert live.frames.shape == frames.frames.shape
+    np.testing.assert_array_equal(live.labels, frames.labels)
+    np.testing.assert_array_equal(live.windows, frames.windows)
+    step = np.abs(live.frames).max(axis=(0, 1)) / 127  # the frames file is int8-quantised
+    assert np.all(np.abs(live.frames - frames.frames) <= step / 2 + 1e-3)
+
+
 def test_regress_passes_then_fails_on_a_changed_golden(built, tmp_path):
     rc, out, err = edgeprop("regress", "--model", str(built["ckpt"]), "--recordings",
-                            str(built["recs"]), "--only", "clean_speech,silence", "--json")
+                            str(built["recs"]), "--only", "clean_speech,silence", "--backend",
+                            "reference", "--json")
     assert rc == 0 and out["failed"] == 0, err
     assert {r["tier"] for r in out["recordings"]} == {"exact"}
     assert "clean_speech" in err and "ok" in err  # the human table on stderr
@@ -104,7 +120,7 @@ def test_regress_passes_then_fails_on_a_changed_golden(built, tmp_path):
     d["by_backend"]["reference"]["final_params_hash"] = "0" * 64
     gp.write_text(json.dumps(d))
     rc, out, err = edgeprop("regress", "--model", str(built["ckpt"]), "--recordings",
-                            str(work), "--json", "--quiet")
+                            str(work), "--backend", "reference", "--json", "--quiet")
     assert rc == 1 and out["failed"] == 1
     assert "final_params_hash" in out["recordings"][0]["reason"]
 
@@ -118,7 +134,7 @@ def test_regress_reports_a_changed_checkpoint(built, tmp_path):
     save_checkpoint(other, ck.cfg, ck.params, frontend=ck.frontend, encoder=ck.encoder,
                     labels=ck.labels)
     rc, out, _ = edgeprop("regress", "--model", str(other), "--recordings", str(built["recs"]),
-                          "--only", "silence", "--json", "--quiet")
+                          "--only", "silence", "--backend", "reference", "--json", "--quiet")
     assert rc == 1
     assert "checkpoint changed" in out["recordings"][0]["reason"]
 
@@ -187,3 +203,42 @@ def test_unreadable_recording_is_a_clear_error(tmp_path):
         R.load_compact(bad)
     rc, _, err = edgeprop("regress", "--recordings", str(tmp_path / "nope"))
     assert rc == 2 and "no recordings folder" in err and "Traceback" not in err
+
+
+def test_a_recording_from_edgeprop_record_joins_the_suite(built, data_dir, tmp_path):
+    """`edgeprop record` (real learner process, real clip) -> a .rec the suite replays."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = tmp_path / "ready.json"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", "--backend", "reference", "--model",
+         str(built["ckpt"]), "--bind", f"tcp://127.0.0.1:{port}", "--control", "",
+         "--ready-file", str(ready), "--log-level", "WARNING"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline and serve.poll() is None:
+            time.sleep(0.1)
+        assert ready.exists(), "edgeprop serve did not come up"
+        recs = tmp_path / "recs"
+        recs.mkdir()
+        clip = next(iter(sorted((data_dir / "yes").glob("*.wav"))))
+        rc, _, err = edgeprop("record", str(recs / "yes_clip.rec"), "--file", str(clip),
+                              "--label", "yes", "--endpoint", f"tcp://127.0.0.1:{port}",
+                              "--model", str(built["ckpt"]), "--quiet", timeout=120)
+        assert rc == 0, err
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    rec = R.load_any(recs / "yes_clip.rec")
+    assert rec.n_frames == 100 and len(rec.label_windows()) == 1
+    args = ("regress", "--model", str(built["ckpt"]), "--recordings", str(recs), "--backend",
+            "reference", "--json", "--quiet")
+    rc, out, err = edgeprop(*args, "--update")
+    assert rc == 0, err
+    rc, out, err = edgeprop(*args)
+    assert rc == 0 and out["passed"] == 1 and out["recordings"][0]["learned_windows"] == 1, err

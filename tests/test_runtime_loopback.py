@@ -7,13 +7,25 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from runtime_support import (control, feed_stream, frontend_for, make_checkpoint, raw_dealer,
-                             real_clip_stream, start_learner)
+from runtime_support import (
+    control,
+    feed_stream,
+    frontend_for,
+    make_checkpoint,
+    raw_dealer,
+    real_clip_stream,
+    start_learner,
+)
 
 from edgeprop.checkpoint import load_checkpoint, params_hash
 from runtime import protocol as P
-from runtime.recording import RecordingWriter, compare_replay, header_for, read_recording, \
-    replay_recording
+from runtime.recording import (
+    RecordingWriter,
+    compare_replay,
+    header_for,
+    read_recording,
+    replay_recording,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +87,42 @@ def test_record_then_replay_gives_identical_posteriors_and_weights(ckpt, stream,
     assert cmp["frames_compared"] == sum(f.n for f in rec.frames())
     assert result.params_hash == live_hash != params_hash(ckpt.params)
     assert result.stats["updates"] > 3
+
+
+def test_learner_side_recording_of_interleaved_streams_replays_identically(ckpt, stream,
+                                                                           tmp_path):
+    import threading
+
+    from runtime.learner_node import LearnerCore
+
+    settings = LearnerCore(ckpt, backend="reference", apply_delay=20).settings()
+    writer = RecordingWriter(tmp_path / "l.rec", header_for(ckpt, runtime=settings))
+    node = start_learner(ckpt, recorder=writer, apply_delay=20)
+    try:
+        fes = [frontend_for(ckpt, node.endpoints["data_router"], stream=f"x{i}", batch=1 + i)
+               for i in range(3)]
+        for fe in fes:
+            fe.start()
+        threads = [threading.Thread(target=feed_stream, args=(fe, stream),
+                                    kwargs={"limit_s": 6}) for fe in fes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for fe in fes:
+            assert fe.finish()["eos_confirmed"]
+            fe.close()
+        live_hash = control(node.endpoints["control_rep"], "stats").result["params_hash"]
+    finally:
+        node.stop()  # closes the recorder too
+        node.core.close()
+    rec = read_recording(tmp_path / "l.rec")
+    assert rec.header.runtime["apply_delay"] == 20
+    assert set(rec.posteriors()) == {"x0", "x1", "x2"}
+    result = replay_recording(rec, ckpt)
+    cmp = compare_replay(rec, result)
+    assert cmp["identical"], cmp
+    assert result.params_hash == live_hash != params_hash(ckpt.params)
 
 
 def _send(sock, payload: bytes) -> P.Notice | P.HelloReply:
@@ -220,3 +268,39 @@ def test_live_mode_drops_the_oldest_frames_and_counts_them(ckpt, stream):
         assert [m.seq for m in queued] == list(range(n - len(queued), n))  # newest kept
     finally:
         fe.close()
+
+
+def test_outputs_are_published_and_a_mismatched_frontend_is_refused(ckpt, stream):
+    import zmq
+
+    from edgeprop.encoders import make_encoder
+    from edgeprop.errors import ConfigError
+    from edgeprop.frontend import FrontendConfig
+    from runtime.frontend_node import FrontendNode
+    from runtime.learner_node import LearnerCore, LearnerNode
+
+    core = LearnerCore(ckpt, backend="reference")
+    node = LearnerNode(core, bind="tcp://127.0.0.1:*", pub_bind="tcp://127.0.0.1:*")
+    node.start()
+    outputs_sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        outputs_sub.setsockopt(zmq.LINGER, 0)
+        outputs_sub.setsockopt(zmq.RCVTIMEO, 5000)
+        outputs_sub.setsockopt(zmq.SUBSCRIBE, b"pub")
+        outputs_sub.connect(node.endpoints["outputs_pub"])
+        time.sleep(0.3)  # let the subscription reach the publisher
+        fe = frontend_for(ckpt, node.endpoints["data_router"], stream="pub")
+        fe.start()
+        feed_stream(fe, stream, limit_s=1)
+        fe.finish()
+        fe.close()
+        topic, payload = outputs_sub.recv_multipart()
+        assert topic == b"pub" and isinstance(P.decode(payload), P.Posteriors)
+        other = FrontendNode(node.endpoints["data_router"], FrontendConfig(n_mels=20),
+                             make_encoder("current", 40), stream="wrong")
+        with pytest.raises(ConfigError, match="rejected"):
+            other.start()
+    finally:
+        outputs_sub.close(0)
+        node.stop()
+        core.close()

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_support import control, feed_stream, frontend_for, make_checkpoint, \
-    real_clip_stream
+from runtime_support import control, feed_stream, frontend_for, make_checkpoint, real_clip_stream
 
 from edgeprop.checkpoint import load_checkpoint, params_hash
 
@@ -155,3 +154,32 @@ def test_edgeprop_run_default_job_exits_0_with_the_summary():
     assert res["frames"] > 3000 and res["dropped"] == 0 and res["eos_confirmed"]
     assert res["backend"] == "emulator" and res["updates"] >= 30
     assert res["params_hash_after"] != res["params_hash_before"]
+
+
+def test_listen_record_and_replay_commands_round_trip(model, data_dir, tmp_path):
+    proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
+                      f"ipc://{tmp_path}/d", "--control", "")
+    try:
+        clip = sorted((data_dir / "left").glob("*.wav"))[0]
+        rec = tmp_path / "left.rec"
+        out = subprocess.run([sys.executable, "-m", "runtime.cli", "record", str(rec), "--file",
+                              str(clip), "--label", "left", "--endpoint", ep["data_router"],
+                              "--model", str(model), "--json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        listened = json.loads(out.stdout)
+        assert listened["frames"] == 100 and listened["eos_confirmed"]
+        out = subprocess.run([sys.executable, "-m", "runtime.cli", "replay", str(rec),
+                              "--model", str(model), "--json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        res = json.loads(out.stdout)
+        assert res["identical"] and res["frames"] == 100 and res["updates"] == 1
+        bad = subprocess.run([sys.executable, "-m", "runtime.cli", "listen", "--file",
+                              str(clip), "--label", "banana", "--model", str(model)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "unknown label" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

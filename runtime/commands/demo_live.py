@@ -209,6 +209,7 @@ def run(args) -> int:
                 if args.replay is not None:  # let the last word finish: 0.5 s of silence
                     for _ in range(50):
                         state.frames += front.feed(np.zeros(160, np.float32))
+                        time.sleep(0.01)  # paced like the file: live mode drops a backlog
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -89,11 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     rec = read_recording(args.recording)
     ckpt = load_model(args.model)
-    want = rec.header.params_hash
+    want = rec.learner_params_hash()
     have = header_for(ckpt).params_hash
     if want and want != have:
-        say(f"replay: warning: recording was made against params {want[:12]}, this model is "
-            f"{have[:12]}: outputs will differ")
+        say(f"replay: warning: the learner had params {want[:12]} when this stream began, "
+            f"this model is {have[:12]}: outputs will differ (replay with a checkpoint of "
+            "those weights, e.g. from `control checkpoint` or serve --checkpoint-dir)")
     t0 = time.perf_counter()
     if args.endpoint:
         from runtime import protocol as P

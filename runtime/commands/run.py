@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="frames per message (10 ms each)")
     parser.add_argument("--no-learning", action="store_true")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
+                        help="an update not learned by its switch point: wait for it "
+                             "(deterministic) or use it when ready (real time under load)")
     parser.add_argument("--apply-delay", type=int, default=100,
                         help="frames until a learned update is used (0: learn inline)")
     parser.add_argument("--window", type=int, default=50)
@@ -114,7 +117,7 @@ class _Learner:
             from runtime.learner_node import LearnerCore, LearnerNode
 
             core = LearnerCore(self.ckpt, backend=a.backend, lr=a.lr, learning=not a.no_learning,
-                               apply_delay=a.apply_delay,
+                               apply_delay=a.apply_delay, late_updates=a.late_updates,
                                detector={"window": a.window, "threshold": a.threshold,
                                          "refractory": a.refractory})
             self.node = LearnerNode(core, bind="tcp://127.0.0.1:*",
@@ -133,7 +136,7 @@ class _Learner:
                "--control", "tcp://127.0.0.1:*", "--ready-file", str(ready),
                "--lr", str(a.lr), "--window", str(a.window), "--threshold", str(a.threshold),
                "--refractory", str(a.refractory), "--log-level", "WARNING",
-               "--apply-delay", str(a.apply_delay)]
+               "--apply-delay", str(a.apply_delay), "--late-updates", a.late_updates]
         if a.no_learning:
             cmd.append("--no-learning")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -285,7 +288,10 @@ def run(args: argparse.Namespace) -> int:
         "latency_max_ms": float(lat.max()) if lat.size else None,
         "realtime_factor": (fe_busy + learner_busy) / audio_s,
         "learner_busy_s": learner_busy,
-        "learner_swap_wait_s": after.get("swap_wait_s", 0.0) - before.get("swap_wait_s", 0.0), "load": learner_busy / wall if wall > 0 else None,
+        "learner_swap_wait_s": after.get("swap_wait_s", 0.0) - before.get("swap_wait_s", 0.0),
+        "updates_deferred": counts.get("updates_deferred", 0),
+        "windows_skipped": counts.get("windows_skipped", 0),
+        "load": learner_busy / wall if wall > 0 else None,
         "updates": after["updates"] - before["updates"],
         "params_hash_before": before["params_hash"], "params_hash_after": after["params_hash"],
         "eos_confirmed": all(r.get("eos_confirmed") for r in results),

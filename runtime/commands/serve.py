@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between checkpoints (when weights changed)")
     parser.add_argument("--lr", type=float, default=1e-4, help="online learning rate (Adam)")
     parser.add_argument("--no-learning", action="store_true", help="inference only")
+    parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
+                        help="an update not learned by its switch point: wait for it "
+                             "(deterministic) or use it when ready (real time under load)")
     parser.add_argument("--apply-delay", type=int, default=100,
                         help="frames after a labelled window ends until its update is used "
                              "(learning runs on its own thread meanwhile); 0 = inline")
@@ -99,7 +102,7 @@ def build_core(args: argparse.Namespace):
                        learning=not args.no_learning, peer_timeout_s=args.peer_timeout,
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every=args.checkpoint_every, name=args.name,
-                       apply_delay=args.apply_delay)
+                       apply_delay=args.apply_delay, late_updates=args.late_updates)
 
 
 def _install_signals(stop: threading.Event, who: str) -> None:
@@ -157,7 +160,7 @@ def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
            "--threshold", str(args.threshold), "--refractory", str(args.refractory),
            "--peer-timeout", str(args.peer_timeout), "--log-level", args.log_level,
            "--checkpoint-every", str(args.checkpoint_every),
-           "--apply-delay", str(args.apply_delay)]
+           "--apply-delay", str(args.apply_delay), "--late-updates", args.late_updates]
     if args.model:
         cmd += ["--model", args.model]
     if args.checkpoint_dir:
