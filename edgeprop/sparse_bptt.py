@@ -317,10 +317,14 @@ def backward_from_terms(
 def loss_and_grads(
     cfg: ModelConfig, params: Params, x: np.ndarray, labels: np.ndarray, *,
     b_th: float = 0.1, loss: str = "mean", reg_coef: float = 0.0, target_rate: float = 0.02,
-    warn_silent: bool = True,
+    warn_silent: bool = True, fused: bool = True,
 ) -> tuple[float, Grads, SparseTrace]:
-    """Sparse forward + backward: (loss incl. regulariser, grads, sparse trace)."""
-    trace = forward(cfg, params, x, b_th=b_th, keep_y=(loss == "per_step"))
+    """Sparse forward + backward: (loss incl. regulariser, grads, sparse trace).
+
+    fused=True runs the compiled forward (`forward_fused`), else the `network.step` loop.
+    """
+    fwd = forward_fused if fused else forward
+    trace = fwd(cfg, params, x, b_th=b_th, keep_y=(loss == "per_step"))
     if warn_silent:
         check_activity(trace)
     terms = loss_terms(cfg, params, trace, labels, loss=loss, reg_coef=reg_coef,

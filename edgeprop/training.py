@@ -63,6 +63,8 @@ class TrainConfig:
     n_aug: int = 8               # augmented copies per training clip
     p_clean: float = 0.25        # chance an epoch shows the clean version of a clip
     feature_noise: float = 0.0   # std of Gaussian noise on normalised features
+    speed: float = 0.0           # speed perturbation of augmented copies: U(1-s, 1+s)
+    ema: float = 0.0             # EMA of the weights (per step); 0 = off. Shipped = EMA
     freq_mask: int = 8           # SpecAugment: zero up to this many mel bands (+ deltas)
     time_mask: int = 15          # SpecAugment: zero up to this many frames
     init_seed: int | None = None  # defaults to seed
@@ -127,13 +129,33 @@ def _atomic_npy(path: Path, arr: np.ndarray) -> None:
         raise
 
 
+def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Play `audio` `factor` times faster (tempo and pitch together, like a tape), by
+    linear interpolation, keeping the length: centre-cropped or zero-padded both sides."""
+    n = audio.shape[0]
+    m = max(2, int(round(n / factor)))
+    y = np.interp(np.arange(m) * factor, np.arange(n), audio).astype(np.float32)
+    if m >= n:
+        s = (m - n) // 2
+        return y[s:s + n]
+    out = np.zeros(n, np.float32)
+    s = (n - m) // 2
+    out[s:s + m] = y
+    return out
+
+
 def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: int,
-                       copy: int, *, cache_dir: Path | None = None,
+                       copy: int, *, speed: float = 0.0, cache_dir: Path | None = None,
                        progress: Progress | None = None, batch: int = 64) -> np.ndarray:
-    """Raw features of one augmented copy of `clips` (cached per seed and copy)."""
+    """Raw features of one augmented copy of `clips` (cached per seed and copy).
+
+    speed > 0 first plays each clip at a rate drawn from U(1 - speed, 1 + speed)
+    (`speed_perturb`), then applies `augmenter` (shift, noise, gain).
+    """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     desc = repr((augmenter.snr_db, augmenter.gain_db, augmenter.shift, augmenter.p_noise,
-                 [int(n.shape[0]) for n in augmenter.noise]))
+                 [int(n.shape[0]) for n in augmenter.noise])) + (f"|speed{speed}" if speed
+                                                                  else "")
     path = _aug_cache_path(clips, cfg, seed, copy, desc, cache_dir)
     try:
         arr = np.load(path)
@@ -147,7 +169,13 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     out = np.empty((len(clips), cfg.sample_rate // cfg.hop, cfg.n_features), np.float32)
     for s in range(0, len(clips), batch):
         chunk = clips[s:s + batch]
-        audio = np.stack([augmenter(load_clip(c, cfg.sample_rate), rng) for c in chunk])
+        audio = []
+        for c in chunk:
+            a = load_clip(c, cfg.sample_rate)
+            if speed:
+                a = speed_perturb(a, float(rng.uniform(1.0 - speed, 1.0 + speed)))
+            audio.append(augmenter(a, rng))
+        audio = np.stack(audio)
         out[s:s + len(chunk)] = features(audio, cfg)
         if progress:
             progress(len(chunk))
@@ -220,8 +248,8 @@ def prepare_data(
         adv = stage("augmenting", tcfg.n_aug * len(train)) if stage else noop
         for k in range(tcfg.n_aug):
             train_x[k + 1] = normalize(
-                augmented_features(train, cfg, aug, tcfg.seed, k, cache_dir=cache.cache_dir,
-                                   progress=adv), fcfg)
+                augmented_features(train, cfg, aug, tcfg.seed, k, speed=tcfg.speed,
+                                   cache_dir=cache.cache_dir, progress=adv), fcfg)
     info = {
         "data": str(root), "n_train": len(train), "n_val": len(val),
         "train_speakers": _n_speakers(train), "val_speakers": _n_speakers(val),
@@ -305,6 +333,11 @@ class TrainState:
     optimizer: Adam
     epoch: int = 0
     history: list = field(default_factory=list)
+    ema: Params | None = None  # exponential moving average of params (TrainConfig.ema)
+
+    def model(self) -> Params:
+        """The weights to evaluate and ship: the EMA when kept, else the raw weights."""
+        return self.ema if self.ema is not None else self.params
 
 
 def init_train_state(cfg: ModelConfig, tcfg: TrainConfig) -> TrainState:
@@ -349,6 +382,13 @@ def run_epoch(cfg: ModelConfig, data: KWSData, tcfg: TrainConfig, st: TrainState
             grads[1] = grads[1] + DTYPE(tcfg.weight_decay) * p.w_rec
         st.optimizer.step([p.w_in, p.w_rec, p.w_out], grads)
         zero_diagonal(p.w_rec)
+        if tcfg.ema:
+            if st.ema is None:
+                st.ema = p.copy()
+            d = DTYPE(tcfg.ema)
+            for e, w in zip(st.ema.arrays()[:3], p.arrays()[:3], strict=True):
+                e *= d
+                e += (DTYPE(1.0) - d) * w
         tot_loss += loss * len(idx)
         tot_correct += stats["correct"]
         act.append(stats["active_fraction"])
@@ -379,7 +419,7 @@ def train(
         t0 = time.perf_counter()
         adv = on_epoch_start(st.epoch) if on_epoch_start else None
         rec = run_epoch(cfg, data, tcfg, st, adv)
-        rec["val_acc"] = accuracy(cfg, st.params, data.val_x, data.val_y)
+        rec["val_acc"] = accuracy(cfg, st.model(), data.val_x, data.val_y)
         rec["seconds"] = time.perf_counter() - t0
         st.history.append(rec)
         st.epoch += 1

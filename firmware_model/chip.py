@@ -4,8 +4,8 @@ A PE owns only what sits in its SRAM. Every array a kernel reads or writes is
 allocated here, in a named region, so the memory a mapping needs is the sum of
 what the allocator handed out, not a formula that could drift from the code.
 
-SpiNNaker 2 facts (Mayr et al. 2019, arXiv:1911.02385; Hoeppner et al. 2021,
-arXiv:2103.08392): 152 PEs per chip in 38 quad-PEs (QPEs), each PE an ARM
+SpiNNaker 2 facts (shared/DESIGN.md; Hoeppner et al. 2021, arXiv:2103.08392; Mayr et
+al. 2019, arXiv:1911.02385): 152 PEs per chip in 38 quad-PEs (QPEs), each PE an ARM
 Cortex-M4F with 128 KB local SRAM for code and data.
 """
 
@@ -17,9 +17,9 @@ import numpy as np
 
 from edgeprop.errors import ConfigError
 
-#: Local SRAM per PE (Mayr et al. 2019; Hoeppner et al. 2021).
+#: Local SRAM per PE (shared/DESIGN.md; Hoeppner et al. 2021).
 PE_SRAM_BYTES = 128 * 1024
-#: PEs per chip and per quad-PE (Mayr et al. 2019).
+#: PEs per chip and per quad-PE (shared/DESIGN.md; QPEs: Hoeppner et al. 2021).
 PES_PER_CHIP = 152
 PES_PER_QPE = 4
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Default PE clock: the low end of SpiNNaker 2's 150-300 MHz PE range (Mayr et al.
-#: 2019; shared/DESIGN.md), so real-time at this clock holds at any faster one.
+#: Default PE clock: the low end of SpiNNaker 2's 150-300 MHz PE range
+#: (shared/DESIGN.md), so real-time at this clock holds at any faster one.
 DEFAULT_CLOCK_MHZ = 150.0
 
 #: One network step is one 10 ms audio frame (shared/DESIGN.md): the real-time budget.

@@ -155,6 +155,34 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
     return n_out, active, n_spk
 
 
+@njit(cache=True, boundscheck=False)
+def tick_batch_kernel(x, x_idx, spike_idx, take, x_bufs, zins, w_ins, w_recs, neurs, pres,
+                      eps_as, ebars, accs, consts, spks, spk_outs, mode, alif, fused, half,
+                      counts):  # pragma: no cover - numba
+    """Several PEs' ticks in one call (the single-process fast path; same maths).
+
+    Each PE p first takes the multicast packets delivered to it into its own buffers
+    (take[p, 0]: input payloads x at channels x_idx; take[p, 1]: spikes at spike_idx),
+    then runs `pe_step_kernel` on its own arrays only.
+    counts[p] = (spikes out, active rows, spikes received).
+    """
+    for p in range(len(neurs)):
+        xb = x_bufs[p]
+        if take[p, 0]:
+            for k in range(x_idx.size):
+                xb[x_idx[k]] = x[k]
+        zi = zins[p]
+        if take[p, 1]:
+            for k in range(spike_idx.size):
+                zi[spike_idx[k]] = 1
+        n_out, active, n_rx = pe_step_kernel(
+            xb, zi, w_ins[p], w_recs[p], neurs[p], pres[p], eps_as[p], ebars[p], accs[p],
+            consts, spks[p], spk_outs[p], mode, alif, fused, half)
+        counts[p, 0] = n_out
+        counts[p, 1] = active
+        counts[p, 2] = n_rx
+
+
 def pe_step_numpy(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, mode, alif, fused):
     """NumPy reference of `pe_step_kernel` with fp32 traces (same sequential sum order).
 

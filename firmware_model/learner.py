@@ -114,6 +114,17 @@ class EmulatedLearner:
             cyc[p] = c
         return {p: r for p, (r, _) in res.items()}, cyc
 
+    def load_params(self, params: Params) -> None:
+        """Write weights into the PEs' SRAM (quantised to the storage format; the W_rec
+        diagonal is zeroed); optimizer state, traces and gradients are kept."""
+        cfg = self.cfg
+        for name, shape in {"w_in": (cfg.n_rec, cfg.n_in), "w_rec": (cfg.n_rec, cfg.n_rec),
+                            "w_out": (cfg.n_out, cfg.n_rec)}.items():
+            if np.shape(getattr(params, name)) != shape:
+                raise ConfigError(f"params.{name} has shape {np.shape(getattr(params, name))}, "
+                                  f"expected {shape}")
+        self._load(params)
+
     def _load(self, params: Params) -> None:
         w = np.concatenate([np.asarray(params.w_in, DTYPE), np.asarray(params.w_rec, DTYPE)], 1)
         args = {}
@@ -357,7 +368,8 @@ class EmulatedLearner:
         for p, info in enumerate(self.mapping.placement()):
             b = mem["per_pe"][p]
             per_pe.append({**info, "bytes_by_region": b, "bytes_total": sum(b.values()),
-                           "cycles": res[p]["cycles"], "packets_sent": res[p]["packets_sent"],
+                           "cycles_total": res[p]["cycles"],
+                           "packets_sent": res[p]["packets_sent"],
                            "packets_received": res[p]["packets_received"]})
         T_ref = 100  # a 1 s clip is 100 frames (shared/DESIGN.md)
         return {

@@ -24,12 +24,13 @@ import numpy as np
 
 from edgeprop.errors import EdgepropError
 from edgeprop.network import ModelConfig
+from firmware_model import costs
 from firmware_model.precision import get_precision
 from firmware_model.program import PEProgram
 
 _WORKER_MAIN = "import sys; from firmware_model.multiproc import serve; serve(sys.argv[1])"
 
-Deliveries = dict[int, list[tuple[np.ndarray, np.ndarray, int]]]
+Deliveries = dict[int, list[tuple]]  # pe -> [(keys, payloads, kind, index)]
 
 
 class WorkerError(EdgepropError):
@@ -53,20 +54,85 @@ def run_group(programs: dict[int, PEProgram], deliveries: Deliveries, cmd: str,
     """Deliver packets to this group's PEs, then run `cmd` on the PEs in args_by_pe."""
     for p, batches in deliveries.items():
         prog = programs[p]
-        for keys, pays, kind in batches:
-            prog.receive(keys, pays, kind)
+        for batch in batches:
+            prog.receive(*batch)
     return {p: programs[p].handle(cmd, args) for p, args in args_by_pe.items()}
 
 
 class LocalGroups:
-    """All PEs in this process (the fast path)."""
+    """All PEs in this process (the fast path).
+
+    A tick whose deliveries are the same multicast batches (input frame, spikes) for
+    every PE runs all PEs' tick kernels in one numba call (`tick_batch_kernel`): each PE
+    still fills its own buffers from the packets and touches only its own arrays; only
+    the Python dispatch is shared. Anything else goes through `run_group`.
+    """
 
     def __init__(self, spec: dict, groups: list[list[int]]) -> None:
         self.groups = groups
         self.programs = build_programs(spec, [p for g in groups for p in g])
+        self._order = sorted(self.programs)
+        self._lists = None
+        self._counts = np.zeros((len(self._order), 3), np.int64)
+        self._take = np.zeros((len(self._order), 2), np.bool_)
 
     def call(self, cmd: str, args_by_pe: dict[int, dict], deliveries: Deliveries) -> dict:
+        if cmd == "tick" and len(args_by_pe) == len(self._order):
+            fast = self._tick_fast(deliveries)
+            if fast is not None:
+                return fast
+        elif cmd not in ("readout", "lsig"):
+            self._lists = None  # end of sample / apply / reset may swap accumulators
         return run_group(self.programs, deliveries, cmd, args_by_pe)
+
+    def _typed_lists(self):
+        from numba.typed import List
+
+        if self._lists is None:
+            arrays = [self.programs[p].tick_arrays() for p in self._order]
+            self._lists = tuple(List(a[k] for a in arrays) for k in range(11))
+        return self._lists
+
+    def _tick_fast(self, deliveries: Deliveries):
+        """The batched tick, if every delivery is one shared input and/or spike batch."""
+        from firmware_model.kernels import tick_batch_kernel
+        from firmware_model.router import INPUT, SPIKE
+
+        inp = spk = None
+        take = self._take
+        take[:] = False
+        for i, p in enumerate(self._order):
+            for batch in deliveries.get(p, ()):
+                kind = batch[2]
+                if kind == INPUT and (inp is None or inp is batch):
+                    inp = batch
+                    take[i, 0] = True
+                elif kind == SPIKE and (spk is None or spk is batch):
+                    spk = batch
+                    take[i, 1] = True
+                else:
+                    return None
+        empty_f, empty_i = np.zeros(0, np.float32), np.zeros(0, np.uint32)
+        x, x_idx = (inp[1].view(np.float32), inp[3]) if inp is not None else (empty_f, empty_i)
+        s_idx = spk[3] if spk is not None else empty_i
+        n_x = 0 if inp is None else int(inp[0].size)
+        n_s = 0 if spk is None else int(spk[0].size)
+        p0 = self.programs[self._order[0]]
+        L = self._typed_lists()
+        tick_batch_kernel(x, x_idx, s_idx, take, L[0], L[1], L[2], L[3], L[4], L[5], L[6],
+                          L[7], L[8], p0._consts, L[9], L[10], p0.mode, p0.alif,
+                          p0.prec.fused, p0.acc.half, self._counts)
+        out = {}
+        recv = costs.CYCLES["packet_recv"]
+        for i, p in enumerate(self._order):
+            prog = self.programs[p]
+            n_rx = n_x * int(take[i, 0]) + n_s * int(take[i, 1])
+            prog.pe.counters.cycles += recv * n_rx
+            prog.pe.counters.packets_received += n_rx
+            c = self._counts[i]
+            keys = prog.tick_done(int(c[0]), int(c[1]), int(c[2]))
+            out[p] = ((keys, None), prog.take_cycles())
+        return out
 
     def close(self) -> None:
         pass

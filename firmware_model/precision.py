@@ -92,7 +92,7 @@ VARIANTS: dict[str, Precision] = {
     )
 }
 
-DEFAULT_PRECISION = "fp16-m8"
+DEFAULT_PRECISION = "int8w-v8"
 
 #: fp8 values are stored times 2^16 (exact), moving e5m2's range [2^-16, 57344] to
 #: [2.3e-10, 0.875]: where Adam's v of our gradients lives (measured 1e-13 .. 2e-3 at

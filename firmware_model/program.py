@@ -200,12 +200,11 @@ class PEProgram:
         phase's cost on this PE is everything it did since the previous phase.
         """
         res = getattr(self, "cmd_" + cmd)(**args)
-        c = self.pe.counters.cycles - self._mark
-        self._mark = self.pe.counters.cycles
-        return res, c
+        return res, self.take_cycles()
 
     # ------------------------------------------------------------------ packets
-    def receive(self, keys: np.ndarray, payloads: np.ndarray, kind: int = -1) -> None:
+    def receive(self, keys: np.ndarray, payloads: np.ndarray, kind: int = -1,
+                idx: np.ndarray | None = None) -> None:
         """Interrupt handler: input frames, spikes and learning signals into buffers.
 
         `kind` >= 0 says the router found one packet kind in the batch (a shortcut for
@@ -214,9 +213,11 @@ class PEProgram:
         n = int(keys.size)
         if n == 0:
             return
-        self.pe.counters.cycles += costs.CYCLES["packet_recv"] * n
-        self.pe.counters.packets_received += n
-        idx = keys & np.uint32(0xFFFF)
+        c = self.pe.counters
+        c.cycles += costs.CYCLES["packet_recv"] * n
+        c.packets_received += n
+        if idx is None:
+            idx = keys & np.uint32(0xFFFF)
         if kind >= 0:
             self._receive_kind(kind, idx, payloads)
             return
@@ -284,26 +285,44 @@ class PEProgram:
             self.acc.zero()
         return self.acc
 
-    def cmd_tick(self):
-        """Neuron update, spikes out, eligibility update (phase 1 of a tick)."""
+    def tick_arrays(self) -> tuple:
+        """The arrays one tick touches (for the batched single-process path)."""
         acc = self._ensure_acc()
         eps_a = self.eps_a.work if self.eps_a is not None else self._dummy
         ebar = self.ebar.work if self.ebar is not None else self._dummy
+        return (self.x_buf, self.zin, self._w_in_c, self._w_rec_c, self.neur, self.pre,
+                eps_a, ebar, acc.work, self._spk, self._spk_out)
+
+    def cmd_tick(self):
+        """Neuron update, spikes out, eligibility update (phase 1 of a tick)."""
+        xb, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, spk, spk_out = self.tick_arrays()
         n_spk, active, n_rx = pe_step_kernel(
-            self.x_buf, self.zin, self._w_in_c, self._w_rec_c, self.neur,
-            self.pre, eps_a, ebar, acc.work, self._consts, self._spk, self._spk_out,
-            self.mode, self.alif, self.prec.fused, acc.half)
+            xb, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, self._consts, spk, spk_out,
+            self.mode, self.alif, self.prec.fused, self.acc.half)
+        return self.tick_done(n_spk, active, n_rx), None
+
+    def tick_done(self, n_spk: int, active: int, n_rx: int) -> np.ndarray:
+        """Charge the tick's cycles and form its spike packets' keys."""
         C = costs.CYCLES
         n, n_pre, ft = self.n, self.n_pre, self.fmt_t
         cyc = (self._tick_fixed + (C["rec_add"] + self.fmt_w) * n * n_rx
                + (self._elig_cyc + 2 * self._n_trace_arrays * ft) * active * n_pre
                + (C["elig_skip"] + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
                + C["packet_send"] * n_spk)
-        self.pe.counters.cycles += cyc
-        self.pe.counters.packets_sent += n_spk
-        keys = self.out_keys[:n_spk]
-        np.add(self._spk_out[:n_spk], self._spike_key_base, out=keys, casting="unsafe")
-        return keys.copy(), None
+        counters = self.pe.counters
+        counters.cycles += cyc
+        counters.packets_sent += n_spk
+        if n_spk == 0:
+            return self.out_keys[:0].copy()
+        keys = self.out_keys[:n_spk]  # the outgoing packet queue in SRAM
+        keys[:] = self._spk_out[:n_spk]
+        keys += self._spike_key_base
+        return keys.copy()
+
+    def take_cycles(self) -> int:
+        c = self.pe.counters.cycles - self._mark
+        self._mark = self.pe.counters.cycles
+        return c
 
     def cmd_readout(self, target: int = -1):
         """Readout PE, after the tick's spikes arrived: y[t] out; per_step: L[t] out."""

@@ -49,6 +49,10 @@ def machine_info() -> dict:
                              capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             commit = out.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=root, capture_output=True, text=True, timeout=10)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "+uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         pass
     return {
@@ -392,6 +396,58 @@ def plot_personalization(rows: list[dict], path: Path, caption: str) -> None:
 
 # ---------------------------------------------------------------- the report
 
+#: (benchmark, dotted field, target as the issues state it, pass test). Targets are quoted
+#: from the project's issues (2: e-prop, 3: frontend, 4: sparse BPTT, 5: emulator,
+#: 6: runtime, 7: personalization, 8: regression).
+HEADLINES: list[tuple[str, str, str, Any]] = [
+    ("eprop", "realtime_factor", ">= 100 (goal 1000)", lambda v: v >= 100),
+    ("eprop", "bytes_per_synapse", "<= 24", lambda v: v <= 24),
+    ("frontend", "stream_us_per_frame", "<= 50 us (goal 20)", lambda v: v <= 50),
+    ("sparse-bptt", "kws.backward_speedup", ">= 10x (goal 50x)", lambda v: v >= 10),
+    ("sparse-bptt", "kws.step_speedup_vs_torch", "> 1", lambda v: v > 1),
+    ("sparse-bptt", "kws.memory_saving", ">= 0.40", lambda v: v >= 0.40),
+    ("profile", "memory_total_bytes", "<= 348160 (goal 262144)", lambda v: v <= 348160),
+    ("profile", "memory_max_pe_bytes", "<= 131072 (SRAM per PE)", lambda v: v <= 131072),
+    ("profile", "realtime_margin", ">= 1 (real time on the chip)", lambda v: v >= 1),
+    ("profile", "emulator_realtime_factor", ">= 20 (goal 100)", lambda v: v >= 20),
+    ("run", "latency_p99_ms", "<= 20 ms", lambda v: v <= 20),
+    ("run", "dropped", "0", lambda v: v == 0),
+    ("personalize", "relative_error_reduction", ">= 0.25 (goal 0.40)", lambda v: v >= 0.25),
+    ("personalize", "n_worse_by_more_than_2_points", "0", lambda v: v == 0),
+    ("personalize", "seconds_per_adapt_utterance", "< 1 s", lambda v: v < 1),
+    ("regress", "seconds", "< 120 s", lambda v: v < 120),
+    ("regress", "failed", "0", lambda v: v == 0),
+]
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def headline_rows(benches: dict) -> list[dict]:
+    """The headline numbers against their targets (missing benchmarks are left out)."""
+    rows = []
+    for bench, field, target, ok in HEADLINES:
+        r = benches.get(bench)
+        if not r or r.get("status") != "ok":
+            continue
+        v = _get_path(r.get("json") or {}, field)
+        if v is None:  # the benchmark does not report this field (yet)
+            continue
+        met = None
+        if _is_num(v):
+            try:
+                met = bool(ok(v))
+            except Exception:  # a malformed value is shown, not judged
+                met = None
+        rows.append({"benchmark": bench, "field": field, "value": v, "target": target,
+                     "met": met})
+    return rows
+
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
     lines = ["| field | value |", "|---|---|"]
     for k, v in rows:
@@ -496,6 +552,14 @@ def build_report(collected: dict, img_dir: Path, img_rel: str = "img") -> tuple[
     for name, r in benches.items():
         md.append(f"| {name} | {r.get('status')} | {r.get('seconds', 0):.1f} | "
                   f"`{r.get('command', '')}` |")
+    heads = headline_rows(benches)
+    if heads:
+        md += ["", "## Headline numbers against the targets", "",
+               "| benchmark | field | value | target | met |", "|---|---|---|---|---|"]
+        for h in heads:
+            met = {True: "yes", False: "**no**", None: "-"}[h["met"]]
+            md.append(f"| {h['benchmark']} | `{h['field']}` | {_fmt(h['value'])} | "
+                      f"{h['target']} | {met} |")
 
     for name, r in benches.items():
         md += _section(name, r, mline, img_dir, img_rel, plots)

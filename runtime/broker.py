@@ -176,8 +176,10 @@ class Broker:
             s.setsockopt(zmq.SNDHWM, self.hwm)
             s.setsockopt(zmq.RCVHWM, self.hwm)
             s.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_MESSAGE_BYTES)
-        clients_router.bind(self.clients_bind)
-        workers_router.bind(self.workers_bind)
+        from runtime.learner_node import _bind
+
+        _bind(clients_router, self.clients_bind, "clients_router")
+        _bind(workers_router, self.workers_bind, "workers_router")
         self.endpoints = {
             "clients_router": clients_router.getsockopt_string(zmq.LAST_ENDPOINT),
             "workers_router": workers_router.getsockopt_string(zmq.LAST_ENDPOINT)}

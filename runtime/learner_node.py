@@ -760,6 +760,18 @@ class LearnerCore:
 
 # ---------------------------------------------------------------- the node (sockets)
 
+def _bind(sock: Any, endpoint: str, role: str) -> None:
+    """bind, turning 'address in use' and bad endpoints into a user error."""
+    import zmq
+
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise ConfigError(f"cannot bind {role} to {endpoint}: {exc} (another learner "
+                          "running there? choose another endpoint)") from None
+
+
 class LearnerNode:
     """One thread owns every socket: data (ROUTER bind, or DEALER connect), control REP,
     outputs PUB. `run()` polls them, hands messages to the core, ticks timers."""
@@ -853,7 +865,7 @@ class LearnerNode:
         # protocol.MAX_MESSAGE_BYTES but below this is received and counted "oversized".
         data.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_MESSAGE_BYTES)
         if self.bind is not None:
-            data.bind(self.bind)
+            _bind(data, self.bind, "data_router")
         else:
             data.connect(self.connect)
             data.send_multipart([b"", P.encode(P.Heartbeat("__worker__", P.now_ns()))])
@@ -865,14 +877,14 @@ class LearnerNode:
         if self.control_bind:
             control = ctx.socket(zmq.REP)
             control.setsockopt(zmq.LINGER, 0)
-            control.bind(self.control_bind)
+            _bind(control, self.control_bind, "control_rep")
             self.endpoints["control_rep"] = control.getsockopt_string(zmq.LAST_ENDPOINT)
             poller.register(control, zmq.POLLIN)
         if self.pub_bind:
             pub = ctx.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
             pub.setsockopt(zmq.SNDHWM, self.hwm)
-            pub.bind(self.pub_bind)
+            _bind(pub, self.pub_bind, "outputs_pub")
             self.endpoints["outputs_pub"] = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ready.set()
         log.info("%s: serving %s", core.name, self.endpoints)

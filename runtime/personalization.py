@@ -54,18 +54,20 @@ BACKENDS = ("emulator", "reference")
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How adaptation runs. Defaults were tuned on 4 speakers (docs/personalization.md)."""
+    """How adaptation runs. Defaults were tuned on 13 speakers (docs/personalization.md)."""
 
     shots: int = 2                 # clips per keyword (and of _unknown_) to adapt on
     passes: int = 3                # passes over the shots (each pass = more utterances)
-    lr: float = 1e-3
+    lr: float = 3e-4
     optimizer: str = "adam"        # "adam" | "sgd"
-    learn: tuple[str, ...] = ("w_in", "w_out")
+    learn: tuple[str, ...] = ("w_out",)
     pull: float = 0.0              # after each update: W <- W - pull (W - W_base)
-    rehearsal: int = 6             # generic clips of other speakers per pass
-    silence: int = 2               # _silence_ clips per pass
+    rehearsal: int = 8             # generic clips of other speakers per pass
+    silence: int = 4               # _silence_ clips per pass
     include_unknown: bool = True   # the speaker's _unknown_ clips as shots too
     gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
+    average: bool = False          # final weights = mean over the last pass's updates
+    validate: bool = False         # keep the adaptation only if it helps on held-back shots
     shift: int = 0                 # passes after the first roll each shot by up to +-shift
                                    # frames (circular): new utterances from the same shots
     precision: str = "fp32"        # emulator storage format (see the note in make_learner)
@@ -113,8 +115,8 @@ def _rng(seed: int, speaker: str) -> np.random.Generator:
 
 
 def split_speaker(clips: list[Clip], speaker: str, shots: int, seed: int = 0, *,
-                  include_unknown: bool = True,
-                  labels: tuple[str, ...] = KWS_LABELS) -> SpeakerSplit:
+                  include_unknown: bool = True, labels: tuple[str, ...] = KWS_LABELS,
+                  require_test: bool = True) -> SpeakerSplit:
     """K shots per keyword (and of _unknown_) of one speaker; the rest of theirs is test."""
     mine = sorted((c for c in clips if c.speaker == speaker), key=lambda c: c.key)
     if not mine:
@@ -131,7 +133,7 @@ def split_speaker(clips: list[Clip], speaker: str, shots: int, seed: int = 0, *,
             k = min(k, max(len(group) - 1, 0))  # keep one for the test when we can
         adapt += [group[i] for i in order[:k]]
         test += [group[i] for i in order[k:]]
-    if not test:
+    if require_test and not test:
         raise DatasetError(f"speaker {speaker!r}: no clips left to test on after {shots} shots "
                            f"per keyword; use fewer --shots")
     return SpeakerSplit(speaker, adapt, test)
@@ -276,6 +278,8 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
     losses: list[float] = []
     n = 0
     sil = (ckpt.labels or list(KWS_LABELS)).index(SILENCE)
+    avg: Params | None = None  # running mean of the weights over the last pass
+    n_avg = 0
     words = np.flatnonzero(y_generic != sil)
     quiet = np.flatnonzero(y_generic == sil)
     t_learn = 0.0
@@ -302,14 +306,63 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
                 t_learn += time.perf_counter() - t0
                 losses.append(float(out[0] if isinstance(out, tuple) else out))
                 n += 1
+                if acfg.average and p == acfg.passes - 1:
+                    cur = _learner_params(learner, params)
+                    avg = cur.copy() if avg is None else _ema(avg, cur, 1.0 / (n_avg + 1))
+                    n_avg += 1
                 if on_utterance:
                     on_utterance(n)
-        final = _learner_params(learner, params).copy()
+        final = avg if avg is not None else _learner_params(learner, params).copy()
     finally:
         close = getattr(learner, "close", None)
         if close:
             close()
     return AdaptRun(final, n, t_learn, losses)
+
+
+def mean_ce(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of the time-averaged readout (the pretraining loss)."""
+    from edgeprop.training import predict_logits
+
+    z = predict_logits(ckpt.cfg, params, x)
+    z = z - z.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+
+def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
+                    x_generic: np.ndarray, y_generic: np.ndarray, acfg: AdaptConfig, *,
+                    backend: str = "reference", rng: np.random.Generator | None = None
+                    ) -> tuple[AdaptRun, dict]:
+    """`adapt`, guarded by 2-fold validation on the shots themselves (never the test set).
+
+    With acfg.validate: the shots are split in two halves (alternating within each
+    label); adapting on one half must lower the cross-entropy on the other, summed over
+    both folds, or the base weights are kept. Then the final run adapts on all shots.
+    This is what a device can do with the user's own utterances: keep a personalised
+    model only when it predicts held-back utterances better than the base.
+    """
+    rng = rng or np.random.default_rng(acfg.seed)
+    if not acfg.validate or len(y_shots) < 2:
+        return adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
+                     rng=rng), {}
+    order = np.argsort(y_shots, kind="stable")
+    halves = (order[0::2], order[1::2])
+    seconds, learned = 0.0, 0
+    ce_base = ce_adapted = 0.0
+    for a, b in (halves, halves[::-1]):
+        run = adapt(ckpt, x_shots[a], y_shots[a], x_generic, y_generic, acfg,
+                    backend=backend, rng=np.random.default_rng(rng.integers(2**32)))
+        seconds += run.seconds
+        learned += run.n_utterances
+        ce_base += mean_ce(ckpt, ckpt.params, x_shots[b], y_shots[b])
+        ce_adapted += mean_ce(ckpt, run.params, x_shots[b], y_shots[b])
+    info = {"validation_ce_base": ce_base / 2, "validation_ce_adapted": ce_adapted / 2,
+            "accepted": bool(ce_adapted < ce_base)}
+    if not info["accepted"]:
+        return AdaptRun(ckpt.params.copy(), learned, seconds), info
+    run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend, rng=rng)
+    return AdaptRun(run.params, run.n_utterances + learned, run.seconds + seconds,
+                    run.losses), info
 
 
 def _p_label(ckpt: Checkpoint, params: Params, x: np.ndarray, label: int) -> float:
@@ -319,6 +372,14 @@ def _p_label(ckpt: Checkpoint, params: Params, x: np.ndarray, label: int) -> flo
     ybar = predict_logits(ckpt.cfg, params, x[None])[0]
     e = np.exp(ybar - ybar.max())
     return float(e[label] / e.sum())
+
+
+def _ema(avg: Params, cur: Params, w: float) -> Params:
+    """avg + w (cur - avg) on the learned arrays: with w = 1/(k+1), the mean of k+1."""
+    for name in LAYERS:
+        a = getattr(avg, name)
+        a += DTYPE(w) * (getattr(cur, name) - a)
+    return avg
 
 
 def shifted(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -392,10 +453,10 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
     y_shot = np.array([c.label_index for c in split.shots], np.int64)
     x_gen, y_gen = _generic(session, speaker, acfg)
     before = accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)
-    run = adapt(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=backend,
-                rng=_rng(acfg.seed + 1, speaker))
+    run, vinfo = adapt_validated(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
+                                 backend=backend, rng=_rng(acfg.seed + 1, speaker))
     after = accuracy_of(session.ckpt, run.params, x_test, y_test)
-    out = {
+    out = vinfo | {
         "speaker": speaker, "before": before, "after": after, "delta": after - before,
         "n_adapt": len(split.shots), "n_test": len(split.test),
         "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
@@ -421,13 +482,16 @@ def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
     points = [{"shots": 0, "n_adapt": 0,
                "accuracy": accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)}]
     for k in range(1, acfg.shots + 1):
-        sub = split_speaker(full.shots, speaker, k, acfg.seed,
-                            include_unknown=acfg.include_unknown)
-        shots = sub.shots
+        seen: dict[str, int] = {}
+        shots = []  # the first k shots of each label, in the full run's order
+        for c in full.shots:
+            if seen.get(c.label, 0) < k:
+                seen[c.label] = seen.get(c.label, 0) + 1
+                shots.append(c)
         x = session.features.inputs(shots)
         y = np.array([c.label_index for c in shots], np.int64)
-        run = adapt(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
-                    backend=backend, rng=_rng(acfg.seed + 1, speaker))
+        run, _ = adapt_validated(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
+                                 backend=backend, rng=_rng(acfg.seed + 1, speaker))
         points.append({"shots": k, "n_adapt": len(shots),
                        "accuracy": accuracy_of(session.ckpt, run.params, x_test, y_test)})
     return points

@@ -7,9 +7,10 @@ atheris mutates bytes guided by which branches of protocol.py they reach.
     pip install atheris
     python tests/fuzz_atheris_protocol.py -atheris_runs=200000      # or -max_total_time=60
 
-The property is the same as in the hypothesis tests: `decode` returns a message or
-raises WireError; an accepted message re-encodes to a stable canonical form. Any other
-exception is a finding: libFuzzer stops and writes the input to crash-<sha1>.
+The property is the same as in the hypothesis tests: `decode` (and `peek`, what the
+broker routes on) returns or raises WireError; an accepted message re-encodes to a
+stable canonical form. Any other exception is a finding: libFuzzer stops and writes the
+input to crash-<sha1> in the current folder.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def seeds() -> list[bytes]:
 
 
 def one_input(data: bytes) -> None:
+    try:  # the broker's routing decoder: (type, stream) or WireError
+        P.peek(data)
+    except P.WireError:
+        pass
     try:
         msg = P.decode(data)
     except P.WireError:

@@ -201,3 +201,122 @@ def test_out_of_order_valid_frames_are_counted_not_fatal(seq_shift):
     got, core = run_core([P.encode(m) for m in msgs] + [P.encode(REC.end(STREAM))])
     assert got["post"].shape[0] >= REC.n_frames - 10
     assert core.counts["seq_gaps"] + core.counts["seq_dups"] >= 1
+
+
+# ---------------------------------------------------------------- the broker's routing decoder
+
+def _peek_crashes() -> bool:
+    """protocol.peek (what the broker routes on) raising a non-WireError for a map whose
+    'type' is unhashable; found by this suite, see peek's `typ not in _TYPES`."""
+    try:
+        P.peek(_pack({"v": 1, "type": [1], "stream": "s"}))
+    except P.WireError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+PEEK_BUG = _peek_crashes()
+peek_bug = pytest.mark.xfail(PEEK_BUG, reason="protocol.peek raises TypeError for an unhashable "
+                             "'type' (the broker thread would die); fix: check "
+                             "isinstance(typ, str) before `typ not in _TYPES`", strict=True)
+
+
+@peek_bug
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.fixed_dictionaries(
+        {"v": st.sampled_from([1, 1, 2, None])},
+        optional={k: st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=6),
+                               st.sampled_from(["frames", "hello", "eos", "control"]),
+                               st.lists(st.integers(), max_size=2),
+                               st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+                  for k in ("type", "stream", "seq")}).map(_pack)))
+def test_peek_never_raises_anything_but_wire_error(data):
+    try:
+        typ, stream = P.peek(data)
+    except P.WireError:
+        return
+    assert isinstance(typ, str) and isinstance(stream, str)
+
+
+def _through_broker(garbage_at: dict | None, timeout_s: float = 60) -> tuple[dict, str, dict]:
+    """The valid stream via a real broker and one learner worker, both on tcp loopback."""
+    import threading
+
+    from runtime.broker import Broker
+    from runtime.learner_node import LearnerNode
+
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
+    stop = threading.Event()
+    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    th.start()
+    assert broker.ready.wait(10)
+    core = LearnerCore(CKPT, backend="reference", learning=True, name="worker")
+    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
+    node.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not broker.workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        out = R.stream_over_socket(REC, broker.endpoints["clients_router"], STREAM,
+                                   timeout_s=timeout_s, garbage=garbage_at)
+        alive = th.is_alive()
+        return out, core.params_hash(), dict(broker.counts, alive=alive)
+    finally:
+        node.stop()
+        core.close()
+        stop.set()
+        th.join(5)
+
+
+def test_broker_survives_garbage_and_keeps_the_stream_intact():
+    junk = [b"", b"\xc1", _pack({"v": 1}), _pack({"v": 2, "type": "frames", "stream": STREAM}),
+            _pack({"v": 1, "type": "frames", "stream": 7}), _pack(_frames_map(v=3)),
+            _pack(_frames_map(stream="ghost")), b"\x00" * (P.MAX_MESSAGE_BYTES + 1)]
+    n = len(REC.frame_messages(STREAM)) + 1
+    clean, clean_hash, _ = _through_broker(None)
+    dirty, dirty_hash, counts = _through_broker({i: list(junk) for i in range(n)})
+    assert counts["alive"]
+    np.testing.assert_array_equal(dirty["posteriors"], clean["posteriors"])
+    assert dirty["posteriors"].shape[0] == REC.n_frames
+    assert dirty["detections"] == clean["detections"] and dirty_hash == clean_hash == CLEAN["hash"]
+    refused = sum(counts.get(k, 0) for k in P.ERROR_KINDS + ("unknown_stream",))
+    assert refused >= 6 * n  # counted by the broker or passed on and refused by the learner
+
+
+@peek_bug
+def test_broker_survives_a_message_whose_type_is_unhashable():
+    n = len(REC.frame_messages(STREAM)) + 1
+    out, _, counts = _through_broker({n // 2: [_pack({"v": 1, "type": [1], "stream": "s"})]},
+                                     timeout_s=5)
+    assert counts["alive"] and out["posteriors"].shape[0] == REC.n_frames
+
+
+# ---------------------------------------------------------------- control requests
+
+control_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(),
+                           st.text(max_size=8), st.lists(st.integers(), max_size=2),
+                           st.sampled_from(["yes", "_silence_", STREAM]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["teach", "learning", "stats", "reset", "ping"]),
+       st.dictionaries(st.sampled_from(["stream", "label", "t_start", "t_end", "on", "x"]),
+                       control_values, max_size=5))
+def test_any_control_request_gets_a_reply_never_an_exception(cmd, args):
+    """(checkpoint is left out: arbitrary paths would write files anywhere.)"""
+    core = LearnerCore(CKPT, backend="reference", learning=True)
+    try:
+        for raw in VALID[:4]:  # an open stream with some history for `teach`
+            core.handle_bytes(raw)
+        reply = core.handle_bytes(P.encode(P.ControlRequest(cmd, "", args)))
+        assert len(reply) == 1 and isinstance(reply[0], P.ControlReply)
+        assert reply[0].ok or reply[0].error
+        P.encode(reply[0])  # and the reply itself is encodable
+    finally:
+        core.close()

@@ -53,6 +53,9 @@ def test_report_draws_every_plot_and_states_the_machine(tmp_path):
     assert all(cpu in ln and "Reproduce: `edgeprop" in ln for ln in figure_lines)
     assert "**failed**: exit 2" in text
     assert "percentiles only" in text
+    # headline numbers are judged against the issues' targets
+    assert "| run | `latency_p99_ms` | 7.5 | <= 20 ms | yes |" in text
+    assert "| profile | `memory_max_pe_bytes`" not in text  # absent field: no row
 
 
 def test_extract_last_json_skips_earlier_output():

@@ -23,7 +23,25 @@ from runtime import regress as R
 from runtime.bench_report import extract_last_json
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+
+
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A real, valid model: seeded init weights, the frontend normalised on the shipped
+    clips (so the features have the scale a trained model sees), the current encoder."""
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.encoders import make_encoder
+    from edgeprop.frontend import FrontendConfig, features
+    from edgeprop.network import KWS_LABELS, ModelConfig, init_params
+    from runtime.stream import build_stream, embedded_clips
+
+    fe = FrontendConfig()
+    f = features(build_stream(embedded_clips()[:8], seed=seed).audio, fe)
+    fe = fe.with_normalization(f.mean(axis=0), np.maximum(f.std(axis=0), 1e-3))
+    cfg = ModelConfig()
+    save_checkpoint(path, cfg, init_params(cfg, seed), frontend=fe.to_dict(),
+                    encoder=make_encoder("current", fe.n_features).to_dict(),
+                    labels=list(KWS_LABELS))
+    return path
 
 
 def edgeprop(*args: str, timeout: float = 300) -> tuple[int, dict | None, str]:
@@ -61,8 +79,6 @@ def test_regress_command_passes_on_the_shipped_recordings():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, data_dir):
     """Recordings + goldens built by the real command from speech_commands_dev."""
-    from runtime_support import make_checkpoint
-
     tmp = tmp_path_factory.mktemp("regress")
     ckpt = make_checkpoint(tmp / "model.ckpt", seed=0)
     recs = tmp / "recordings"

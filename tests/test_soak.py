@@ -109,7 +109,7 @@ def _soak_recording(tmp: Path):
         load_shipped()
         model_path = SHIPPED_MODEL
     except Exception:  # no shipped model in this build yet: a real, freshly initialised one
-        from runtime_support import make_checkpoint
+        from test_regress_suite import make_checkpoint
 
         make_checkpoint(model_path)
     ckpt = load_checkpoint(model_path)

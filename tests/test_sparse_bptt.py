@@ -54,6 +54,22 @@ def test_sparse_equals_dense_when_band_covers_every_entry(neuron, recurrent, los
     assert np.all(np.diag(sparse.w_rec) == 0.0)
 
 
+@pytest.mark.parametrize("neuron", ["alif", "lif"])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_fused_forward_equals_the_step_loop(neuron, recurrent):
+    cfg, p = _net(neuron, recurrent, n_in=30, n_rec=40)
+    x = _inputs(cfg, T=50, B=4, scale=1.0)
+    ref = sparse_bptt.forward(cfg, p, x, b_th=0.25, keep_y=True)
+    got = sparse_bptt.forward_fused(cfg, p, x, b_th=0.25, keep_y=True)
+    assert ref.n_active > 0 and ref.spk_idx.size > 0
+    for name in ("act_ptr", "act_idx", "spk_ptr", "spk_idx"):
+        assert np.array_equal(getattr(ref, name), getattr(got, name)), name
+    np.testing.assert_allclose(got.act_psi, ref.act_psi, atol=1e-6)
+    np.testing.assert_allclose(got.y, ref.y, atol=1e-5)
+    np.testing.assert_allclose(got.ybar, ref.ybar, atol=1e-5)
+    np.testing.assert_array_equal(got.zw, ref.zw)
+
+
 def test_sparse_loss_equals_dense_loss():
     cfg, p = _net("alif", True)
     x = _inputs(cfg)

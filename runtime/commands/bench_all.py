@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], bool]] = {
     "run": (["run", "--json"], False),
     "personalize": (["personalize", "--data", "{data}", "--all-speakers", "--min-clips", "30",
                      "--shots", "2", "--json"], True),
+    "regress": (["regress", "--json", "--quiet"], False),
 }
 
 
@@ -127,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
                      "benchmarks": {}}
         t0 = time.perf_counter()
         for name in names:
-            argv = [a.replace("{data}", args.data) for a in BENCHMARKS[name][0]]
+            # shown relative to the repo (the subprocess runs there), so the reproduce
+            # line in the report works on any checkout with ../shared beside it
+            data = os.path.relpath(args.data, REPO) if os.path.isabs(args.data) else args.data
+            argv = [a.replace("{data}", data) for a in BENCHMARKS[name][0]]
             argv += extras.get(name, [])
             if not args.quiet:
                 say(f"bench all: {name}: edgeprop {' '.join(argv)}")

@@ -4,7 +4,8 @@ Two networks: the keyword spotter (80-120-12 ALIF, T = 100, batch 64, real
 speech_commands_dev features through the shipped model when both are present, else a
 Gaussian input current) and an SHD-sized one (700-256-20 ALIF, T = 100, batch 64,
 Bernoulli input spikes). Times are medians over --repeats runs in this process;
-speedups are ratios of those medians. Peak backward memory = bytes kept from the
+speedups are ratios of those medians. The sparse forward is the compiled one (`sparse_bptt.forward_fused`); the
+`network.step` loop version is timed too. Peak backward memory = bytes kept from the
 forward pass for the backward pass + the peak of what the backward allocates
 (tracemalloc; the numba kernels only use arrays allocated beforehand in Python, so
 tracemalloc sees them).
@@ -183,7 +184,10 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
         return bptt.backward(cfg, params, trace, labels)
 
     def sparse_fwd(bt=b_th):
-        return sparse_bptt.forward(cfg, params, x, b_th=bt)
+        return sparse_bptt.forward_fused(cfg, params, x, b_th=bt)
+
+    def sparse_fwd_steploop():
+        return sparse_bptt.forward(cfg, params, x, b_th=b_th)
 
     def sparse_bwd(st):
         return sparse_bptt.backward(cfg, params, st, labels)
@@ -195,6 +199,7 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
     t_df = _median_time(dense_fwd, repeats)
     t_db = _median_time(dense_bwd, repeats)
     t_sf = _median_time(sparse_fwd, repeats)
+    t_sf_loop = _median_time(sparse_fwd_steploop, repeats)
     t_sb = _median_time(lambda: sparse_bwd(st), repeats)
     kept_dense = sum(a.nbytes for a in (trace.x, trace.v, trace.thr, trace.z, trace.y))
     kept_sparse = st.nbytes()
@@ -208,6 +213,8 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
         "firing_rate": st.firing_rate,
         "dense_forward_s": t_df, "dense_backward_s": t_db,
         "sparse_forward_s": t_sf, "sparse_backward_s": t_sb,
+        "sparse_forward_steploop_s": t_sf_loop,
+        "step_speedup_vs_dense_steploop_forward": (t_df + t_db) / (t_sf_loop + t_sb),
         "backward_speedup": t_db / t_sb,
         "step_speedup_vs_dense": (t_df + t_db) / (t_sf + t_sb),
         "peak_bytes_dense": int(kept_dense + dense_work),

@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate", type=float, default=d.gate,
                         help="learn an utterance only while p(label) < gate (default "
                              "%(default)s; 1 = always)")
+    parser.add_argument("--shift", type=int, default=d.shift,
+                        help="passes after the first roll each shot by up to +-SHIFT frames")
+    parser.add_argument("--validate", action="store_true",
+                        help="keep the adaptation only if it lowers the loss on held-back "
+                             "shots (2-fold over the shots; never the test set)")
+    parser.add_argument("--average", action="store_true",
+                        help="keep the mean of the weights over the last pass")
     parser.add_argument("--precision", default=d.precision,
                         help="emulator storage format (default %(default)s; fp16-m8 is the "
                              "chip default, see docs/personalization.md)")
@@ -91,7 +98,9 @@ def adapt_config(args):
                        optimizer=args.optimizer, learn=learn, pull=args.pull,
                        rehearsal=args.rehearsal, silence=args.silence,
                        include_unknown=not args.no_unknown, gate=args.gate,
-                       precision=args.precision, seed=args.seed)
+                       shift=args.shift, average=args.average, validate=args.validate,
+                       precision=args.precision,
+                       seed=args.seed)
 
 
 def load_base(model: Path | None):
@@ -287,7 +296,7 @@ def run_interactive(args) -> int:
     x_gen = np.stack(gen_x) if gen_x else np.zeros((0,) + x_shot.shape[1:], np.float32)
     y_gen = np.array(gen_y, np.int64)
     say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
-    run = P.adapt(ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=args.backend)
+    run, _ = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=args.backend)
     result = {"speaker": args.name, "keywords": keywords, "n_adapt": int(len(y_shot)),
               "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
               "seconds_per_adapt_utterance": run.seconds / max(len(y_shot), 1),

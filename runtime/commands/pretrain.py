@@ -9,6 +9,7 @@ checkpoint plus its training record (`<out>.json`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -37,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-aug", type=int, default=None,
                         help="background-noise copies per training clip (default 8)")
     parser.add_argument("--reg-coef", type=float, default=None, help="firing-rate regulariser")
+    parser.add_argument("--ema", type=float, default=None,
+                        help="ship an exponential moving average of the weights (per step)")
+    parser.add_argument("--speed", type=float, default=None,
+                        help="speed perturbation of the augmented copies, U(1-s, 1+s)")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also train the same recipe with dense BPTT (or sparse with "
+                             "--dense) and record its accuracy beside this one's")
     parser.add_argument("--max-clips", type=int, default=None,
                         help="use a seeded random subset of this many clips (quick runs)")
     parser.add_argument("--stop-after", type=int, default=None,
@@ -59,7 +67,8 @@ def _train_config(args):
     from edgeprop.training import TrainConfig
 
     kw = {"seed": args.seed, "sparse": not args.dense}
-    for flag, name in (("epochs", "epochs"), ("b_th", "b_th"), ("lr", "lr"),
+    for flag, name in (("epochs", "epochs"), ("b_th", "b_th"), ("lr", "lr"), ("ema", "ema"),
+                       ("speed", "speed"),
                        ("batch_size", "batch_size"), ("n_aug", "n_aug"),
                        ("reg_coef", "reg_coef")):
         val = getattr(args, flag)
@@ -73,10 +82,12 @@ def run(args) -> int:
     import os
     import tempfile
 
+    import numpy as np
+
     from edgeprop import training
     from edgeprop.checkpoint import load_checkpoint, save_checkpoint
     from edgeprop.errors import CheckpointError, DatasetError
-    from edgeprop.network import KWS_LABELS
+    from edgeprop.network import KWS_LABELS, Params
     from edgeprop.optim import Adam
 
     t_start = time.perf_counter()
@@ -126,6 +137,8 @@ def run(args) -> int:
         opt.load_state_dict(ck.optimizer_state or {})
         state = training.TrainState(ck.params, opt, int(ck.extra["next_epoch"]),
                                     list(ck.extra.get("history", [])))
+        if "ema" in ck.extra:
+            state.ema = Params(*(np.asarray(a, np.float32) for a in ck.extra["ema"]))
         say(f"resuming at epoch {state.epoch} from {resume_file}")
 
     extra_common = {"train_config": tcfg.to_dict(), "data_info": data.info}
@@ -146,7 +159,8 @@ def run(args) -> int:
                         frontend=data.frontend.to_dict(), encoder={"name": "current",
                                                                    "n_in": cfg.n_in},
                         labels=list(KWS_LABELS),
-                        extra=extra_common | {"next_epoch": st.epoch, "history": st.history})
+                        extra=extra_common | {"next_epoch": st.epoch, "history": st.history}
+                        | ({"ema": list(st.ema.arrays())} if st.ema is not None else {}))
 
     bars: list = []
     try:
@@ -163,7 +177,31 @@ def run(args) -> int:
                         "resume": str(resume_file)})
         return 0
     seconds = time.perf_counter() - t_start
-    val_acc = training.accuracy(cfg, state.params, data.val_x, data.val_y)
+    val_acc = training.accuracy(cfg, state.model(), data.val_x, data.val_y)
+    comparison = None
+    if args.compare_dense:
+        other = dataclasses.replace(tcfg, sparse=not tcfg.sparse)
+        name = "sparse" if other.sparse else "dense"
+        say(f"comparison: the same run with {name} BPTT (not saved)")
+        t0 = time.perf_counter()
+
+        def cmp_end(rec: dict, st) -> None:
+            while bars:
+                bars.pop().__exit__(None, None, None)
+            say(f"{name} epoch {rec['epoch'] + 1}/{tcfg.epochs}: train "
+                f"{rec['train_acc']:.3f} val {rec['val_acc']:.3f}")
+
+        try:
+            st2 = training.train(cfg, data, other, on_epoch_start=on_epoch_start,
+                                 on_epoch_end=cmp_end)
+        finally:
+            while bars:
+                bars.pop().__exit__(None, None, None)
+        comparison = {"method": f"{name}_bptt",
+                      "val_accuracy": training.accuracy(cfg, st2.model(), data.val_x,
+                                                        data.val_y),
+                      "seconds": time.perf_counter() - t0,
+                      "final_train_acc": st2.history[-1]["train_acc"] if st2.history else None}
     record = {
         "command": "edgeprop pretrain " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["pretrain"]
                                                      else sys.argv[1:]),
@@ -176,15 +214,16 @@ def run(args) -> int:
         "train_config": tcfg.to_dict(),
         "model_config": cfg.to_dict(),
         "data_info": data.info,
+        "comparison": comparison,
         "history": state.history,
         "cpu_count": os.cpu_count(),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    save_checkpoint(out, cfg, state.params, frontend=data.frontend.to_dict(),
+    save_checkpoint(out, cfg, state.model(), frontend=data.frontend.to_dict(),
                     encoder={"name": "current", "n_in": cfg.n_in}, labels=list(KWS_LABELS),
                     extra={k: record[k] for k in ("command", "seed", "method", "val_accuracy",
                                                   "n_val", "seconds", "train_config",
-                                                  "data_info")})
+                                                  "data_info", "comparison")})
     rec_path = _record_path(out)
     fd, tmp = tempfile.mkstemp(dir=rec_path.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
