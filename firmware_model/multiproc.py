@@ -21,12 +21,15 @@ import tempfile
 import uuid
 
 import numpy as np
+from numba.typed import List
 
 from edgeprop.errors import EdgepropError
 from edgeprop.network import ModelConfig
 from firmware_model import costs
+from firmware_model.kernels import tick_batch_kernel
 from firmware_model.precision import get_precision
 from firmware_model.program import PEProgram
+from firmware_model.router import INPUT, SPIKE
 
 _WORKER_MAIN = "import sys; from firmware_model.multiproc import serve; serve(sys.argv[1])"
 
@@ -73,6 +76,8 @@ class LocalGroups:
         self.programs = build_programs(spec, [p for g in groups for p in g])
         self._order = sorted(self.programs)
         self._lists = None
+        self._accs = None
+        self._accs_sig = None
         self._counts = np.zeros((len(self._order), 3), np.int64)
         self._take = np.zeros((len(self._order), 2), np.bool_)
 
@@ -81,23 +86,25 @@ class LocalGroups:
             fast = self._tick_fast(deliveries)
             if fast is not None:
                 return fast
-        elif cmd not in ("readout", "lsig"):
-            self._lists = None  # end of sample / apply / reset may swap accumulators
+        elif cmd in ("finish_sample", "apply", "load_opt_state"):
+            self._accs = None  # these may swap a PE's accumulator buffer
         return run_group(self.programs, deliveries, cmd, args_by_pe)
 
     def _typed_lists(self):
-        from numba.typed import List
-
-        if self._lists is None:
+        """numba typed lists of each PE's tick arrays (built once; accumulators on swap)."""
+        if self._lists is None or self._accs is None:
             arrays = [self.programs[p].tick_arrays() for p in self._order]
-            self._lists = tuple(List(a[k] for a in arrays) for k in range(11))
+            if self._lists is None:
+                self._lists = [List(a[k] for a in arrays) for k in range(11)]
+            sig = tuple(id(a[8]) for a in arrays)
+            if sig != self._accs_sig:
+                self._lists[8] = List(a[8] for a in arrays)
+                self._accs_sig = sig
+            self._accs = self._lists[8]
         return self._lists
 
     def _tick_fast(self, deliveries: Deliveries):
         """The batched tick, if every delivery is one shared input and/or spike batch."""
-        from firmware_model.kernels import tick_batch_kernel
-        from firmware_model.router import INPUT, SPIKE
-
         inp = spk = None
         take = self._take
         take[:] = False

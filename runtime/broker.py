@@ -47,6 +47,7 @@ class Broker:
         self.routes: dict[tuple[bytes, str], bytes] = {}
         self.counts: Counter = Counter()
         self.ready = threading.Event()
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,8 +179,15 @@ class Broker:
             s.setsockopt(zmq.MAXMSGSIZE, 16 * P.MAX_MESSAGE_BYTES)
         from runtime.learner_node import _bind
 
-        _bind(clients_router, self.clients_bind, "clients_router")
-        _bind(workers_router, self.workers_bind, "workers_router")
+        try:
+            _bind(clients_router, self.clients_bind, "clients_router")
+            _bind(workers_router, self.workers_bind, "workers_router")
+        except Exception as exc:
+            self.error = exc
+            self.ready.set()
+            clients_router.close(0)
+            workers_router.close(0)
+            return
         self.endpoints = {
             "clients_router": clients_router.getsockopt_string(zmq.LAST_ENDPOINT),
             "workers_router": workers_router.getsockopt_string(zmq.LAST_ENDPOINT)}

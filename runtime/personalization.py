@@ -68,6 +68,9 @@ class AdaptConfig:
     gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
     average: bool = False          # final weights = mean over the last pass's updates
     validate: bool = False         # keep the adaptation only if it helps on held-back shots
+    strong_below: float = 0.0      # if the base gets fewer shots right than this fraction,
+    strong_lr: float = 1e-3        # the voice is far from the model: adapt with strong_lr
+    strong_learn: tuple[str, ...] = ("w_in", "w_out")  # on these layers instead
     shift: int = 0                 # passes after the first roll each shot by up to +-shift
                                    # frames (circular): new utterances from the same shots
     precision: str = "fp32"        # emulator storage format (see the note in make_learner)
@@ -82,23 +85,26 @@ class AdaptConfig:
             raise ConfigError(f"gate must be in (0, 1], got {self.gate}")
         if not 0.0 <= self.pull < 1.0:
             raise ConfigError(f"pull must be in [0, 1), got {self.pull}")
-        bad = [name for name in self.learn if name not in LAYERS]
-        if bad or not self.learn:
-            raise ConfigError(f"learn must name some of {LAYERS}, got {self.learn}")
+        for learn in (self.learn, self.strong_learn):
+            bad = [name for name in learn if name not in LAYERS]
+            if bad or not learn:
+                raise ConfigError(f"learn must name some of {LAYERS}, got {learn}")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["learn"] = list(self.learn)
+        d["strong_learn"] = list(self.strong_learn)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AdaptConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "learn" in kw:
-            kw["learn"] = tuple(kw["learn"])
+        for key in ("learn", "strong_learn"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
 
@@ -342,9 +348,16 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
     model only when it predicts held-back utterances better than the base.
     """
     rng = rng or np.random.default_rng(acfg.seed)
+    info: dict = {}
+    if acfg.strong_below > 0 and len(y_shots):
+        shot_acc = accuracy_of(ckpt, ckpt.params, x_shots, y_shots)
+        info["shot_accuracy_before"] = shot_acc
+        if shot_acc < acfg.strong_below:
+            acfg = replace(acfg, lr=acfg.strong_lr, learn=acfg.strong_learn)
+            info["strong"] = True
     if not acfg.validate or len(y_shots) < 2:
         return adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
-                     rng=rng), {}
+                     rng=rng), info
     order = np.argsort(y_shots, kind="stable")
     halves = (order[0::2], order[1::2])
     seconds, learned = 0.0, 0
@@ -356,8 +369,8 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
         learned += run.n_utterances
         ce_base += mean_ce(ckpt, ckpt.params, x_shots[b], y_shots[b])
         ce_adapted += mean_ce(ckpt, run.params, x_shots[b], y_shots[b])
-    info = {"validation_ce_base": ce_base / 2, "validation_ce_adapted": ce_adapted / 2,
-            "accepted": bool(ce_adapted < ce_base)}
+    info |= {"validation_ce_base": ce_base / 2, "validation_ce_adapted": ce_adapted / 2,
+             "accepted": bool(ce_adapted < ce_base)}
     if not info["accepted"]:
         return AdaptRun(ckpt.params.copy(), learned, seconds), info
     run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend, rng=rng)

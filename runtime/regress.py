@@ -959,7 +959,9 @@ def run_one(rec_path: Path, checkpoint: Any, checkpoint_hash: str, backend: str,
                detection_score=current["detection_score"],
                final_params_hash=current["final_params_hash"],
                posteriors=current["posteriors"], learned_windows=current["learned_windows"],
-               replay_seconds=round(res["seconds"], 3))
+               replay_seconds=round(res["seconds"], 3),
+               # stream seconds replayed per wall second, sockets and learning included
+               speed_x_realtime=round(rec.n_frames * rec.hop_s / max(res["seconds"], 1e-9), 1))
     old = read_goldens(rec_path).get(backend)
     if update:
         write_golden(rec_path, backend, current)

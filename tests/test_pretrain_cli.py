@@ -39,7 +39,7 @@ def work(tmp_path_factory) -> Path:
 def tiny_model(work: Path, data_dir: Path) -> tuple[Path, dict]:
     out = work / "tiny.npz"
     res = _json(_cli("pretrain", "--data", data_dir, "--out", out, "--cache-dir",
-                     work / "cache", "--json", *TINY))
+                     work / "cache", "--json", "--compare-dense", *TINY))
     return out, res
 
 
@@ -66,6 +66,8 @@ def test_pretrain_writes_a_complete_checkpoint_and_record(tiny_model):
     assert res["epochs_run"] == 2 and res["method"] == "sparse_bptt"
     assert 0.0 <= res["val_accuracy"] <= 1.0 and res["n_val"] > 0
     assert res["data_info"]["n_train"] + res["n_val"] == 60
+    assert res["comparison"]["method"] == "dense_bptt"
+    assert 0.0 <= res["comparison"]["val_accuracy"] <= 1.0
     ck = load_checkpoint(out)
     assert ck.cfg.n_weights == 25440
     assert ck.labels == list(KWS_LABELS)

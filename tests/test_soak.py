@@ -171,6 +171,7 @@ def _rss_verdict(samples: list[tuple[float, int]], started: float, baseline_at: 
 
 def run_soak(tmp: Path, seconds: float = SOAK_S, n_streams: int = N_STREAMS,
              backend: str = BACKEND, speed: float = SPEED) -> dict:
+    from runtime import protocol as P
     from runtime import regress as R
     from runtime.learner_node import resume_path
 
@@ -246,8 +247,7 @@ def run_soak(tmp: Path, seconds: float = SOAK_S, n_streams: int = N_STREAMS,
         time.sleep(1.0)
     for th in threads:
         th.join(5)
-    stats = R.control_call(f"tcp://127.0.0.1:{p_lc}", __import__(
-        "runtime.protocol", fromlist=["ControlRequest"]).ControlRequest("stats")).result
+    stats = R.control_call(f"tcp://127.0.0.1:{p_lc}", P.ControlRequest("stats")).result
     rc_l, rc_b = learner.stop(), broker.stop()
     final_ckpts = {}
     for path in [resume_path(tmp / "L"), resume_path(tmp / "B" / "worker-0"),

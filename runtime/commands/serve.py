@@ -182,6 +182,8 @@ def _run_broker(args: argparse.Namespace) -> int:
     thread.start()
     if not broker.ready.wait(10):
         raise ConfigError(f"broker could not bind {args.bind}")
+    if broker.error is not None:
+        raise broker.error
     ep = broker.endpoints["workers_router"]
     procs = [subprocess.Popen(_worker_cmd(args, ep, k)) for k in range(args.workers)]
     deadline = time.monotonic() + 60
