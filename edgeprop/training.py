@@ -49,7 +49,7 @@ Progress = Callable[[int], None]
 class TrainConfig:
     """Everything that decides a training run besides the data and the model config."""
 
-    epochs: int = 120
+    epochs: int = 250
     batch_size: int = 32
     lr: float = 2e-3
     lr_final: float = 1e-4       # cosine decay from lr to lr_final over the epochs
@@ -64,9 +64,9 @@ class TrainConfig:
     p_clean: float = 0.25        # chance an epoch shows the clean version of a clip
     feature_noise: float = 0.0   # std of Gaussian noise on normalised features
     speed: float = 0.0           # speed perturbation of augmented copies: U(1-s, 1+s)
-    ema: float = 0.0             # EMA of the weights (per step); 0 = off. Shipped = EMA
-    freq_mask: int = 8           # SpecAugment: zero up to this many mel bands (+ deltas)
-    time_mask: int = 15          # SpecAugment: zero up to this many frames
+    ema: float = 0.998           # EMA of the weights (per step), shipped; 0 = off
+    freq_mask: int = 4           # SpecAugment: zero up to this many mel bands (+ deltas)
+    time_mask: int = 8           # SpecAugment: zero up to this many frames
     init_seed: int | None = None  # defaults to seed
 
     def __post_init__(self) -> None:

@@ -66,6 +66,14 @@ class Broker:
         return {"workers": {w.hex(): len(v["sessions"]) for w, v in self.workers.items()},
                 "sessions": len(self.routes), "counts": dict(self.counts)}
 
+    def _guarded(self, fn, *args) -> None:
+        """A bug must not take the broker down with every session: count, log, go on."""
+        try:
+            fn(*args)
+        except Exception:
+            self.counts["internal_errors"] += 1
+            log.exception("broker: internal error handling a message (survived)")
+
     def _pick(self) -> bytes | None:
         if not self.workers:
             return None
@@ -205,7 +213,7 @@ class Broker:
                             parts = workers_router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._from_worker(clients_router, parts[0], parts[1:])
+                        self._guarded(self._from_worker, clients_router, parts[0], parts[1:])
                 if clients_router in events:
                     for _ in range(512):
                         try:
@@ -215,7 +223,8 @@ class Broker:
                         if len(parts) != 2:
                             self.counts["malformed"] += 1
                             continue
-                        self._from_client(clients_router, workers_router, parts[0], parts[1])
+                        self._guarded(self._from_client, clients_router, workers_router,
+                                      parts[0], parts[1])
                 self._expire(time.monotonic())
         finally:
             clients_router.close(0)

@@ -2,7 +2,9 @@
 
     FrontendNode(endpoint, frontend_cfg, encoder, *, stream="s0", mode="replay",
                  batch=1, personal=False, max_pending=256, live_queue=50,
-                 hwm=100, recorder=None, on_output=None, connect_timeout_s=10.0)
+                 hwm=100, recorder=None, on_output=None, connect_timeout_s=10.0,
+                 heartbeat_s=1.0)
+        .keep_posteriors = True         set False on long runs (latencies are still kept)
         .start() -> HelloReply          handshake (raises ConfigError when rejected)
         .feed(samples, *, label=-1, window=-1, t_in_ns=None) -> int   frames produced
         .send_spikes(spikes (n, substeps, ch), *, labels=None, windows=None,

@@ -335,7 +335,12 @@ class LearnerCore:
             self._close_session(h.stream, learn=False)
         weights = None
         if h.personal:
-            weights = WeightSet(self._personal_backend(h.stream), self.apply_delay > 0)
+            try:
+                weights = WeightSet(self._personal_backend(h.stream), self.apply_delay > 0)
+            except EdgepropError as exc:  # e.g. a stale personal checkpoint
+                reply.accepted, reply.reason = False, f"personal weights: {exc}"
+                self._fault("config_mismatch", reply.reason, h.stream)
+                return reply
             reply.params_hash = self.params_hash(weights.infer)
         self.sessions[h.stream] = Session(
             h.stream, route, h.mode, init_state(self.cfg), Detector(m.labels, self.det_cfg),
@@ -904,7 +909,14 @@ class LearnerNode:
                         route, payload = parts
                         if self.recorder is not None:
                             self.recorder.write("in", payload)
-                        for reply in core.handle_bytes(payload, route):
+                        try:
+                            replies = core.handle_bytes(payload, route)
+                        except Exception:  # a bug, not the peer's fault: never fatal
+                            core.counts["internal_errors"] += 1
+                            log.exception("%s: internal error on a message (survived)",
+                                          core.name)
+                            continue
+                        for reply in replies:
                             self._send(data, route, reply)
                             if pub is not None and isinstance(reply, (P.Posteriors, P.Detection)):
                                 pub.send_multipart([reply.stream.encode(), P.encode(reply)],

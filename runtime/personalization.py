@@ -11,10 +11,12 @@ The protocol (`personalize_speaker`), for one speaker of a Speech Commands folde
    replays `rehearsal` generic clips (balanced over the 12 classes, *other* speakers,
    drawn from a fixed pool chosen before anything about the test speaker is looked
    at) and `silence` background clips, so the model does not forget the other voices
-   or silence. Only the layers in `learn` change (default: input and readout; the
-   recurrent layer stays at its pretrained values, which keeps the dynamics the
-   pretraining found), and after every update the learned weights are pulled back
-   toward the base weights by a fraction `pull` (an L2-SP style prior, decoupled).
+   or silence. Only the layers in `learn` change (default: the readout; the input and
+   recurrent layers keep their pretrained values), unless the base model gets fewer
+   than `strong_below` of the speaker's own shots right: then that voice is far from
+   what the model knows and `strong_learn` (input + readout) learn at `strong_lr`.
+   Optionally the learned weights are pulled back toward the base after every update
+   by a fraction `pull` (an L2-SP style prior, decoupled).
 3. **Measure** accuracy on the test set before (base weights) and after (adapted
    weights), with the reference forward pass (`edgeprop.training.predict_logits`),
    which the emulator's kernels are held equal to by their own tests.
@@ -68,7 +70,7 @@ class AdaptConfig:
     gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
     average: bool = False          # final weights = mean over the last pass's updates
     validate: bool = False         # keep the adaptation only if it helps on held-back shots
-    strong_below: float = 0.0      # if the base gets fewer shots right than this fraction,
+    strong_below: float = 0.8      # if the base gets fewer shots right than this fraction,
     strong_lr: float = 1e-3        # the voice is far from the model: adapt with strong_lr
     strong_learn: tuple[str, ...] = ("w_in", "w_out")  # on these layers instead
     shift: int = 0                 # passes after the first roll each shot by up to +-shift

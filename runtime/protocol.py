@@ -24,7 +24,8 @@ Public API (stable; the demo and regression suites build on it)::
     ControlReply(cmd, ok, result={}, error="")
     Notice(stream, kind, detail)                # learner -> peer: what it refused and why
 
-    encode(msg) -> bytes                   msg.encode() is the same
+    encode(msg) -> bytes                   msg.encode() is the same; unencodable values
+                                           (ints beyond 64 bits...) raise WireError
     decode(data: bytes, max_bytes=MAX_MESSAGE_BYTES) -> Message
         raises WireError (a ProtocolError) with .kind in ERROR_KINDS
     pack_bits(arr) -> bytes / unpack_bits(data, shape) -> uint8 array
@@ -495,7 +496,10 @@ def encode(msg: Message) -> bytes:
     """Message -> msgpack bytes (a map with v and type first)."""
     m = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
     m.update(msg.to_map())
-    return msgpack.packb(m, use_bin_type=True)
+    try:
+        return msgpack.packb(m, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:  # e.g. an int beyond 64 bits
+        raise WireError("bad_field", f"{msg.TYPE} cannot be encoded: {exc}") from None
 
 
 def _unpack(data: bytes, max_bytes: int) -> Any:
@@ -568,7 +572,7 @@ def peek(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, str]:
     if d.get("v") != PROTOCOL_VERSION:
         raise WireError("version", f"protocol version {d.get('v')!r}")
     typ, stream = d.get("type"), d.get("stream", "")
-    if typ not in _TYPES:
+    if not isinstance(typ, str) or typ not in _TYPES:
         raise WireError("unknown_type", f"unknown message type {typ!r}")
     if not isinstance(stream, str):
         raise WireError("bad_field", "field 'stream' is not a string")

@@ -23,7 +23,8 @@ How it works::
   bursts of one chunk (120 ms). Use ``chunk_frames=160`` for strict 10 ms pacing when the
   reader's period is 160 frames (``latency="low"``).
 - Readers must open the device with ``blocksize=160`` (10 ms), the virtual microphone's
-  sample rate and its sample format (``dtype``: ``int16`` or ``float32``); the FIFO
+  sample rate and its sample format (``dtype``: ``float32``, what
+  runtime.sources.MicrophoneSource opens, or ``int16``); the FIFO
   carries raw samples and ALSA does not convert them. Measured here (ALSA 1.2.8,
   PortAudio 19.6): with those settings, 0 sample discontinuities over 3 s at latencies
   0.01-0.2 s; with ``blocksize=0`` PortAudio picks periods that do not divide a chunk
@@ -89,7 +90,7 @@ class VirtualMicrophone:
     """
 
     def __init__(self, *, name: str = DEFAULT_NAME, samplerate: int = 16000,
-                 dtype: str = "int16", chunk_frames: int = 1920, settle_s: float = 0.3,
+                 dtype: str = "float32", chunk_frames: int = 1920, settle_s: float = 0.3,
                  noise_dbfs: float | None = None, seed: int = 0,
                  workdir: str | os.PathLike | None = None) -> None:
         if dtype not in ("int16", "float32"):
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", help="WAV files to play, in order")
     p.add_argument("--gap", type=float, default=1.0, help="seconds of silence between files")
-    p.add_argument("--dtype", default="int16", choices=["int16", "float32"])
+    p.add_argument("--dtype", default="float32", choices=["int16", "float32"],
+                   help="the reader's sample format (MicrophoneSource: float32)")
     a = p.parse_args(argv)
     with VirtualMicrophone(dtype=a.dtype) as vm:
         print(f"export ALSA_CONFIG_PATH={vm.config_path}  # device: {vm.name}", flush=True)

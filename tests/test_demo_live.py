@@ -127,8 +127,25 @@ def test_replay_feeds_a_file_as_if_it_were_the_microphone(shipped_path, data_dir
     sf.write(wav, audio, 16000)
     assert main(["demo", "live", "--replay", str(wav), "--json", "--backend", "reference"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["source"] == "replay"
-    assert [d["label"] for d in res["detections"]] == ["right"]
+    assert res["source"] == "replay" and res["dropped_frames"] == 0
+    got = [(d["label"], round(d["t"], 2)) for d in res["detections"]]
+    # the same audio (+ the demo's 0.5 s tail) through the model and detector offline
+    from edgeprop.evaluation import checkpoint_frontend, encode_batch
+    from edgeprop.frontend import features
+    from edgeprop.network import init_state, step
+    from edgeprop.shipped import load_shipped
+    from runtime.detection import Detector
+
+    ck = load_shipped()
+    x = encode_batch(ck, features(np.concatenate([audio, np.zeros(8000, np.float32)])[None],
+                                  checkpoint_frontend(ck)))[0]
+    st, ys = init_state(ck.cfg), []
+    for xt in x:
+        st, y = step(ck.cfg, ck.params, st, xt)
+        ys.append(y)
+    _, hits = Detector(list(ck.labels)).run(np.array(ys))
+    assert got == [(h.label, round(h.t, 2)) for h in hits]
+    assert [g[0] for g in got] == ["right"]
     assert main(["demo", "live", "--replay", str(tmp_path / "missing.wav")]) == 2
     err = capsys.readouterr().err
     assert "no such audio file" in err and "Traceback" not in err

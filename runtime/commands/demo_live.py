@@ -105,8 +105,7 @@ def render(state: LiveState, dropped: int, source_name: str, elapsed: float):
         style = "bold green" if last and last["label"] == lab and \
             time.monotonic() - last["wall"] < 1.5 else "cyan"
         table.add_row(lab, Text("█" * n + "·" * (40 - n), style=style), f"{p:.2f}")
-    lvl = max(0, min(40, int(round((level - LEVEL_FLOOR_DBFS + 40) / 100 * 40)))) \
-        if level > LEVEL_FLOOR_DBFS else 0
+    lvl = max(0, min(40, int(round((level + 80.0) / 80.0 * 40))))  # -80..0 dBFS
     det = (f"[bold green]{last['label']}[/] at {last['t']:.2f} s (score {last['score']:.2f})"
            if last else "[dim]none yet[/]")
     info = Text.from_markup(

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "%(default)s; 1 = always)")
     parser.add_argument("--shift", type=int, default=d.shift,
                         help="passes after the first roll each shot by up to +-SHIFT frames")
+    parser.add_argument("--strong-below", type=float, default=d.strong_below,
+                        help="if the base model gets fewer than this fraction of the shots "
+                             "right, adapt with --strong-lr on --strong-learn (default "
+                             "%(default)s; 0 = never)")
+    parser.add_argument("--strong-lr", type=float, default=d.strong_lr)
+    parser.add_argument("--strong-learn", default=",".join(d.strong_learn))
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
                              "shots (2-fold over the shots; never the test set)")
@@ -94,11 +100,14 @@ def adapt_config(args):
     from runtime.personalization import AdaptConfig
 
     learn = tuple(s.strip() for s in args.learn.split(",") if s.strip())
+    strong = tuple(s.strip() for s in args.strong_learn.split(",") if s.strip())
     return AdaptConfig(shots=args.shots, passes=args.passes, lr=args.lr,
                        optimizer=args.optimizer, learn=learn, pull=args.pull,
                        rehearsal=args.rehearsal, silence=args.silence,
                        include_unknown=not args.no_unknown, gate=args.gate,
                        shift=args.shift, average=args.average, validate=args.validate,
+                       strong_below=args.strong_below, strong_lr=args.strong_lr,
+                       strong_learn=strong,
                        precision=args.precision,
                        seed=args.seed)
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 120)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 250)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, order, noise")
     parser.add_argument("--b-th", type=float, default=None,
                         help="sparse BPTT band |v - A| < B_th (default 0.2)")
