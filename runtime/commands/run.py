@@ -16,8 +16,9 @@ Numbers (`--json`):
   latency_p50_ms / latency_p99_ms
                     per frame, from the audio block entering the frontend (time stamp
                     before feature extraction) to its posterior arriving back
-  realtime_factor   (frontend compute + learner busy time) / audio seconds streamed
-                    (all streams): < 1 means faster than real time
+  realtime_factor   audio seconds streamed (all streams) / (frontend compute + learner
+                    busy time): how many times faster than real time the pipeline
+                    computes (> 1 keeps up), as in `bench eprop` and `profile`
   load              learner busy time / wall time: the share of one core it needed
 With --streams N > 1, the N streams replay the same audio; features are computed once
 and the spike frames are sent paced per stream (latency then starts at the send).
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
         "latency_max_ms": float(lat.max()) if lat.size else None,
-        "realtime_factor": (fe_busy + learner_busy) / audio_s,
+        "realtime_factor": audio_s / max(fe_busy + learner_busy, 1e-9),
         "learner_busy_s": learner_busy,
         "learner_swap_wait_s": after.get("swap_wait_s", 0.0) - before.get("swap_wait_s", 0.0),
         "updates_deferred": counts.get("updates_deferred", 0),
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         f"{out['detections']} detections, accuracy {out['accuracy']:.2%} "
         f"({out['detected']}/{out['keyword_utterances']} keywords, "
         f"{out['false_alarms']} false alarms), {lat_txt}, realtime factor "
-        f"{out['realtime_factor']:.3f}, {out['updates']} online updates")
+        f"x{out['realtime_factor']:.0f}, {out['updates']} online updates")
     if args.json:
         print_json(out)
     try:
