@@ -56,11 +56,15 @@ BACKENDS = ("emulator", "reference")
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How adaptation runs. Defaults were tuned on 13 speakers (docs/personalization.md)."""
+    """How adaptation runs. Defaults were tuned on 13 speakers (docs/personalization.md).
+
+    strong_below is off (0) by default: it helped the first shipped model and hurt the
+    final one (docs/personalization.md, "How the defaults were chosen").
+    """
 
     shots: int = 2                 # clips per keyword (and of _unknown_) to adapt on
     passes: int = 3                # passes over the shots (each pass = more utterances)
-    lr: float = 3e-4
+    lr: float = 1e-3
     optimizer: str = "adam"        # "adam" | "sgd"
     learn: tuple[str, ...] = ("w_out",)
     pull: float = 0.0              # after each update: W <- W - pull (W - W_base)
@@ -70,7 +74,7 @@ class AdaptConfig:
     gate: float = 1.0              # learn an utterance only if p(label) < gate (1 = always)
     average: bool = False          # final weights = mean over the last pass's updates
     validate: bool = False         # keep the adaptation only if it helps on held-back shots
-    strong_below: float = 0.8      # if the base gets fewer shots right than this fraction,
+    strong_below: float = 0.0      # if the base gets fewer shots right than this fraction,
     strong_lr: float = 1e-3        # the voice is far from the model: adapt with strong_lr
     strong_learn: tuple[str, ...] = ("w_in", "w_out")  # on these layers instead
     shift: int = 0                 # passes after the first roll each shot by up to +-shift

@@ -33,6 +33,10 @@ How it works::
   blocks until a writer exists. So the writer runs before anything lists devices, and it
   reopens the FIFO whenever a reader goes away. Each new connection starts with
   ``settle_s`` of silence, so audio queued with `play` is never lost to a listing probe.
+- Stop readers before the virtual microphone. When the writer goes away the reader sees
+  end-of-file, reads stop blocking, and PortAudio spins delivering stale buffers as fast
+  as it can (measured: the demo then counts tens of thousands of dropped frames), like
+  a sound card whose clock vanished.
 """
 
 from __future__ import annotations
@@ -308,11 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with VirtualMicrophone(dtype=a.dtype) as vm:
         print(f"export ALSA_CONFIG_PATH={vm.config_path}  # device: {vm.name}", flush=True)
-        time.sleep(2.0)
+        print(f"# the files play once something records from {vm.name}, e.g. in another "
+              f"shell: edgeprop demo live --device {vm.name}", file=sys.stderr, flush=True)
         for f in a.files:
             vm.play_file(f, gap_s=a.gap)
-        vm.wait_played(timeout=3600)
-        time.sleep(1.0)
+        try:
+            while not vm.wait_played(timeout=1.0):
+                pass
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 130
     return 0
 
 

@@ -117,8 +117,9 @@ def _ops(cfg, p, x, labels, b_th):
 
 def test_backward_work_is_proportional_to_active_entries():
     """Operation counts (deterministic): ops = A (2 n + 2 + n_in) for the A active entries,
-    plus one pass of the input/spike traces up to the last active step and a rescale every
-    REBASE steps; dense BPTT does B T n (n_in + 2 n) multiply-adds whatever the activity."""
+    plus one pass over the input and spike traces up to the last active step and a
+    rescale every REBASE steps; dense BPTT does B T n (n_in + 2 n) multiply-adds whatever
+    the activity."""
     cfg, p = _net("alif", True, n_in=40, n_rec=64)
     T, B = 100, 16
     labels = np.arange(B) % cfg.n_out

@@ -3,12 +3,15 @@
 Two networks: the keyword spotter (80-120-12 ALIF, T = 100, batch 64, real
 speech_commands_dev features through the shipped model when both are present, else a
 Gaussian input current) and an SHD-sized one (700-256-20 ALIF, T = 100, batch 64,
-Bernoulli input spikes). Times are medians over --repeats runs in this process;
-speedups are ratios of those medians. The sparse forward is the compiled one (`sparse_bptt.forward_fused`); the
-`network.step` loop version is timed too. Peak backward memory = bytes kept from the
-forward pass for the backward pass + the peak of what the backward allocates
-(tracemalloc; the numba kernels only use arrays allocated beforehand in Python, so
-tracemalloc sees them).
+Bernoulli input spikes). Times are medians over --repeats calls in this process, the
+compared functions called in turn (so load from other jobs hits them alike); speedups
+are ratios of those medians (`*_warm_*`: the same function called back to back, warm
+caches; the default numbers are interleaved: dense BPTT evicts the sparse pass's data
+from the caches in between, as a forward pass does in training). The sparse forward is
+the compiled one (`sparse_bptt.forward_fused`); the `network.step` loop version is timed too. Peak
+backward memory = bytes kept from the forward pass for the backward pass + the peak of
+what the backward allocates (tracemalloc; the numba kernels only use arrays allocated
+beforehand in Python, so tracemalloc sees them).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--repeats", type=int, default=11,
+                        help="timed repeats (median; calls interleaved)")
     parser.add_argument("--b-th", type=float, default=0.2, help="sparse band B_th")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-sweep", action="store_true", help="skip the B_th sweep")
@@ -35,13 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_flags(parser)
 
 
-def _median_time(fn, repeats: int) -> float:
+def _warm_median(fn, repeats: int) -> float:
+    """Median time of `repeats` back-to-back calls (warm caches)."""
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _paired_medians(fns, repeats: int) -> list[float]:
+    """Median time of each function, calls interleaved so load drift hits all alike."""
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def _peak_alloc(fn) -> tuple[object, int]:
@@ -196,11 +212,11 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
     st = sparse_fwd()
     sparse_bwd(st)  # compile / warm
     g_sparse, sparse_work = _peak_alloc(lambda: sparse_bwd(st))
-    t_df = _median_time(dense_fwd, repeats)
-    t_db = _median_time(dense_bwd, repeats)
-    t_sf = _median_time(sparse_fwd, repeats)
-    t_sf_loop = _median_time(sparse_fwd_steploop, repeats)
-    t_sb = _median_time(lambda: sparse_bwd(st), repeats)
+    t_df, t_sf, t_sf_loop = _paired_medians([dense_fwd, sparse_fwd, sparse_fwd_steploop],
+                                            repeats)
+    t_db, t_sb = _paired_medians([dense_bwd, lambda: sparse_bwd(st)], repeats)
+    t_db_warm = _warm_median(dense_bwd, repeats)
+    t_sb_warm = _warm_median(lambda: sparse_bwd(st), repeats)
     kept_dense = sum(a.nbytes for a in (trace.x, trace.v, trace.thr, trace.z, trace.y))
     kept_sparse = st.nbytes()
     stats: list = []
@@ -216,6 +232,8 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
         "sparse_forward_steploop_s": t_sf_loop,
         "step_speedup_vs_dense_steploop_forward": (t_df + t_db) / (t_sf_loop + t_sb),
         "backward_speedup": t_db / t_sb,
+        "dense_backward_warm_s": t_db_warm, "sparse_backward_warm_s": t_sb_warm,
+        "backward_speedup_warm": t_db_warm / t_sb_warm,
         "step_speedup_vs_dense": (t_df + t_db) / (t_sf + t_sb),
         "peak_bytes_dense": int(kept_dense + dense_work),
         "peak_bytes_sparse": int(kept_sparse + sparse_work),
@@ -231,9 +249,10 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
 
         fn = torch_step_fn(cfg, params, x, labels)
         g_torch = fn()
-        t_torch = _median_time(fn, repeats)
+        t_torch, t_sf2, t_sb2 = _paired_medians([fn, sparse_fwd, lambda: sparse_bwd(st)],
+                                                repeats)
         out["torch_step_s"] = t_torch
-        out["step_speedup_vs_torch"] = t_torch / (t_sf + t_sb)
+        out["step_speedup_vs_torch"] = t_torch / (t_sf2 + t_sb2)
         out["torch_grad_cosine_vs_dense"] = _cosine(Grads(*g_torch), g_dense)
         out["torch_threads"] = torch.get_num_threads()
     else:
@@ -245,13 +264,15 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
         for bt in SWEEP:
             s2 = sparse_fwd(bt)
             g2 = sparse_bwd(s2)
-            t2 = _median_time(lambda s2=s2: sparse_bwd(s2), repeats)
+            t_d2, t2 = _paired_medians([dense_bwd, lambda s2=s2: sparse_bwd(s2)], repeats)
             sweep.append({"b_th": bt, "active_fraction": s2.active_fraction,
-                          "sparse_backward_s": t2, "backward_speedup": t_db / t2,
+                          "sparse_backward_s": t2, "dense_backward_s": t_d2,
+                          "backward_speedup": t_d2 / t2,
                           "grad_cosine_vs_dense": _cosine(g2, g_dense)})
         out["sweep"] = sweep
     say(f"  active {out['active_fraction']:.4f}, backward {t_db * 1e3:.1f} ms dense vs "
-        f"{t_sb * 1e3:.2f} ms sparse ({out['backward_speedup']:.1f}x), step "
+        f"{t_sb * 1e3:.2f} ms sparse ({out['backward_speedup']:.1f}x; back-to-back "
+        f"{out['backward_speedup_warm']:.1f}x), step "
         f"{out['step_speedup_vs_dense']:.2f}x vs dense"
         + (f", {out['step_speedup_vs_torch']:.2f}x vs torch" if use_torch else "")
         + f", memory -{100 * out['memory_saving']:.0f} %, cosine "
