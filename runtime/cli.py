@@ -14,22 +14,22 @@ import sys
 
 # verb -> (module, one-line help); a verb whose value is a dict is a group of sub-verbs.
 VERBS: dict[str, object] = {
-    "run": ("runtime.commands.run", "the main job: stream embedded real clips through the shipped model, learning online"),
+    "run": ("runtime.commands.run", "the main job: real clips streamed through the shipped model"),
     "bench": {
-        "eprop": ("runtime.commands.bench_eprop", "online e-prop training speed, memory and exactness"),
+        "eprop": ("runtime.commands.bench_eprop", "online e-prop speed, memory, exactness"),
         "frontend": ("runtime.commands.bench_frontend", "feature frontend speed and exactness"),
-        "sparse-bptt": ("runtime.commands.bench_sparse_bptt", "sparse vs dense BPTT (and torch) speed and memory"),
-        "all": ("runtime.commands.bench_all", "every benchmark; writes docs/BENCHMARKS.md with plots"),
+        "sparse-bptt": ("runtime.commands.bench_sparse_bptt", "sparse vs dense BPTT (and torch)"),
+        "all": ("runtime.commands.bench_all", "every benchmark; writes docs/BENCHMARKS.md"),
     },
     "data": {
-        "info": ("runtime.commands.data_info", "counts per class and speaker of a Speech Commands folder"),
-        "synth": ("runtime.commands.data_synth", "synthesise keywords with flite / festival voices"),
+        "info": ("runtime.commands.data_info", "counts per class and speaker of a dataset folder"),
+        "synth": ("runtime.commands.data_synth", "synthesise keywords with flite / festival"),
     },
-    "pretrain": ("runtime.commands.pretrain", "train the keyword spotter offline with sparse BPTT"),
-    "evaluate": ("runtime.commands.evaluate", "accuracy of a checkpoint on a Speech Commands folder"),
-    "profile": ("runtime.commands.profile", "map the SRNN onto SpiNNaker 2 PEs: memory, time, energy"),
-    "serve": ("runtime.commands.serve", "run a learner node (emulator or reference backend)"),
-    "listen": ("runtime.commands.listen", "run a frontend node from a microphone, file or stdin"),
+    "pretrain": ("runtime.commands.pretrain", "train the keyword spotter with sparse BPTT"),
+    "evaluate": ("runtime.commands.evaluate", "accuracy of a checkpoint on a dataset folder"),
+    "profile": ("runtime.commands.profile", "SRNN on SpiNNaker 2 PEs: memory, time, energy"),
+    "serve": ("runtime.commands.serve", "run a learner node (emulator or reference)"),
+    "listen": ("runtime.commands.listen", "run a frontend node: microphone, file or stdin"),
     "record": ("runtime.commands.record", "record a stream of frames, labels and outputs"),
     "replay": ("runtime.commands.replay", "replay a recording through a checkpoint"),
     "regress": ("runtime.commands.regress", "replay the shipped recordings and compare to goldens"),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("EDGEPROP_DATA", REPO.parent / "shared" / "data" / "speech_commands_dev"))
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
+DATA_DIR = Path(os.environ.get("EDGEPROP_DATA", DEFAULT_DATA))
 
 
 @pytest.fixture(scope="session")
