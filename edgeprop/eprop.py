@@ -49,6 +49,53 @@ def _contig(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=DTYPE)
 
 
+def check_param_shapes(cfg: ModelConfig, params: Params,
+                       names: tuple[str, ...] = ("w_in", "w_rec", "w_out", "b_fb")) -> None:
+    """Raise ConfigError unless each named matrix of params has the shape cfg implies."""
+    expected = {"w_in": (cfg.n_rec, cfg.n_in), "w_rec": (cfg.n_rec, cfg.n_rec),
+                "w_out": (cfg.n_out, cfg.n_rec), "b_fb": (cfg.n_rec, cfg.n_out)}
+    for name in names:
+        shape = np.shape(getattr(params, name))
+        if shape != expected[name]:
+            raise ConfigError(f"params.{name} has shape {shape}, expected {expected[name]}")
+
+
+def sample_targets(label, T: int, n_out: int, per_step: bool) -> np.ndarray:
+    """Per-step targets (T,) int64 of `train_sample`: all -1 (mean loss), else label (an int
+    or a (T,) array, -1 = unlabelled) checked to lie in [-1, n_out)."""
+    if not per_step:
+        return np.full(T, -1, np.int64)
+    targets = np.broadcast_to(np.asarray(label, np.int64), (T,)).copy()
+    if targets.max() >= n_out or targets.min() < -1:
+        raise ConfigError(f"labels must lie in [-1, {n_out})")
+    return targets
+
+
+def mean_loss_terms(sum_y: np.ndarray, sum_zbar: np.ndarray, fb: np.ndarray, T: float,
+                    label: int, kappa: float, reg_coef: float, target_rate: float
+                    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """End of a sample, mean loss: (loss, d, coef, zsum/T, ybar), all in float64 but coef.
+
+    ybar = sum_y / T, d = softmax(ybar) - onehot(label), loss = CE (+ rate regulariser
+    0.5 c sum_j (f_j - f*)^2 with f = (1-kappa) sum_zbar / T) and the per-neuron gradient
+    coefficient coef_j = (sum_k fb[k,j] d_k + c (1-kappa)(f_j - f*)) / T as float32.
+    Shared by `EpropLearner.end_sample` and the emulator's readout PE.
+    """
+    ybar = sum_y.astype(np.float64) / T
+    lse = ybar.max() + math.log(np.exp(ybar - ybar.max()).sum())
+    d = np.exp(ybar - lse)
+    d[label] -= 1.0
+    loss = lse - ybar[label]
+    zsum = sum_zbar.astype(np.float64)
+    f = (1.0 - kappa) * zsum / T
+    coef = fb.T.astype(np.float64) @ d
+    if reg_coef:
+        coef += reg_coef * (1.0 - kappa) * (f - target_rate)
+        loss += 0.5 * reg_coef * float(((f - target_rate) ** 2).sum())
+    coef = (coef / T).astype(DTYPE)
+    return float(loss), d, coef, zsum / T, ybar
+
+
 class EpropLearner:
     """Stateful e-prop learner for one stream (no batch axis); see module docstring."""
 
@@ -74,15 +121,7 @@ class EpropLearner:
         # the kernel needs C-contiguous float32; fix up in place so callers keep one object
         params.w_in, params.w_rec = _contig(params.w_in), _contig(params.w_rec)
         params.w_out, params.b_fb = _contig(params.w_out), _contig(params.b_fb)
-        expected = {
-            "w_in": (cfg.n_rec, cfg.n_in), "w_rec": (cfg.n_rec, cfg.n_rec),
-            "w_out": (cfg.n_out, cfg.n_rec), "b_fb": (cfg.n_rec, cfg.n_out),
-        }
-        for name, shape in expected.items():
-            if getattr(params, name).shape != shape:
-                raise ConfigError(
-                    f"params.{name} has shape {getattr(params, name).shape}, expected {shape}"
-                )
+        check_param_shapes(cfg, params)
         self.params = params
         self.loss = loss
         self.kernel = kernel
@@ -231,19 +270,10 @@ class EpropLearner:
             return float(loss)
         if label is None or not 0 <= int(label) < self.cfg.n_out:
             raise ConfigError(f"mean loss needs a label in [0, {self.cfg.n_out}), got {label!r}")
-        label = int(label)
-        lse = ybar.max() + math.log(np.exp(ybar - ybar.max()).sum())
-        d = np.exp(ybar - lse)
-        d[label] -= 1.0
-        loss = lse - ybar[label]
-        kappa = self.cfg.kappa
-        zsum = self._neur[_R["sum_zbar"]].astype(np.float64)
-        f = (1.0 - kappa) * zsum / T
-        coef = self._fb().T.astype(np.float64) @ d
-        if self.reg_coef:
-            coef += self.reg_coef * (1.0 - kappa) * (f - self.target_rate)
-            loss += 0.5 * self.reg_coef * float(((f - self.target_rate) ** 2).sum())
-        coef = (coef / T).astype(DTYPE)[:, None]
+        loss, d, coef, zmean, _ = mean_loss_terms(
+            self._sum_y, self._neur[_R["sum_zbar"]], self._fb(), T, int(label), self.cfg.kappa,
+            self.reg_coef, self.target_rate)
+        coef = coef[:, None]
         s = self._ensure_acc()
         if self._g_syn is None:
             s *= coef            # S becomes this sample's grads: no second buffer needed
@@ -251,7 +281,7 @@ class EpropLearner:
         else:
             self._g_syn += coef * s
             s[:] = 0.0
-        self._out_acc += np.outer(d, zsum / T).astype(DTYPE)
+        self._out_acc += np.outer(d, zmean).astype(DTYPE)
         self._n_samples += 1
         self._start_sample_counters()
         return float(loss)
@@ -264,13 +294,7 @@ class EpropLearner:
         xs = np.ascontiguousarray(x_seq, dtype=DTYPE)
         if xs.ndim != 2 or xs.shape[1] != self.cfg.n_in or xs.shape[0] < 1:
             raise ConfigError(f"x_seq must have shape (T, {self.cfg.n_in}), got {xs.shape}")
-        T = xs.shape[0]
-        if self._mode == 0:
-            targets = np.full(T, -1, np.int64)
-        else:
-            targets = np.broadcast_to(np.asarray(label, np.int64), (T,)).copy()
-            if targets.max() >= self.cfg.n_out or targets.min() < -1:
-                raise ConfigError(f"labels must lie in [-1, {self.cfg.n_out})")
+        targets = sample_targets(label, xs.shape[0], self.cfg.n_out, self._mode == 1)
         self.reset()
         acc = self._ensure_acc()
         if self.kernel == "numba":
@@ -281,7 +305,7 @@ class EpropLearner:
                        self._pre, self._eps_a, self._ebar, acc, self._out_acc, self._sum_y,
                        self._consts, self._stats, self._spk, self._mode, self.alif)
         else:
-            for t in range(T):
+            for t in range(xs.shape[0]):
                 self._step_numpy(xs[t], int(targets[t]), acc)
         loss = self.end_sample(label if self._mode == 0 else None)
         return loss, self.last_logits.copy()

@@ -17,6 +17,10 @@ Buffers (all float32 unless noted, shared with the NumPy path of EpropLearner):
 
 Row skipping: when psi_j is 0 at t and t-1 the row's update reduces to eps_a *= rho,
 ebar *= kappa (the dropped terms are exact zeros), so the kernel does just that.
+
+The forward update, traces, readout and per_step learning signal are separate njit
+functions that the emulator's per-PE kernels (firmware_model/kernels.py) call too, so
+both run one implementation in one floating-point operation order.
 """
 
 from __future__ import annotations
@@ -30,24 +34,149 @@ MODE_MEAN = 0
 MODE_PER_STEP = 1
 
 
+# --- pieces shared with the emulator's per-PE kernels (firmware_model/kernels.py), so that
+# each idea has one implementation and both stay in the same float operation order.
+
+
 @njit(cache=True, boundscheck=False)
-def step_kernel(x, w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_acc, sum_y,
-                consts, stats, spk, target, mode, alif):  # pragma: no cover - numba
-    n_rec, n_in = w_in.shape
-    n_out = w_out.shape[0]
-    n_pre = n_in + n_rec
+def spike_indices(z, spk):  # pragma: no cover - numba
+    """Write the indices of z's non-zero entries to spk in ascending order; return how many."""
+    n_spk = 0
+    for j in range(z.shape[0]):
+        if z[j] != 0:
+            spk[n_spk] = j
+            n_spk += 1
+    return n_spk
+
+
+@njit(cache=True, boundscheck=False)
+def neuron_update(x, w_in, w_rec, spk, n_spk, z_prev, v, a, z, psi, psi_prev,
+                  consts):  # pragma: no cover - numba
+    """Forward step of the rows of w_in, in `network.step`'s operation order.
+
+    v_j = alpha v_j + sum_i W_in[j,i] x_i + sum_k W_rec[j,spk_k] - v_th zp_j;
+    a_j = rho a_j + zp_j; z_j = H(v_j - v_th - beta a_j); psi_j = (gamma/v_th) max(0,
+    1 - |v_j - thr_j| / v_th), psi_prev_j keeps the old psi_j. zp_j = z_prev[j] is read
+    before z[j] is written, so z_prev may be z itself (a PE keeps no separate copy).
+    """
+    n_in = w_in.shape[1]
     alpha = consts[0]
     rho = consts[1]
-    kappa = consts[2]
     beta = consts[3]
     v_th = consts[4]
     gam = consts[5]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(w_in.shape[0]):
+        s = zero
+        for i in range(n_in):
+            s += w_in[j, i] * x[i]
+        r = zero
+        for k in range(n_spk):
+            r += w_rec[j, spk[k]]
+        zp = z_prev[j]
+        v[j] = alpha * v[j] + s + r - v_th * zp
+        a[j] = rho * a[j] + zp
+        thr = v_th + beta * a[j]
+        z[j] = one if v[j] > thr else zero
+        psi_prev[j] = psi[j]
+        psi[j] = gam * max(zero, one - abs(v[j] - thr) / v_th)
+
+
+@njit(cache=True, boundscheck=False)
+def presynaptic_traces(x, z_in, eps, eps_prev, alpha):  # pragma: no cover - numba
+    """eps_prev = eps; eps_in = alpha eps_in + x; eps_rec = alpha eps_rec + z[t-1] (z_in).
+
+    eps holds the n_in input traces, then one per entry of z_in (any 0/1 dtype).
+    """
+    n_in = eps.shape[0] - z_in.shape[0]
+    for i in range(eps.shape[0]):
+        eps_prev[i] = eps[i]
+    for i in range(n_in):
+        eps[i] = alpha * eps[i] + x[i]
+    for i in range(z_in.shape[0]):
+        eps[n_in + i] = alpha * eps[n_in + i] + np.float32(z_in[i])
+
+
+@njit(cache=True, boundscheck=False)
+def filtered_rates(z, zbar, sum_zbar, kappa):  # pragma: no cover - numba
+    """zbar_j = kappa zbar_j + z_j and its running sum over the sample."""
+    for j in range(z.shape[0]):
+        zbar[j] = kappa * zbar[j] + z[j]
+        sum_zbar[j] += zbar[j]
+
+
+@njit(cache=True, boundscheck=False)
+def leaky_readout(w_out, spk, n_spk, y, sum_y, kappa):  # pragma: no cover - numba
+    """y_k = kappa y_k + sum_m W_out[k, spk_m] (spikes in ascending id) and its running sum."""
+    zero = np.float32(0.0)
+    for k in range(w_out.shape[0]):
+        r = zero
+        for m in range(n_spk):
+            r += w_out[k, spk[m]]
+        y[k] = kappa * y[k] + r
+        sum_y[k] += y[k]
+
+
+@njit(cache=True, boundscheck=False)
+def learning_signal(y, fb, zbar, sum_zbar, out_acc, L, consts, stats,
+                    target):  # pragma: no cover - numba
+    """per_step loss: this step's learning signals L (n_rec,); True if any may be non-zero.
+
+    Labelled step (target >= 0): delta = softmax(y) - onehot(target) in float64, CE into
+    stats[1:4], L_j = sum_k fb[k,j] delta_k, out_acc += delta zbar^T. Regulariser:
+    L_j += c (1-kappa)((1-kappa) sum_zbar_j / t - f*), t = stats[0] steps so far.
+    """
+    n_out, n_rec = fb.shape
+    kappa = consts[2]
     reg = consts[6]
     f_star = consts[7]
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    v = neur[0]
-    a = neur[1]
+    for j in range(n_rec):
+        L[j] = zero
+    any_l = False
+    if target >= 0:
+        ym = -np.inf
+        for k in range(n_out):
+            ym = max(ym, np.float64(y[k]))
+        se = 0.0
+        for k in range(n_out):
+            se += math.exp(np.float64(y[k]) - ym)
+        lse = ym + math.log(se)
+        stats[1] += 1.0
+        stats[2] += lse - np.float64(y[target])
+        stats[3] += 1.0
+        for k in range(n_out):
+            d = math.exp(np.float64(y[k]) - lse)
+            if k == target:
+                d -= 1.0
+            dk = np.float32(d)
+            for j in range(n_rec):
+                L[j] += fb[k, j] * dk
+                out_acc[k, j] += dk * zbar[j]
+        any_l = True
+    if reg != zero:
+        c = reg * (one - kappa)
+        inv_t = one / np.float32(stats[0])
+        for j in range(n_rec):
+            L[j] += c * ((one - kappa) * sum_zbar[j] * inv_t - f_star)
+        any_l = True
+    return any_l
+
+
+# --- the reference kernel
+
+
+@njit(cache=True, boundscheck=False)
+def step_kernel(x, w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_acc, sum_y,
+                consts, stats, spk, target, mode, alif):  # pragma: no cover - numba
+    n_rec = w_in.shape[0]
+    n_pre = pre.shape[1]
+    rho = consts[1]
+    kappa = consts[2]
+    beta = consts[3]
+    zero = np.float32(0.0)
     z = neur[2]
     psi = neur[3]
     psi_prev = neur[4]
@@ -58,78 +187,21 @@ def step_kernel(x, w_in, w_rec, w_out, fb, neur, y, pre, eps_a, ebar, acc, out_a
     eps = pre[0]
     eps_prev = pre[1]
 
-    n_spk = 0
     for j in range(n_rec):
         z_prev[j] = z[j]
-        if z[j] != zero:
-            spk[n_spk] = j
-            n_spk += 1
+    n_spk = spike_indices(z_prev, spk)
     # forward, same operation order as network.step
-    for j in range(n_rec):
-        s = zero
-        for i in range(n_in):
-            s += w_in[j, i] * x[i]
-        r = zero
-        for k in range(n_spk):
-            r += w_rec[j, spk[k]]
-        v[j] = alpha * v[j] + s + r - v_th * z_prev[j]
-        a[j] = rho * a[j] + z_prev[j]
-        thr = v_th + beta * a[j]
-        z[j] = one if v[j] > thr else zero
-        psi_prev[j] = psi[j]
-        psi[j] = gam * max(zero, one - abs(v[j] - thr) / v_th)
-        zbar[j] = kappa * zbar[j] + z[j]
-        sum_zbar[j] += zbar[j]
-    n_spk = 0
-    for j in range(n_rec):
-        if z[j] != zero:
-            spk[n_spk] = j
-            n_spk += 1
-    for k in range(n_out):
-        r = zero
-        for m in range(n_spk):
-            r += w_out[k, spk[m]]
-        y[k] = kappa * y[k] + r
-        sum_y[k] += y[k]
+    neuron_update(x, w_in, w_rec, spk, n_spk, z_prev, neur[0], neur[1], z, psi, psi_prev,
+                  consts)
+    filtered_rates(z, zbar, sum_zbar, kappa)
+    n_spk = spike_indices(z, spk)
+    leaky_readout(w_out, spk, n_spk, y, sum_y, kappa)
     stats[0] += 1.0
-    # presynaptic traces
-    for i in range(n_pre):
-        eps_prev[i] = eps[i]
-    for i in range(n_in):
-        eps[i] = alpha * eps[i] + x[i]
-    for i in range(n_rec):
-        eps[n_in + i] = alpha * eps[n_in + i] + z_prev[i]
+    presynaptic_traces(x, z_prev, eps, eps_prev, consts[0])
     # learning signal (per_step only; the mean loss forms it at the end of the sample)
     any_l = False
     if mode == MODE_PER_STEP:
-        for j in range(n_rec):
-            L[j] = zero
-        if target >= 0:
-            ym = -np.inf
-            for k in range(n_out):
-                ym = max(ym, np.float64(y[k]))
-            se = 0.0
-            for k in range(n_out):
-                se += math.exp(np.float64(y[k]) - ym)
-            lse = ym + math.log(se)
-            stats[1] += 1.0
-            stats[2] += lse - np.float64(y[target])
-            stats[3] += 1.0
-            for k in range(n_out):
-                d = math.exp(np.float64(y[k]) - lse)
-                if k == target:
-                    d -= 1.0
-                dk = np.float32(d)
-                for j in range(n_rec):
-                    L[j] += fb[k, j] * dk
-                    out_acc[k, j] += dk * zbar[j]
-            any_l = True
-        if reg != zero:
-            c = reg * (one - kappa)
-            inv_t = one / np.float32(stats[0])
-            for j in range(n_rec):
-                L[j] += c * ((one - kappa) * sum_zbar[j] * inv_t - f_star)
-            any_l = True
+        any_l = learning_signal(y, fb, zbar, sum_zbar, out_acc, L, consts, stats, target)
     # per-synapse eligibility, filtered trace and accumulator
     for j in range(n_rec):
         pc = psi[j]

@@ -280,20 +280,24 @@ def backward_from_terms(
     w_rec = np.ascontiguousarray(params.w_rec, dtype=DTYPE)
     w_out = np.ascontiguousarray(params.w_out, dtype=DTYPE)
     if use_kernel:
-        h = np.empty(trace.n_active, np.float64)
+        A, S = trace.n_active, trace.spk_idx.size
+        act_b, act_j = np.empty(A, np.int32), np.empty(A, np.int32)
+        spk_b, spk_j = np.empty(S, np.int32), np.empty(S, np.int32)
+        h = np.empty(A, np.float64)
+        h32 = np.empty(A, DTYPE)
         acc_r = np.empty((B, n), DTYPE)
         acc_q = np.empty((B, n), np.float64)
-        ops = sparse_kernels.adjoint_kernel(
-            alpha, rho, beta, n, B, trace.act_ptr, trace.act_idx, trace.act_psi, w_rec,
-            tail, terms.g_coef, terms.y_adj, w_out, h, acc_r, acc_q)
         g_in = np.zeros((n, n_in), DTYPE)
         g_rec = np.zeros((n, n), DTYPE)
         eps_in = np.empty((B, n_in), DTYPE)
         eps_rec = np.empty((B, n), DTYPE)
-        ops += sparse_kernels.weight_grads_kernel(
-            DTYPE(alpha), n, trace.x, trace.act_ptr, trace.act_idx, h, trace.spk_ptr,
-            trace.spk_idx, g_in, g_rec, eps_in, eps_rec)
-        work = sum(a.nbytes for a in (h, acc_r, acc_q, eps_in, eps_rec))
+        ops = sparse_kernels.backward_kernel(
+            alpha, rho, beta, DTYPE(alpha), trace.x, trace.act_ptr, trace.act_idx,
+            trace.act_psi, trace.spk_ptr, trace.spk_idx, w_rec, tail, terms.g_coef,
+            terms.y_adj, w_out, act_b, act_j, spk_b, spk_j, h, h32, acc_r, acc_q, g_in,
+            g_rec, eps_in, eps_rec)
+        work = sum(a.nbytes for a in (h, h32, act_b, act_j, spk_b, spk_j, acc_r, acc_q,
+                                      eps_in, eps_rec))
     else:
         h = sparse_kernels.adjoint_reference(
             alpha, rho, beta, n, B, trace.act_ptr, trace.act_idx, trace.act_psi, w_rec,

@@ -23,6 +23,10 @@ must be read), and an O(T B n_rec / REBASE) rescale.
 
 The reference keeps dense (B, n) r and q and decays them every step: obviously right,
 and the test holds the kernel to it.
+
+The kernels' float arithmetic and its order are frozen (the shipped model was trained
+with them; tests/test_sparse_bptt_bitexact.py checks hashes): speed-ups may change
+layout, passes and dispatch, not which additions happen in which order.
 """
 
 from __future__ import annotations
@@ -92,12 +96,43 @@ def weight_grads_reference(
     return g_in, g_rec
 
 
+def split_flat_reference(flat: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(b, j) = divmod(flat, n) as int32 (reference of `split_flat`)."""
+    b, j = np.divmod(flat.astype(np.int64), n)
+    return b.astype(np.int32), j.astype(np.int32)
+
+
+@njit(cache=True)
+def split_flat(flat, n, out_b, out_j):  # pragma: no cover - compiled
+    """out_b, out_j = divmod(flat, n), once per backward.
+
+    The kernels below used to divide per use (an integer division per active entry in
+    each pass and per spike); here each index is split once, by a float reciprocal
+    multiply with a one-step correction (exact for int32 indices).
+    """
+    inv = 1.0 / n
+    for k in range(flat.shape[0]):
+        f = np.int64(flat[k])
+        b = np.int64(np.float64(f) * inv)
+        if (b + 1) * n <= f:
+            b += 1
+        elif b * n > f:
+            b -= 1
+        out_b[k] = b
+        out_j[k] = f - b * n
+
+
 @njit(cache=True, fastmath=True)
 def adjoint_kernel(
-    alpha, rho, beta, n, B, act_ptr, act_idx, act_psi, w_rec, tail, g_coef, y_adj, w_out,
-    h, acc_r, acc_q,
+    alpha, rho, beta, n, B, act_ptr, act_b, act_j, act_psi, w_rec, tail, g_coef, y_adj,
+    w_out, h, h32, acc_r, acc_q,
 ):  # pragma: no cover - compiled
-    """Kernel twin of `adjoint_reference`; writes h, uses acc_r/acc_q (B, n) as work."""
+    """Kernel twin of `adjoint_reference`; writes h and h32 = float32(h), uses acc_r/acc_q
+    (B, n) as work. Entries come pre-split into (act_b, act_j) (`split_flat`).
+
+    The arithmetic and its order are frozen: the shipped model was trained with exactly
+    these gradients (tests/test_sparse_bptt_bitexact.py holds them bit for bit).
+    """
     T = act_ptr.shape[0] - 1
     K = w_out.shape[0]
     per_step = y_adj.shape[0] > 0
@@ -122,20 +157,20 @@ def adjoint_kernel(
         p1 = act_ptr[t + 1]
         tt = tail[t]
         for k in range(p0, p1):
-            flat = act_idx[k]
-            b = flat // n
-            j = flat - b * n
+            b = act_b[k]
+            j = act_j[k]
             gd = tt * g_coef[b, j]
             if per_step:
                 for c in range(K):
                     gd += y_adj[t, b, c] * w_out[c, j]
-            h[k] = act_psi[k] * (gd + read_r * acc_r[b, j] + read_q * acc_q[b, j])
+            hk = act_psi[k] * (gd + read_r * acc_r[b, j] + read_q * acc_q[b, j])
+            h[k] = hk
+            h32[k] = np.float32(hk)
         write_r = alpha ** (t - base)
         write_q = rho ** (t - base)
         for k in range(p0, p1):
-            flat = act_idx[k]
-            b = flat // n
-            j = flat - b * n
+            b = act_b[k]
+            j = act_j[k]
             cr = np.float32(h[k] * write_r)  # acc_r is float32: keep the axpy in float32
             if cr != 0.0:
                 for i in range(n):
@@ -147,15 +182,21 @@ def adjoint_kernel(
 
 @njit(cache=True, fastmath=True)
 def weight_grads_kernel(
-    alpha, n, x, act_ptr, act_idx, h, spk_ptr, spk_idx, g_in, g_rec, eps_in, eps_rec,
+    alpha, x, act_ptr, act_b, act_j, h32, spk_ptr, spk_b, spk_j, g_in, g_rec, eps_in,
+    eps_rec,
 ):  # pragma: no cover - compiled
-    """Kernel twin of `weight_grads_reference`; accumulates into g_in, g_rec (float32)."""
+    """Kernel twin of `weight_grads_reference`; accumulates into g_in, g_rec (float32).
+
+    Every g element gets its float32 additions in time order, as when the shipped model
+    was trained (bit-identical, tests/test_sparse_bptt_bitexact.py). Two passes over
+    time, dW_in then dW_rec, so each pass's working set (eps and g) is half as large.
+    """
     T, B, n_in = x.shape
+    n = g_rec.shape[0]
     eps_in[:, :] = 0.0
     eps_rec[:, :] = 0.0
     ops = 0
-    # nothing after the last active step can contribute
-    t_end = 0
+    t_end = 0  # nothing after the last active step can contribute
     for t in range(T):
         if act_ptr[t + 1] > act_ptr[t]:
             t_end = t + 1
@@ -163,28 +204,51 @@ def weight_grads_kernel(
         for b in range(B):
             for i in range(n_in):
                 eps_in[b, i] = alpha * eps_in[b, i] + x[t, b, i]
-            for i in range(n):
-                eps_rec[b, i] *= alpha
-        ops += B * (n_in + n)
-        if t > 0:
-            for s in range(spk_ptr[t - 1], spk_ptr[t]):
-                flat = spk_idx[s]
-                b = flat // n
-                eps_rec[b, flat - b * n] += 1.0
         for k in range(act_ptr[t], act_ptr[t + 1]):
-            flat = act_idx[k]
-            b = flat // n
-            j = flat - b * n
-            hk = np.float32(h[k])  # float32 axpy (eps and g are float32)
+            hk = h32[k]
             if hk == 0.0:
                 continue
+            b = act_b[k]
+            j = act_j[k]
             for i in range(n_in):
                 g_in[j, i] += hk * eps_in[b, i]
+    for t in range(t_end):
+        for b in range(B):
+            for i in range(n):
+                eps_rec[b, i] *= alpha
+        if t > 0:
+            for s in range(spk_ptr[t - 1], spk_ptr[t]):
+                eps_rec[spk_b[s], spk_j[s]] += 1.0
+        for k in range(act_ptr[t], act_ptr[t + 1]):
+            hk = h32[k]
+            if hk == 0.0:
+                continue
+            b = act_b[k]
+            j = act_j[k]
             for i in range(n):
                 g_rec[j, i] += hk * eps_rec[b, i]
-        ops += (act_ptr[t + 1] - act_ptr[t]) * (n_in + n)
+    ops += t_end * B * (n_in + n) + (act_ptr[t_end] - act_ptr[0]) * (n_in + n)
     for j in range(n):
         g_rec[j, j] = 0.0
+    return ops
+
+
+@njit(cache=True)
+def backward_kernel(
+    alpha, rho, beta, alpha32, x, act_ptr, act_idx, act_psi, spk_ptr, spk_idx, w_rec, tail,
+    g_coef, y_adj, w_out, act_b, act_j, spk_b, spk_j, h, h32, acc_r, acc_q, g_in, g_rec,
+    eps_in, eps_rec,
+):  # pragma: no cover - compiled
+    """split_flat, adjoint_kernel and weight_grads_kernel in one call (one dispatch from
+    Python instead of four); returns the operation count of the two kernels."""
+    n = g_rec.shape[0]
+    B = acc_r.shape[0]
+    split_flat(act_idx, n, act_b, act_j)
+    split_flat(spk_idx, n, spk_b, spk_j)
+    ops = adjoint_kernel(alpha, rho, beta, n, B, act_ptr, act_b, act_j, act_psi, w_rec, tail,
+                         g_coef, y_adj, w_out, h, h32, acc_r, acc_q)
+    ops += weight_grads_kernel(alpha32, x, act_ptr, act_b, act_j, h32, spk_ptr, spk_b, spk_j,
+                               g_in, g_rec, eps_in, eps_rec)
     return ops
 
 

@@ -12,8 +12,12 @@ docs/learning.md; `zin` is the spike vector z[t-1] it received as packets):
 
 in the same floating-point operation order as `edgeprop.eprop_kernels.step_kernel`
 (sequential sums over inputs, spikes in ascending neuron id), so that the emulator in
-fp32 is bit-exact with `EpropLearner(kernel="numba")`. The event-driven recurrent sum
-is also what the firmware does: one row add per received spike packet.
+fp32 is bit-exact with `EpropLearner(kernel="numba")`. The neuron update, traces,
+readout and learning signal are the reference's own njit pieces (`neuron_update`,
+`presynaptic_traces`, `leaky_readout`, `learning_signal`, ...), called on a PE's slice;
+only the eligibility loop is the emulator's own (fp16 stores, fused traces). The
+event-driven recurrent sum is also what the firmware does: one row add per received
+spike packet.
 
 The readout PE accumulates y_k = kappa y_k + sum_{j: z_j=1} W_out[k,j] over the spikes
 it received, the filtered rates zbar, and (per_step loss) the learning signals.
@@ -24,10 +28,18 @@ model charges the firmware's cheaper path for the others.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
+
+from edgeprop.eprop import mean_loss_terms
+from edgeprop.eprop_kernels import (
+    filtered_rates,
+    leaky_readout,
+    learning_signal,
+    neuron_update,
+    presynaptic_traces,
+    spike_indices,
+)
 
 MODE_MEAN = 0
 MODE_PER_STEP = 1
@@ -69,53 +81,23 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
     zin (uint8, n_rec) holds the spikes z[t-1] received; it is consumed (cleared).
     half: traces are stored as fp16 (each store rounds; registers keep float32).
     """
-    n, n_in = w_in.shape
-    n_rec = zin.shape[0]
-    n_pre = n_in + n_rec
-    alpha = consts[0]
+    n = w_in.shape[0]
+    n_pre = pre.shape[1]
     rho = consts[1]
     kappa = consts[2]
     beta = consts[3]
-    v_th = consts[4]
-    gam = consts[5]
-    one = np.float32(1.0)
     zero = np.float32(0.0)
-    v = neur[V]
-    a = neur[A]
-    z = neur[Z]
     psi = neur[PSI]
     psi_prev = neur[PSI_PREV]
     eps = pre[0]
     eps_prev = pre[1]
-    n_spk = 0
-    for i in range(n_rec):
-        if zin[i] != 0:
-            spk[n_spk] = i
-            n_spk += 1
-    n_out = 0
-    for j in range(n):
-        s = zero
-        for i in range(n_in):
-            s += w_in[j, i] * x[i]
-        r = zero
-        for k in range(n_spk):
-            r += w_rec[j, spk[k]]
-        zp = z[j]
-        v[j] = alpha * v[j] + s + r - v_th * zp
-        a[j] = rho * a[j] + zp
-        thr = v_th + beta * a[j]
-        z[j] = one if v[j] > thr else zero
-        if z[j] != zero:
-            spk_out[n_out] = j
-            n_out += 1
-        psi_prev[j] = psi[j]
-        psi[j] = gam * max(zero, one - abs(v[j] - thr) / v_th)
-    for i in range(n_pre):
-        eps_prev[i] = eps[i]
-    for i in range(n_in):
-        eps[i] = alpha * eps[i] + x[i]
-    for i in range(n_rec):
-        eps[n_in + i] = alpha * eps[n_in + i] + np.float32(zin[i])
+    n_spk = spike_indices(zin, spk)
+    # z is its own z_prev: row j's old spike is read before it is overwritten
+    neuron_update(x, w_in, w_rec, spk, n_spk, neur[Z], neur[V], neur[A], neur[Z], psi,
+                  psi_prev, consts)
+    n_out = spike_indices(neur[Z], spk_out)
+    presynaptic_traces(x, zin, eps, eps_prev, consts[0])
+    for i in range(zin.shape[0]):
         zin[i] = 0
     active = 0
     for j in range(n):
@@ -248,21 +230,9 @@ def round_fp16_array(a):  # pragma: no cover - numba
 @njit(cache=True, boundscheck=False)
 def readout_step_kernel(zin, w_out, y, sum_y, zbar, sum_zbar, kappa, spk):  # pragma: no cover
     """Readout PE: leaky readout over received spikes, running sums, filtered rates."""
-    n_out, n_rec = w_out.shape
-    zero = np.float32(0.0)
-    n_spk = 0
-    for j in range(n_rec):
-        zbar[j] = kappa * zbar[j] + zin[j]
-        sum_zbar[j] += zbar[j]
-        if zin[j] != zero:
-            spk[n_spk] = j
-            n_spk += 1
-    for k in range(n_out):
-        r = zero
-        for m in range(n_spk):
-            r += w_out[k, spk[m]]
-        y[k] = kappa * y[k] + r
-        sum_y[k] += y[k]
+    filtered_rates(zin, zbar, sum_zbar, kappa)
+    n_spk = spike_indices(zin, spk)
+    leaky_readout(w_out, spk, n_spk, y, sum_y, kappa)
     return n_spk
 
 
@@ -277,70 +247,15 @@ def readout_step_numpy(zin, w_out, y, sum_y, zbar, sum_zbar, kappa):
     sum_y += y
 
 
-@njit(cache=True, boundscheck=False)
-def readout_lsig_kernel(y, fb, zbar, sum_zbar, out_acc, L, consts, stats,
-                        target):  # pragma: no cover - numba
-    """Readout PE, per_step loss: learning signals L (n_rec,) for this step, as the reference.
-
-    Returns True when any L_j may be non-zero (a labelled step or the regulariser).
-    """
-    n_out, n_rec = fb.shape
-    kappa = consts[2]
-    reg = consts[6]
-    f_star = consts[7]
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    for j in range(n_rec):
-        L[j] = zero
-    any_l = False
-    if target >= 0:
-        ym = -np.inf
-        for k in range(n_out):
-            ym = max(ym, np.float64(y[k]))
-        se = 0.0
-        for k in range(n_out):
-            se += math.exp(np.float64(y[k]) - ym)
-        lse = ym + math.log(se)
-        stats[1] += 1.0
-        stats[2] += lse - np.float64(y[target])
-        stats[3] += 1.0
-        for k in range(n_out):
-            d = math.exp(np.float64(y[k]) - lse)
-            if k == target:
-                d -= 1.0
-            dk = np.float32(d)
-            for j in range(n_rec):
-                L[j] += fb[k, j] * dk
-                out_acc[k, j] += dk * zbar[j]
-        any_l = True
-    if reg != zero:
-        c = reg * (one - kappa)
-        inv_t = one / np.float32(stats[0])
-        for j in range(n_rec):
-            L[j] += c * ((one - kappa) * sum_zbar[j] * inv_t - f_star)
-        any_l = True
-    return any_l
+#: Readout PE, per_step loss: the learning signals L (n_rec,) of this step, computed by the
+#: reference's own `edgeprop.eprop_kernels.learning_signal` (True when any L_j may be non-zero).
+readout_lsig_kernel = learning_signal
 
 
-def mean_end_sample(sum_y, sum_zbar, fb, T, label, kappa, reg_coef, target_rate):
-    """Readout PE, mean loss: (loss, d, coef (n_rec,) float32, zsum/T) as the reference.
-
-    Double precision like `EpropLearner.end_sample` (the M4F would run it as soft-float
-    on 12 + 120 values once per sample; costs.py charges it as such).
-    """
-    ybar = sum_y.astype(np.float64) / T
-    lse = ybar.max() + math.log(np.exp(ybar - ybar.max()).sum())
-    d = np.exp(ybar - lse)
-    d[label] -= 1.0
-    loss = lse - ybar[label]
-    zsum = sum_zbar.astype(np.float64)
-    f = (1.0 - kappa) * zsum / T
-    coef = fb.T.astype(np.float64) @ d
-    if reg_coef:
-        coef += reg_coef * (1.0 - kappa) * (f - target_rate)
-        loss += 0.5 * reg_coef * float(((f - target_rate) ** 2).sum())
-    coef = (coef / T).astype(np.float32)
-    return float(loss), d, coef, zsum / T, ybar
+#: Readout PE, mean loss: (loss, d, coef, zsum/T, ybar) at the end of a sample, the
+#: reference's own maths (double precision; the M4F would run it as soft-float on
+#: 12 + 120 values once per sample, and costs.py charges it as such).
+mean_end_sample = mean_loss_terms
 
 
 def adam_update(p, g, m, v, t, lr, b1, b2, eps, tmp):

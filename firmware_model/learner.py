@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from edgeprop.bptt import Grads
+from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
 from firmware_model import costs
@@ -52,12 +53,7 @@ class EmulatedLearner:
         prec = get_precision(precision)
         if prec.fused and loss != "mean":
             raise ConfigError(f"precision {prec.name!r} (fused traces) needs loss='mean'")
-        expected = {"w_in": (cfg.n_rec, cfg.n_in), "w_rec": (cfg.n_rec, cfg.n_rec),
-                    "w_out": (cfg.n_out, cfg.n_rec), "b_fb": (cfg.n_rec, cfg.n_out)}
-        for name, shape in expected.items():
-            if np.shape(getattr(params, name)) != shape:
-                raise ConfigError(f"params.{name} has shape {np.shape(getattr(params, name))}, "
-                                  f"expected {shape}")
+        check_param_shapes(cfg, params)
         self.cfg = cfg
         self.loss, self.optimizer, self.lr = loss, optimizer, float(lr)
         self.reg_coef, self.target_rate = float(reg_coef), float(target_rate)
@@ -117,12 +113,7 @@ class EmulatedLearner:
     def load_params(self, params: Params) -> None:
         """Write weights into the PEs' SRAM (quantised to the storage format; the W_rec
         diagonal is zeroed); optimizer state, traces and gradients are kept."""
-        cfg = self.cfg
-        for name, shape in {"w_in": (cfg.n_rec, cfg.n_in), "w_rec": (cfg.n_rec, cfg.n_rec),
-                            "w_out": (cfg.n_out, cfg.n_rec)}.items():
-            if np.shape(getattr(params, name)) != shape:
-                raise ConfigError(f"params.{name} has shape {np.shape(getattr(params, name))}, "
-                                  f"expected {shape}")
+        check_param_shapes(self.cfg, params, ("w_in", "w_rec", "w_out"))
         self._load(params)
 
     def _load(self, params: Params) -> None:
@@ -260,15 +251,9 @@ class EmulatedLearner:
         xs = np.ascontiguousarray(x_seq, dtype=DTYPE)
         if xs.ndim != 2 or xs.shape[1] != self.cfg.n_in or xs.shape[0] < 1:
             raise ConfigError(f"x_seq must have shape (T, {self.cfg.n_in}), got {xs.shape}")
-        T = xs.shape[0]
-        if self.loss == "mean":
-            targets = np.full(T, -1, np.int64)
-        else:
-            targets = np.broadcast_to(np.asarray(label, np.int64), (T,)).copy()
-            if targets.max() >= self.cfg.n_out or targets.min() < -1:
-                raise ConfigError(f"labels must lie in [-1, {self.cfg.n_out})")
+        targets = sample_targets(label, xs.shape[0], self.cfg.n_out, self.loss == "per_step")
         self.reset()
-        for t in range(T):
+        for t in range(xs.shape[0]):
             self.step(xs[t], int(targets[t]) if targets[t] >= 0 else None)
         loss = self.end_sample(label if self.loss == "mean" else None)
         return loss, self.last_logits.copy()

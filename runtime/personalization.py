@@ -51,6 +51,16 @@ from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
 
 LAYERS = ("w_in", "w_rec", "w_out")
+
+
+def _emulator_default_precision() -> str:
+    """The chip's default storage format (int8 weights, fp8 Adam v), if the emulator is here."""
+    try:
+        from firmware_model import DEFAULT_PRECISION
+    except ImportError:
+        return "fp32"
+    return DEFAULT_PRECISION
+
 BACKENDS = ("emulator", "reference")
 
 
@@ -79,7 +89,9 @@ class AdaptConfig:
     strong_learn: tuple[str, ...] = ("w_in", "w_out")  # on these layers instead
     shift: int = 0                 # passes after the first roll each shot by up to +-shift
                                    # frames (circular): new utterances from the same shots
-    precision: str = "fp32"        # emulator storage format (see the note in make_learner)
+    guard: bool = False            # keep an update only if it does not lower accuracy on
+                                   # the adaptation data (shots + rehearsal clips)
+    precision: str = field(default_factory=_emulator_default_precision)  # emulator storage
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -235,10 +247,8 @@ def make_learner(backend: str, ckpt: Checkpoint, params: Params, acfg: AdaptConf
             except ImportError:
                 raise ConfigError("the SpiNNaker 2 emulator backend is not available in this "
                                   "build; use --backend reference") from None
-        # precision: the emulator's default fp16-m8 stores Adam's v in fp16, where g^2 of
-        # a few-shot update (~1e-8) underflows to 0 and the next step divides m by eps:
-        # measured weights jumping by ~76 after the 2nd update. fp32 matches the
-        # reference bit for bit, so it is the default here until the store is fixed.
+        # precision: the chip default (int8w-v8) by default; measured as accurate as fp32
+        # here (docs/personalization.md). fp32 matches the reference learner bit for bit.
         return EmulatedLearner(ckpt.cfg, params, precision=acfg.precision, **kw)
     raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
@@ -261,9 +271,9 @@ def _constrain(learner, base: Params, acfg: AdaptConfig) -> None:
             changed = True
     zero_diagonal(p.w_rec)
     if changed and p is not getattr(learner, "params", None):
-        # The emulator's `params` is a copy gathered from PE SRAM: write it back. It has no
-        # public loader yet, so use the one its constructor uses (asked for in the report).
-        sync = getattr(learner, "load_params", None) or getattr(learner, "_load", None)
+        # The emulator's `params` is a copy gathered from PE SRAM: write it back through
+        # its public loader (quantised to its storage format; optimizer state is kept).
+        sync = getattr(learner, "load_params", None)
         if sync is None:
             raise ConfigError("this backend cannot take weights back; use --learn "
                               "w_in,w_rec,w_out --pull 0")
@@ -276,6 +286,7 @@ class AdaptRun:
     n_utterances: int          # learned samples, passes and rehearsal included
     seconds: float             # wall time of the learning alone
     losses: list[float] = field(default_factory=list)
+    n_rejected: int = 0        # updates undone by the guard
 
 
 def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic: np.ndarray,
@@ -295,6 +306,16 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
     words = np.flatnonzero(y_generic != sil)
     quiet = np.flatnonzero(y_generic == sil)
     t_learn = 0.0
+    n_rejected = 0
+    guard = None
+    if acfg.guard:
+        t0 = time.perf_counter()
+        start = _learner_params(learner, params)  # as stored (e.g. int8) on the chip
+        guard = _Guard(ckpt, np.concatenate([x_shots, x_generic]),
+                       np.concatenate([y_shots, y_generic]), start,
+                       readout_only=tuple(acfg.learn) == ("w_out",))
+        guard.best = guard.score(start)
+        t_learn += time.perf_counter() - t0
     try:
         for p in range(acfg.passes):
             xs, ys = [shifted(x_shots, acfg.shift if p else 0, rng)], [y_shots]
@@ -312,9 +333,18 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
                         t_learn += time.perf_counter() - t0
                         n += 1
                         continue
+                if guard is not None:
+                    before_update = _learner_params(learner, params).copy()
                 out = learner.train_sample(x[i], int(y[i]))
                 learner.apply()
                 _constrain(learner, base, acfg)
+                if guard is not None:
+                    acc = guard.score(_learner_params(learner, params))
+                    if acc < guard.best:
+                        _set_params(learner, before_update)
+                        n_rejected += 1
+                    else:
+                        guard.best = acc
                 t_learn += time.perf_counter() - t0
                 losses.append(float(out[0] if isinstance(out, tuple) else out))
                 n += 1
@@ -329,7 +359,46 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
         close = getattr(learner, "close", None)
         if close:
             close()
-    return AdaptRun(final, n, t_learn, losses)
+    return AdaptRun(final, n, t_learn, losses, n_rejected)
+
+
+class _Guard:
+    """Accuracy on the adaptation data only (the user's shots + rehearsal clips).
+
+    An update that lowers it is undone: what a device can check without test clips.
+    When only the readout learns, the spikes do not change, and ybar is linear in W_out:
+    ybar = W_out zw / T with zw = sum_t tail[t] z[t] (edgeprop.sparse_bptt), so zw is
+    computed once and each check is one small matrix product.
+    """
+
+    def __init__(self, ckpt: Checkpoint, x: np.ndarray, y: np.ndarray, frozen: Params,
+                 readout_only: bool):
+        self.ckpt, self.x, self.y = ckpt, x, y
+        self.best = 0.0
+        self.zw = None
+        if readout_only and len(y):
+            from edgeprop import sparse_bptt
+
+            xb = np.ascontiguousarray(x.transpose(1, 0, 2))
+            self.zw = sparse_bptt.forward(ckpt.cfg, frozen, xb, b_th=1e-6).zw
+
+    def score(self, params: Params) -> float:
+        if not len(self.y):
+            return 1.0
+        if self.zw is not None:
+            ybar = self.zw @ np.asarray(params.w_out, np.float64).T
+            return float((ybar.argmax(1) == self.y).mean())
+        return accuracy_of(self.ckpt, params, self.x, self.y)
+
+
+def _set_params(learner, params: Params) -> None:
+    """Put `params` back into the learner (in place, or through the emulator's loader)."""
+    own = getattr(learner, "params", None)
+    if isinstance(own, Params) and own is getattr(learner, "params", None):
+        for name in LAYERS:
+            getattr(own, name)[...] = getattr(params, name)
+        return
+    learner.load_params(params)
 
 
 def mean_ce(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> float:
@@ -478,7 +547,8 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
     out = vinfo | {
         "speaker": speaker, "before": before, "after": after, "delta": after - before,
         "n_adapt": len(split.shots), "n_test": len(split.test),
-        "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
+        "n_learned": run.n_utterances, "n_rejected": run.n_rejected,
+        "adapt_seconds": run.seconds,
         "seconds_per_learned_utterance": run.seconds / max(run.n_utterances, 1),
         "seconds_per_adapt_utterance": run.seconds / max(len(split.shots), 1),
         "seen_in_pretraining": None if session.seen is None else speaker in session.seen,

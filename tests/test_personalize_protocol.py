@@ -168,3 +168,51 @@ def test_endpointer_cuts_one_utterance_per_word(data_dir):
     assert len(utts) == len(clips)
     assert all(0.2 < len(u) / 16000 < 1.6 for u in utts)
     assert all(P.fit_clip(u).shape == (16000,) for u in utts)
+
+
+def _adaptation_data(session, speaker, acfg):
+    sp = P.split_speaker(session.clips, speaker, acfg.shots, seed=acfg.seed)
+    x = session.features.inputs(sp.shots)
+    y = np.array([c.label_index for c in sp.shots])
+    xg, yg = P._generic(session, speaker, acfg)
+    return x, y, xg, yg
+
+
+def test_guard_score_equals_the_reference_forward(session):
+    # readout only: the guard scores from zw (one forward) instead of a forward per check
+    acfg = P.AdaptConfig(shots=2)
+    x, y, xg, yg = _adaptation_data(session, SPEAKERS[0], acfg)
+    xa, ya = np.concatenate([x, xg]), np.concatenate([y, yg])
+    ck = session.ckpt
+    guard = P._Guard(ck, xa, ya, ck.params, readout_only=True)
+    rng = np.random.default_rng(0)
+    for scale in (0.0, 0.05, 0.3):
+        p = ck.params.copy()
+        p.w_out += (scale * rng.standard_normal(p.w_out.shape)).astype(p.w_out.dtype)
+        assert guard.score(p) == P.accuracy_of(ck, p, xa, ya)
+
+
+def test_guard_never_lowers_accuracy_on_the_adaptation_data(session):
+    # a deliberately harsh lr: the guard must undo the updates that hurt
+    acfg = P.AdaptConfig(shots=2, passes=2, lr=3e-2, guard=True)
+    x, y, xg, yg = _adaptation_data(session, SPEAKERS[1], acfg)
+    run = P.adapt(session.ckpt, x, y, xg, yg, acfg, backend="reference")
+    xa, ya = np.concatenate([x, xg]), np.concatenate([y, yg])
+    ck = session.ckpt
+    assert run.n_rejected > 0
+    assert P.accuracy_of(ck, run.params, xa, ya) >= P.accuracy_of(ck, ck.params, xa, ya)
+    assert not np.array_equal(run.params.w_out, ck.params.w_out)
+
+
+def test_emulator_default_precision_is_deterministic(session):
+    from firmware_model import DEFAULT_PRECISION
+
+    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=2, silence=1)
+    assert acfg.precision == DEFAULT_PRECISION
+    runs = [P.personalize_speaker(session, SPEAKERS[1], acfg, backend="emulator")
+            for _ in range(2)]
+    a, b = (r.pop("_params") for r in runs)
+    assert (runs[0]["before"], runs[0]["after"]) == (runs[1]["before"], runs[1]["after"])
+    assert np.array_equal(a.w_out, b.w_out)
+    assert not np.array_equal(a.w_out, session.ckpt.params.w_out)
+    assert runs[0]["after"] >= runs[0]["before"] - 0.1  # no collapse (fp16 Adam-v was 8 %)

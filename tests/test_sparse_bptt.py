@@ -186,3 +186,17 @@ def test_bad_band_and_missing_readout_are_config_errors():
     st = sparse_bptt.forward(cfg, p, x, b_th=0.2)
     with pytest.raises(ConfigError, match="keep_y"):
         sparse_bptt.backward(cfg, p, st, np.zeros((5, 2), np.int64), loss="per_step")
+
+
+def test_split_flat_equals_divmod():
+    from edgeprop.sparse_kernels import split_flat, split_flat_reference
+
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 120, 256, 1000, 65_537):
+        flat = rng.integers(0, 2**31 - 1, 5000).astype(np.int32)
+        flat[:4] = [0, n - 1, n, 2**31 - 1]
+        b, j = np.empty_like(flat), np.empty_like(flat)
+        split_flat(flat, n, b, j)
+        rb, rj = split_flat_reference(flat, n)
+        assert np.array_equal(b, rb) and np.array_equal(j, rj), n
+

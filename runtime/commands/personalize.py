@@ -66,11 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
                              "shots (2-fold over the shots; never the test set)")
+    parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
+                        help="undo any update that lowers accuracy on the adaptation data "
+                             "(shots + rehearsal clips; never the test set)")
     parser.add_argument("--average", action="store_true",
                         help="keep the mean of the weights over the last pass")
     parser.add_argument("--precision", default=d.precision,
-                        help="emulator storage format (default %(default)s; fp16-m8 is the "
-                             "chip default, see docs/personalization.md)")
+                        help="emulator storage format (default %(default)s, the chip's "
+                             "default; fp32 is bit-exact with --backend reference)")
     parser.add_argument("--no-unknown", action="store_true",
                         help="do not use the speaker's _unknown_ clips as shots")
     parser.add_argument("--out", nargs="?", const="", default=None, metavar="CKPT",
@@ -107,7 +110,7 @@ def adapt_config(args):
                        include_unknown=not args.no_unknown, gate=args.gate,
                        shift=args.shift, average=args.average, validate=args.validate,
                        strong_below=args.strong_below, strong_lr=args.strong_lr,
-                       strong_learn=strong,
+                       strong_learn=strong, guard=args.guard,
                        precision=args.precision,
                        seed=args.seed)
 
