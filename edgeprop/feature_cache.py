@@ -27,7 +27,10 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "edgeprop"
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save to `path` atomically: a temporary file in its folder (made if missing),
+    renamed into place, so a killed run never leaves a half-written .npy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -80,8 +83,7 @@ class FeatureCache:
             feats = features(audio, cfg)
             for (i, entry), f in zip(chunk, feats, strict=True):
                 out[i] = f
-                entry.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_save(entry, f)
+                atomic_save_npy(entry, f)
             self.misses += len(chunk)
             if progress:
                 progress(len(chunk))

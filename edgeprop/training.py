@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +34,7 @@ import numpy as np
 from edgeprop import bptt, sparse_bptt
 from edgeprop.datasets import Clip, load_clip, scan_speech_commands, speaker_split
 from edgeprop.errors import ConfigError, DatasetError
-from edgeprop.feature_cache import FeatureCache, default_cache_dir
+from edgeprop.feature_cache import FeatureCache, atomic_save_npy, default_cache_dir
 from edgeprop.frontend import FrontendConfig, features, fit_normalization, normalize
 from edgeprop.network import DTYPE, KWS_LABELS, ModelConfig, Params, init_params, zero_diagonal
 from edgeprop.optim import Adam
@@ -116,19 +114,6 @@ def _aug_cache_path(clips: list[Clip], cfg: FrontendConfig, seed: int, copy: int
     return cache_dir / "augmented" / f"{h.hexdigest()}.npy"
 
 
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def speed_perturb(audio: np.ndarray, factor: float) -> np.ndarray:
     """Play `audio` `factor` times faster (tempo and pitch together, like a tape), by
     linear interpolation, keeping the length: centre-cropped or zero-padded both sides."""
@@ -180,7 +165,7 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
         if progress:
             progress(len(chunk))
     try:
-        _atomic_npy(path, out)
+        atomic_save_npy(path, out)
     except OSError:
         pass  # a read-only cache only costs time
     return out

@@ -134,18 +134,11 @@ def run(args) -> int:
     from edgeprop.frontend import FrontendConfig
     from runtime.frontend_node import FrontendNode
     from runtime.learner_node import LearnerCore, LearnerNode, load_model
-    from runtime.sources import list_devices
 
     if args.list_devices:
-        devs = list_devices()
-        for d in devs:
-            say(f"{d['index']:>3}  {d['name']}  ({d['channels']} ch, "
-                f"{d['default_samplerate']:.0f} Hz)")
-        if not devs:
-            say("no input devices")
-        if args.json:
-            print_json({"devices": devs})
-        return 0
+        from runtime.commands.listen import show_input_devices
+
+        return show_input_devices(args.json, "no input devices")
     if args.seconds is not None and args.seconds <= 0:
         from edgeprop.errors import ConfigError
 

@@ -45,6 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_flags(parser)
 
 
+def show_input_devices(as_json: bool, none_hint: str) -> int:
+    """--list-devices of the audio commands: one line per input device on stderr
+    (none_hint if there is none), {"devices": [...]} on stdout with --json. Returns 0."""
+    from runtime.sources import list_devices
+
+    devs = list_devices()
+    for d in devs:
+        say(f"  {d['index']:>3}  {d['name']}  ({d['channels']} ch, "
+            f"{d['default_samplerate']:.0f} Hz)")
+    if not devs:
+        say(none_hint)
+    if as_json:
+        print_json({"devices": devs})
+    return 0
+
+
 def _open_source(args: argparse.Namespace, labels: list[str]):
     from runtime import sources
 
@@ -66,17 +82,9 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     import os
 
     if args.list_devices:
-        from runtime.sources import list_devices
-
-        devs = list_devices()
-        for d in devs:
-            say(f"  {d['index']:>3}  {d['name']}  ({d['channels']} ch, "
-                f"{d['default_samplerate']:.0f} Hz)")
-        if not devs:
-            say("no audio input devices found; replay instead: edgeprop listen --file clip.wav")
-        if args.json:
-            print_json({"devices": devs})
-        return 0
+        return show_input_devices(
+            args.json, "no audio input devices found; replay instead: "
+                       "edgeprop listen --file clip.wav")
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig
     from runtime import protocol as P
