@@ -511,13 +511,18 @@ def _unpack(data: bytes, max_bytes: int) -> Any:
         raise WireError("malformed", f"not a msgpack map ({type(exc).__name__}: {exc})") from None
 
 
+def _is_our_version(v: Any) -> bool:
+    """Exactly the integer PROTOCOL_VERSION: True and 1.0 compare equal to 1 but are not it."""
+    return type(v) is int and v == PROTOCOL_VERSION
+
+
 def decode_map(d: Any) -> Message:
     """An already unpacked map -> Message (checks version, type and fields)."""
     if not isinstance(d, dict):
         raise WireError("malformed", f"top level is {type(d).__name__}, not a map")
     if "v" not in d:
         raise WireError("version", "no protocol version field 'v'")
-    if d["v"] != PROTOCOL_VERSION:
+    if not _is_our_version(d["v"]):
         raise WireError("version", f"protocol version {d['v']!r}, this side speaks "
                                    f"{PROTOCOL_VERSION}")
     typ = d.get("type")
@@ -569,7 +574,7 @@ def peek(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, str]:
     d = _unpack(bytes(data), max_bytes)
     if not isinstance(d, dict):
         raise WireError("malformed", f"top level is {type(d).__name__}, not a map")
-    if d.get("v") != PROTOCOL_VERSION:
+    if not _is_our_version(d.get("v")):
         raise WireError("version", f"protocol version {d.get('v')!r}")
     typ, stream = d.get("type"), d.get("stream", "")
     if not isinstance(typ, str) or typ not in _TYPES:

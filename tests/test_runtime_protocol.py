@@ -98,3 +98,12 @@ def test_encoder_id_is_stable_and_setting_sensitive():
     assert a == P.encoder_id({"theta": 0.5, "n_in": 80, "name": "delta"})
     assert a != P.encoder_id({"name": "delta", "n_in": 80, "theta": 0.25})
     assert a.startswith("delta-")
+
+
+@pytest.mark.parametrize("v", [True, 1.0, "1"])
+def test_a_version_that_only_compares_equal_to_1_is_rejected(v):
+    raw = msgpack.packb({"v": v, "type": "heartbeat", "stream": "s"}, use_bin_type=True)
+    for fn in (P.decode, P.peek):
+        with pytest.raises(P.WireError) as err:
+            fn(raw)
+        assert err.value.kind == "version"

@@ -20,6 +20,8 @@ Numbers (`--json`):
                     busy time): how many times faster than real time the pipeline
                     computes (> 1 keeps up), as in `bench eprop` and `profile`
   load              learner busy time / wall time: the share of one core it needed
+  latency_histogram_ms
+                    {edges, counts}: per-frame latencies binned at fixed edges (ms)
 With --streams N > 1, the N streams replay the same audio; features are computed once
 and the spike frames are sent paced per stream (latency then starts at the send).
 """
@@ -39,6 +41,18 @@ import numpy as np
 
 from edgeprop.errors import CheckpointError, EdgepropError
 from runtime.console import add_output_flags, print_json, say
+
+# Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
+# latencies above the last edge are counted in the last bin.
+LATENCY_EDGES_MS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0,
+                    100.0)
+
+
+def _histogram(lat_ms: np.ndarray) -> dict:
+    """Per-frame latency counts between LATENCY_EDGES_MS (overflow in the last bin)."""
+    edges = np.asarray(LATENCY_EDGES_MS)
+    counts, _ = np.histogram(np.clip(lat_ms, 0.0, edges[-1]), bins=edges)
+    return {"edges": list(LATENCY_EDGES_MS), "counts": counts.tolist()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
         "latency_max_ms": float(lat.max()) if lat.size else None,
+        "latency_histogram_ms": _histogram(lat),
         "realtime_factor": audio_s / max(fe_busy + learner_busy, 1e-9),
         "learner_busy_s": learner_busy,
         "learner_swap_wait_s": after.get("swap_wait_s", 0.0) - before.get("swap_wait_s", 0.0),
