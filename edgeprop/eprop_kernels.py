@@ -20,7 +20,11 @@ ebar *= kappa (the dropped terms are exact zeros), so the kernel does just that.
 
 The forward update, traces, readout and per_step learning signal are separate njit
 functions that the emulator's per-PE kernels (firmware_model/kernels.py) call too, so
-both run one implementation in one floating-point operation order.
+both run one implementation in one floating-point operation order. They are
+inline="always" (measured: plain calls cost the reference kernel 2-4 %). numba's
+cache=True keys a kernel on its own file's source only, so after editing one of these,
+delete firmware_model/__pycache__/kernels.*.nb[ic] or the emulator keeps the old copy
+(tests/test_emulator_equivalence.py would then fail on bit-exactness).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ MODE_PER_STEP = 1
 # each idea has one implementation and both stay in the same float operation order.
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def spike_indices(z, spk):  # pragma: no cover - numba
     """Write the indices of z's non-zero entries to spk in ascending order; return how many."""
     n_spk = 0
@@ -49,7 +53,7 @@ def spike_indices(z, spk):  # pragma: no cover - numba
     return n_spk
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def neuron_update(x, w_in, w_rec, spk, n_spk, z_prev, v, a, z, psi, psi_prev,
                   consts):  # pragma: no cover - numba
     """Forward step of the rows of w_in, in `network.step`'s operation order.
@@ -83,7 +87,7 @@ def neuron_update(x, w_in, w_rec, spk, n_spk, z_prev, v, a, z, psi, psi_prev,
         psi[j] = gam * max(zero, one - abs(v[j] - thr) / v_th)
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def presynaptic_traces(x, z_in, eps, eps_prev, alpha):  # pragma: no cover - numba
     """eps_prev = eps; eps_in = alpha eps_in + x; eps_rec = alpha eps_rec + z[t-1] (z_in).
 
@@ -98,7 +102,7 @@ def presynaptic_traces(x, z_in, eps, eps_prev, alpha):  # pragma: no cover - num
         eps[n_in + i] = alpha * eps[n_in + i] + np.float32(z_in[i])
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def filtered_rates(z, zbar, sum_zbar, kappa):  # pragma: no cover - numba
     """zbar_j = kappa zbar_j + z_j and its running sum over the sample."""
     for j in range(z.shape[0]):
@@ -106,7 +110,7 @@ def filtered_rates(z, zbar, sum_zbar, kappa):  # pragma: no cover - numba
         sum_zbar[j] += zbar[j]
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def leaky_readout(w_out, spk, n_spk, y, sum_y, kappa):  # pragma: no cover - numba
     """y_k = kappa y_k + sum_m W_out[k, spk_m] (spikes in ascending id) and its running sum."""
     zero = np.float32(0.0)
@@ -118,7 +122,7 @@ def leaky_readout(w_out, spk, n_spk, y, sum_y, kappa):  # pragma: no cover - num
         sum_y[k] += y[k]
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, inline="always")
 def learning_signal(y, fb, zbar, sum_zbar, out_acc, L, consts, stats,
                     target):  # pragma: no cover - numba
     """per_step loss: this step's learning signals L (n_rec,); True if any may be non-zero.

@@ -15,9 +15,10 @@ in the same floating-point operation order as `edgeprop.eprop_kernels.step_kerne
 fp32 is bit-exact with `EpropLearner(kernel="numba")`. The neuron update, traces,
 readout and learning signal are the reference's own njit pieces (`neuron_update`,
 `presynaptic_traces`, `leaky_readout`, `learning_signal`, ...), called on a PE's slice;
-only the eligibility loop is the emulator's own (fp16 stores, fused traces). The
-event-driven recurrent sum is also what the firmware does: one row add per received
-spike packet.
+only the eligibility loop is the emulator's own (fp16 stores, fused traces). numba's
+cache does not see edits to those pieces (another file): after changing them, delete
+this folder's __pycache__/kernels.*.nb[ic]. The event-driven recurrent sum is also what
+the firmware does: one row add per received spike packet.
 
 The readout PE accumulates y_k = kappa y_k + sum_{j: z_j=1} W_out[k,j] over the spikes
 it received, the filtered rates zbar, and (per_step loss) the learning signals.

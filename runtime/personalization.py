@@ -11,7 +11,10 @@ The protocol (`personalize_speaker`), for one speaker of a Speech Commands folde
    replays `rehearsal` generic clips (balanced over the 12 classes, *other* speakers,
    drawn from a fixed pool chosen before anything about the test speaker is looked
    at) and `silence` background clips, so the model does not forget the other voices
-   or silence. Only the layers in `learn` change (default: the readout; the input and
+   or silence. If the base model already gets at least `skip_above` (default: all) of
+   the speaker's shots right, nothing is learned: the base is kept. Optionally
+   (`guard`) an update that lowers accuracy on the adaptation data is undone.
+   Only the layers in `learn` change (default: the readout; the input and
    recurrent layers keep their pretrained values), unless the base model gets fewer
    than `strong_below` of the speaker's own shots right: then that voice is far from
    what the model knows and `strong_learn` (input + readout) learn at `strong_lr`.
@@ -22,8 +25,9 @@ The protocol (`personalize_speaker`), for one speaker of a Speech Commands folde
    which the emulator's kernels are held equal to by their own tests.
 
 The learner is `edgeprop.eprop.EpropLearner` ("reference") or
-`firmware_model.EmulatedLearner` ("emulator"), both with the mean loss the model was
-pretrained with. Everything is deterministic for a seed: the splits and draws come from
+`firmware_model.EmulatedLearner` ("emulator", at the chip's default precision unless
+told), both with the mean loss the model was pretrained with. Everything is
+deterministic for a seed: the splits and draws come from
 `default_rng([seed, crc32(speaker)])`.
 
 `sweep` runs the protocol for every speaker with at least `min_clips` clips and
@@ -66,7 +70,7 @@ BACKENDS = ("emulator", "reference")
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How adaptation runs. Defaults were tuned on 13 speakers (docs/personalization.md).
+    """How adaptation runs. Defaults were chosen on 13 speakers (docs/personalization.md).
 
     strong_below is off (0) by default: it helped the first shipped model and hurt the
     final one (docs/personalization.md, "How the defaults were chosen").
@@ -89,6 +93,8 @@ class AdaptConfig:
     strong_learn: tuple[str, ...] = ("w_in", "w_out")  # on these layers instead
     shift: int = 0                 # passes after the first roll each shot by up to +-shift
                                    # frames (circular): new utterances from the same shots
+    skip_above: float = 1.0        # keep the base if it gets >= this fraction of the shots
+                                   # right (0 = never): the voice is already known
     guard: bool = False            # keep an update only if it does not lower accuracy on
                                    # the adaptation data (shots + rehearsal clips)
     precision: str = field(default_factory=_emulator_default_precision)  # emulator storage
@@ -107,6 +113,8 @@ class AdaptConfig:
             bad = [name for name in learn if name not in LAYERS]
             if bad or not learn:
                 raise ConfigError(f"learn must name some of {LAYERS}, got {learn}")
+        if not 0.0 <= self.skip_above <= 1.0:
+            raise ConfigError(f"skip_above must be in [0, 1], got {self.skip_above}")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
 
@@ -424,15 +432,24 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
     """
     rng = rng or np.random.default_rng(acfg.seed)
     info: dict = {}
-    if acfg.strong_below > 0 and len(y_shots):
+    t_check = time.perf_counter()
+    if (acfg.strong_below > 0 or acfg.skip_above > 0) and len(y_shots):
         shot_acc = accuracy_of(ckpt, ckpt.params, x_shots, y_shots)
         info["shot_accuracy_before"] = shot_acc
+        if acfg.skip_above > 0 and shot_acc >= acfg.skip_above:
+            # the base already recognises this voice on every shot it heard: learning
+            # could only cost it, so the base weights are kept (decided on shots only)
+            info["skipped"] = True
+            return AdaptRun(ckpt.params.copy(), 0, time.perf_counter() - t_check), info
         if shot_acc < acfg.strong_below:
             acfg = replace(acfg, lr=acfg.strong_lr, learn=acfg.strong_learn)
             info["strong"] = True
+    t_check = time.perf_counter() - t_check  # counted as adaptation time
     if not acfg.validate or len(y_shots) < 2:
-        return adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
-                     rng=rng), info
+        run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
+                    rng=rng)
+        run.seconds += t_check
+        return run, info
     order = np.argsort(y_shots, kind="stable")
     halves = (order[0::2], order[1::2])
     seconds, learned = 0.0, 0
@@ -446,6 +463,7 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
         ce_adapted += mean_ce(ckpt, run.params, x_shots[b], y_shots[b])
     info |= {"validation_ce_base": ce_base / 2, "validation_ce_adapted": ce_adapted / 2,
              "accepted": bool(ce_adapted < ce_base)}
+    seconds += t_check
     if not info["accepted"]:
         return AdaptRun(ckpt.params.copy(), learned, seconds), info
     run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend, rng=rng)

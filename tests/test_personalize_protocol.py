@@ -70,7 +70,7 @@ def test_pretraining_split_is_recovered_from_the_checkpoint(session):
 
 
 def test_protocol_is_deterministic_on_held_out_speakers(session):
-    acfg = replace(P.AdaptConfig(), passes=2)
+    acfg = replace(P.AdaptConfig(), passes=2, skip_above=0.0)  # learning is under test
     runs = []
     for _ in range(2):
         res = [P.personalize_speaker(session, s, acfg, backend="reference") for s in SPEAKERS]
@@ -111,7 +111,7 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     out = tmp_path / "personal.npz"
     r = _cli("personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
              SPEAKERS[1], "--shots", "1", "--passes", "1", "--out", str(out), "--json",
-             "--backend", "reference")
+             "--backend", "reference", "--skip-above", "0")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert {"before", "after", "n_adapt", "n_test"} <= set(res)
@@ -207,7 +207,7 @@ def test_guard_never_lowers_accuracy_on_the_adaptation_data(session):
 def test_emulator_default_precision_is_deterministic(session):
     from firmware_model import DEFAULT_PRECISION
 
-    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=2, silence=1)
+    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=2, silence=1, skip_above=0.0)
     assert acfg.precision == DEFAULT_PRECISION
     runs = [P.personalize_speaker(session, SPEAKERS[1], acfg, backend="emulator")
             for _ in range(2)]
@@ -216,3 +216,20 @@ def test_emulator_default_precision_is_deterministic(session):
     assert np.array_equal(a.w_out, b.w_out)
     assert not np.array_equal(a.w_out, session.ckpt.params.w_out)
     assert runs[0]["after"] >= runs[0]["before"] - 0.1  # no collapse (fp16 Adam-v was 8 %)
+
+
+def test_skip_keeps_the_base_for_a_voice_it_already_knows(session):
+    # decided on the shots alone: every shot right (>= skip_above) -> base kept, no learning
+    ck = session.ckpt
+    for skip in (0.01, 1.0):
+        acfg = P.AdaptConfig(shots=2, passes=1, skip_above=skip)
+        x, y, xg, yg = _adaptation_data(session, SPEAKERS[0], acfg)
+        run, info = P.adapt_validated(ck, x, y, xg, yg, acfg, backend="reference")
+        assert info.get("skipped", False) == (info["shot_accuracy_before"] >= skip)
+        assert skip == 1.0 or info["skipped"]  # any voice gets 1 % of its shots right
+        if info.get("skipped"):
+            assert run.n_utterances == 0
+            assert np.array_equal(run.params.w_out, ck.params.w_out)
+        else:
+            assert run.n_utterances > 0
+            assert not np.array_equal(run.params.w_out, ck.params.w_out)

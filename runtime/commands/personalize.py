@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
                              "shots (2-fold over the shots; never the test set)")
+    parser.add_argument("--skip-above", type=float, default=d.skip_above,
+                        help="keep the base when it already gets at least this fraction of "
+                             "the speaker's shots right (default %(default)s; 0 = never)")
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
                         help="undo any update that lowers accuracy on the adaptation data "
                              "(shots + rehearsal clips; never the test set)")
@@ -111,6 +114,7 @@ def adapt_config(args):
                        shift=args.shift, average=args.average, validate=args.validate,
                        strong_below=args.strong_below, strong_lr=args.strong_lr,
                        strong_learn=strong, guard=args.guard,
+                       skip_above=args.skip_above,
                        precision=args.precision,
                        seed=args.seed)
 
@@ -308,9 +312,14 @@ def run_interactive(args) -> int:
     x_gen = np.stack(gen_x) if gen_x else np.zeros((0,) + x_shot.shape[1:], np.float32)
     y_gen = np.array(gen_y, np.int64)
     say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
-    run, _ = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg, backend=args.backend)
+    run, info = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
+                                  backend=args.backend)
+    if info.get("skipped"):
+        say("the base model already recognised every take: it is kept as it is "
+            "(--skip-above 0 adapts anyway)")
     result = {"speaker": args.name, "keywords": keywords, "n_adapt": int(len(y_shot)),
-              "n_learned": run.n_utterances, "adapt_seconds": run.seconds,
+              "n_learned": run.n_utterances, "skipped": bool(info.get("skipped")),
+              "adapt_seconds": run.seconds,
               "seconds_per_adapt_utterance": run.seconds / max(len(y_shot), 1),
               "backend": args.backend, "model": str(base_path), "mic_overrun_samples": overruns,
               "adapt_config": acfg.to_dict()}
