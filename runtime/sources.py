@@ -148,8 +148,9 @@ class MicrophoneSource(Source):
         inputs = list_devices()
         if not inputs:
             raise DeviceError("no audio input device found on this machine; replay a "
-                              "recording instead: `edgeprop listen --file clip.wav` or "
-                              "`--folder DIR` (or `edgeprop run` for the embedded clips)")
+                              "recording instead: `edgeprop listen --file clip.wav` (or "
+                              "`--folder DIR`), `edgeprop demo live --replay clip.wav`, "
+                              "or `edgeprop run` for the embedded clips")
         if device is not None and str(device).isdigit():
             device = int(device)
             if device not in [d["index"] for d in inputs]:
