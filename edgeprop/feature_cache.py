@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from edgeprop.atomic_file import atomic_open
 from edgeprop.datasets import Clip, load_clip
 from edgeprop.frontend import FrontendConfig, features
 
@@ -30,16 +30,8 @@ def default_cache_dir() -> Path:
 def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     """np.save to `path` atomically: a temporary file in its folder (made if missing),
     renamed into place, so a killed run never leaves a half-written .npy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, arr)
 
 
 class FeatureCache:

@@ -21,11 +21,12 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from edgeprop.atomic_file import atomic_write_text
 
 SRAM_PER_PE_BYTES = 128 * 1024  # SpiNNaker 2 datasheet: 128 KB SRAM per PE (DESIGN.md)
 
@@ -69,22 +70,6 @@ def machine_line(m: dict) -> str:
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('os', '?')}, "
             f"Python {m.get('python', '?')}, NumPy {m.get('numpy', '?')}, "
             f"commit {m.get('git_commit', '?')}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report must be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _save_fig(fig, path: Path) -> None:

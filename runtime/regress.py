@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeprop.atomic_file import atomic_write_bytes
 from edgeprop.errors import ConfigError, ProtocolError
 from runtime import protocol as P
 
@@ -83,23 +84,6 @@ TOLERANCES = {
 
 
 # ---------------------------------------------------------------- files
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; assets must be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

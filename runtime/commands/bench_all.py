@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgeprop.atomic_file import atomic_write_text
 from edgeprop.errors import ConfigError
 from runtime import bench_report
 from runtime.console import add_output_flags, print_json, say
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 say(f"bench all: {name}: {res['status']} in {res['seconds']:.1f} s"
                     + (f" ({res['error']})" if res["error"] else ""))
         collected["seconds"] = time.perf_counter() - t0
-        bench_report.atomic_write_text(raw_path, json.dumps(collected, indent=1) + "\n")
+        atomic_write_text(raw_path, json.dumps(collected, indent=1) + "\n")
     plots = bench_report.write_report(collected, out, img_dir)
     benches = collected["benchmarks"]
     failed = [n for n, r in benches.items() if r["status"] != "ok"]

@@ -373,7 +373,7 @@ def write_report(result: dict, md_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from runtime.bench_report import atomic_write_text
+    from edgeprop.atomic_file import atomic_write_text
 
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)

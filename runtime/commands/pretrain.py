@@ -80,11 +80,11 @@ def _train_config(args):
 def run(args) -> int:
     import json
     import os
-    import tempfile
 
     import numpy as np
 
     from edgeprop import training
+    from edgeprop.atomic_file import atomic_write_text
     from edgeprop.checkpoint import load_checkpoint, save_checkpoint
     from edgeprop.errors import CheckpointError, DatasetError
     from edgeprop.network import KWS_LABELS, Params
@@ -225,12 +225,7 @@ def run(args) -> int:
                                                   "n_val", "seconds", "train_config",
                                                   "data_info", "comparison")})
     rec_path = _record_path(out)
-    fd, tmp = tempfile.mkstemp(dir=rec_path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, rec_path)
-    for p in (out, rec_path):  # mkstemp files are 0600; these are meant to be shared
-        os.chmod(p, 0o644)
+    atomic_write_text(rec_path, json.dumps(record, indent=1))
     if resume_file.exists():
         resume_file.unlink()
     say(f"wrote {out} (val accuracy {val_acc:.4f} on {record['n_val']} clips of unseen "
