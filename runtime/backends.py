@@ -130,14 +130,8 @@ def make_backend(name: str, cfg: ModelConfig, params: Params, *, lr: float = DEF
         learner = EpropLearner(cfg, params, **kwargs)
         cls: type[Backend] = ReferenceBackend
     elif name == "emulator":
-        try:
-            from firmware_model import EmulatedLearner
-        except ImportError:
-            try:
-                from firmware_model.learner import EmulatedLearner  # type: ignore[no-redef]
-            except ImportError:
-                raise ConfigError("the SpiNNaker 2 emulator backend is not available in this "
-                                  "build; use --backend reference") from None
+        from firmware_model import EmulatedLearner
+
         kwargs = {"n_pes": n_pes, "loss": "mean", "optimizer": "adam", "lr": lr}
         learner = EmulatedLearner(cfg, params, **kwargs)
         cls = EmulatorBackend

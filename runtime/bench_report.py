@@ -33,16 +33,20 @@ SRAM_PER_PE_BYTES = 128 * 1024  # SpiNNaker 2 datasheet: 128 KB SRAM per PE (DES
 
 # ---------------------------------------------------------------- machine + files
 
-def machine_info() -> dict:
-    """CPU model, core count, OS, Python and NumPy versions, git commit: the figure's context."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """CPU model, core count, OS, Python and NumPy versions, git commit: the figure's context."""
+    cpu = cpu_model()
     commit = "unknown"
     try:
         root = Path(__file__).resolve().parents[1]

@@ -247,14 +247,8 @@ def make_learner(backend: str, ckpt: Checkpoint, params: Params, acfg: AdaptConf
 
         return EpropLearner(ckpt.cfg, params, **kw)
     if backend == "emulator":
-        try:
-            from firmware_model import EmulatedLearner
-        except ImportError:
-            try:
-                from firmware_model.learner import EmulatedLearner  # type: ignore[no-redef]
-            except ImportError:
-                raise ConfigError("the SpiNNaker 2 emulator backend is not available in this "
-                                  "build; use --backend reference") from None
+        from firmware_model import EmulatedLearner
+
         # precision: the chip default (int8w-v8) by default; measured as accurate as fp32
         # here (docs/personalization.md). fp32 matches the reference learner bit for bit.
         return EmulatedLearner(ckpt.cfg, params, precision=acfg.precision, **kw)

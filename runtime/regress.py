@@ -65,6 +65,7 @@ import numpy as np
 from edgeprop.atomic_file import atomic_write_bytes
 from edgeprop.errors import ConfigError, ProtocolError
 from runtime import protocol as P
+from runtime.bench_report import cpu_model
 
 RECORDINGS_DIR = Path(__file__).resolve().parent / "assets" / "recordings"
 COMPACT_FORMAT = "edgeprop-compact-recording/1"
@@ -290,14 +291,7 @@ def golden_path(rec_path: Path) -> Path:
 
 def platform_fingerprint(backend: str) -> dict:
     """What exact float results depend on besides the code: CPU, NumPy + BLAS, Python."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     blas = "unknown"
     try:
         cfg = np.show_config(mode="dicts")  # numpy >= 1.26
