@@ -24,6 +24,13 @@ def _log_softmax(y: np.ndarray) -> np.ndarray:
     return y - m - np.log(np.exp(y - m).sum(axis=-1, keepdims=True))
 
 
+def softmax(y: np.ndarray) -> np.ndarray:
+    """Class probabilities along the last axis, in float64 (posteriors, gates)."""
+    y = np.asarray(y, dtype=np.float64)
+    e = np.exp(y - y.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def _check_labels(labels: np.ndarray, n_classes: int, shape: tuple[int, ...]) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != shape:

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeprop.errors import ConfigError
+from edgeprop.losses import softmax
 
 DEFAULT_IGNORE = ("_silence_", "_unknown_")
 
@@ -74,12 +75,6 @@ class Hit:
     index: int
     label: str
     score: float
-
-
-def softmax(y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y, dtype=np.float64)
-    e = np.exp(y - y.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class Detector:

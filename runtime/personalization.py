@@ -52,6 +52,7 @@ import numpy as np
 from edgeprop.checkpoint import Checkpoint
 from edgeprop.datasets import SILENCE, UNKNOWN, Clip, scan_speech_commands, speaker_split
 from edgeprop.errors import ConfigError, DatasetError
+from edgeprop.losses import softmax
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
 
 LAYERS = ("w_in", "w_rec", "w_out")
@@ -470,8 +471,7 @@ def _p_label(ckpt: Checkpoint, params: Params, x: np.ndarray, label: int) -> flo
     from edgeprop.training import predict_logits
 
     ybar = predict_logits(ckpt.cfg, params, x[None])[0]
-    e = np.exp(ybar - ybar.max())
-    return float(e[label] / e.sum())
+    return float(softmax(ybar)[label])
 
 
 def _ema(avg: Params, cur: Params, w: float) -> Params:
