@@ -82,6 +82,11 @@ def _is_pseudo(speaker: str) -> bool:
     return speaker.startswith(("silence:", "noise:"))
 
 
+def n_real_speakers(clips: list[Clip]) -> int:
+    """Real speakers only (silence clips carry pseudo-speakers 'silence:...'/'noise:...')."""
+    return len({c.speaker for c in clips if not _is_pseudo(c.speaker)})
+
+
 def speaker_of(path: str | Path) -> str:
     """The 8-hex speaker id in a Speech Commands file name (lower case).
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop import bptt, sparse_bptt
-from edgeprop.datasets import Clip, load_clip, scan_speech_commands, speaker_split
+from edgeprop.datasets import Clip, load_clip, n_real_speakers, scan_speech_commands, speaker_split
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.feature_cache import FeatureCache, atomic_save_npy, default_cache_dir
 from edgeprop.frontend import FrontendConfig, features, fit_normalization, normalize
@@ -171,11 +171,6 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     return out
 
 
-def _n_speakers(clips: list[Clip]) -> int:
-    """Real speakers only (silence clips carry pseudo-speakers 'silence:...'/'noise:...')."""
-    return len({c.speaker for c in clips if not c.speaker.startswith(("silence:", "noise:"))})
-
-
 def default_data_dir(repo: Path | None = None) -> Path | None:
     """../shared/data/speech_commands_dev next to the repo, or /work/shared/..., if present."""
     repo = repo or Path(__file__).resolve().parents[1]
@@ -237,7 +232,7 @@ def prepare_data(
                                    cache_dir=cache.cache_dir, progress=adv), fcfg)
     info = {
         "data": str(root), "n_train": len(train), "n_val": len(val),
-        "train_speakers": _n_speakers(train), "val_speakers": _n_speakers(val),
+        "train_speakers": n_real_speakers(train), "val_speakers": n_real_speakers(val),
         "synth": None if synth_dir is None else str(synth_dir),
         "augmented_copies": tcfg.n_aug,
         "noise_recordings": len(noise) if tcfg.n_aug else 0,

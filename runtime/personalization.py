@@ -50,7 +50,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.checkpoint import Checkpoint
-from edgeprop.datasets import SILENCE, UNKNOWN, Clip, scan_speech_commands, speaker_split
+from edgeprop.datasets import (
+    SILENCE,
+    UNKNOWN,
+    Clip,
+    n_real_speakers,
+    scan_speech_commands,
+    speaker_split,
+)
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.losses import softmax
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
@@ -192,24 +199,29 @@ def rehearsal_pool(clips: list[Clip], exclude_speaker: str, per_class: int, seed
     return pool
 
 
-def pretraining_speakers(ckpt: Checkpoint, clips: list[Clip], data_dir: Path) -> set[str] | None:
+def pretraining_speakers(ckpt: Checkpoint, clips: list[Clip]) -> set[str] | None:
     """Speakers the checkpoint was pretrained on, recomputed from its recorded split.
 
-    None when the checkpoint does not say (or was trained on another folder).
+    The folder is recognised by its contents, not its path (a clone or a copy of the data
+    sits elsewhere): the recomputed split must reproduce the recorded clip and speaker
+    counts. None when the checkpoint does not say, or the folder is another one.
     """
     extra = ckpt.extra or {}
     tc, info = extra.get("train_config"), extra.get("data_info") or {}
-    if not isinstance(tc, dict) or "val_fraction" not in tc:
-        return None
-    if info.get("data") and Path(info["data"]).resolve() != Path(data_dir).resolve():
+    if not isinstance(tc, dict) or "val_fraction" not in tc or "n_train" not in info:
         return None
     seed = int(tc.get("seed", 0))
     pool = list(clips)
-    n_total = info.get("n_train", 0) + info.get("n_val", 0)
-    if n_total and n_total < len(pool):  # pretrain ran with --max-clips
+    n_total = int(info["n_train"]) + int(info.get("n_val", 0))
+    if n_total < len(pool):  # pretrain ran with --max-clips
         pick = np.random.default_rng(seed).choice(len(pool), n_total, replace=False)
         pool = [pool[i] for i in sorted(pick)]
-    train, _ = speaker_split(pool, float(tc["val_fraction"]), seed=seed)
+    train, val = speaker_split(pool, float(tc["val_fraction"]), seed=seed)
+    recorded = (info["n_train"], info.get("n_val"), info.get("train_speakers"),
+                info.get("val_speakers"))
+    found = (len(train), len(val), n_real_speakers(train), n_real_speakers(val))
+    if any(r is not None and r != f for r, f in zip(recorded, found, strict=True)):
+        return None
     return {c.speaker for c in train}
 
 
@@ -517,7 +529,7 @@ class Session:
         labels = tuple(ckpt.labels or KWS_LABELS)
         clips = scan_speech_commands(data_dir, labels).clips
         return cls(ckpt, clips, data_dir, FeatureSource(ckpt, cache),
-                   pretraining_speakers(ckpt, clips, data_dir))
+                   pretraining_speakers(ckpt, clips))
 
     def speakers(self, min_clips: int) -> list[str]:
         from collections import Counter

@@ -69,6 +69,15 @@ def test_pretraining_split_is_recovered_from_the_checkpoint(session):
     assert not any(s in session.seen for s in SPEAKERS)
 
 
+def test_pretraining_split_follows_the_contents_not_the_path(session, tmp_path):
+    # a clone or a copy of the data sits elsewhere: same clips, same split
+    moved = tmp_path / "elsewhere"
+    moved.symlink_to(session.data_dir.resolve(), target_is_directory=True)
+    assert P.Session.open(session.ckpt, moved).seen == session.seen
+    # another folder (here: a few clips fewer) cannot reproduce the recorded split
+    assert P.pretraining_speakers(session.ckpt, session.clips[:-5]) is None
+
+
 def test_protocol_is_deterministic_on_held_out_speakers(session):
     acfg = replace(P.AdaptConfig(), passes=2, skip_above=0.0)  # learning is under test
     runs = []
