@@ -146,6 +146,17 @@ def test_unknown_speaker_is_a_clean_error(shipped, data_dir):
     assert "no clips" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bad_settings_are_clean_errors(shipped, data_dir):
+    for flags, words in ((["--lr", "0"], "lr must be > 0"),
+                         (["--learn", "w_bias"], "learn must name"),
+                         (["--skip-above", "1.5"], "skip_above must be in")):
+        r = _cli("personalize", "--data", str(data_dir), "--speaker", SPEAKERS[0], *flags)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(P.ConfigError, match="update must be"):
+        P.AdaptConfig(update="batch")
+
+
 def test_report_writes_markdown_and_plot(session, tmp_path):
     from runtime.commands.personalize import write_report
 
@@ -202,8 +213,10 @@ def test_guard_score_equals_the_reference_forward(session):
 
 
 def test_guard_never_lowers_accuracy_on_the_adaptation_data(session):
-    # a deliberately harsh lr: the guard must undo the updates that hurt
-    acfg = P.AdaptConfig(shots=2, passes=2, lr=3e-2, guard=True)
+    # a deliberately harsh lr, a step after every utterance: the guard must undo the
+    # updates that hurt
+    acfg = P.AdaptConfig(shots=2, passes=2, lr=3e-2, guard=True, update="utterance",
+                         learn=("w_out",))
     x, y, xg, yg = _adaptation_data(session, SPEAKERS[1], acfg)
     run = P.adapt(session.ckpt, x, y, xg, yg, acfg, backend="reference")
     xa, ya = np.concatenate([x, xg]), np.concatenate([y, yg])
@@ -211,6 +224,24 @@ def test_guard_never_lowers_accuracy_on_the_adaptation_data(session):
     assert run.n_rejected > 0
     assert P.accuracy_of(ck, run.params, xa, ya) >= P.accuracy_of(ck, ck.params, xa, ya)
     assert not np.array_equal(run.params.w_out, ck.params.w_out)
+
+
+def test_a_pass_is_one_step_on_the_summed_gradients(session):
+    # update="pass": the e-prop gradients of every utterance of the pass, then one Adam
+    # step; the same as a learner fed the shots in any order and applied once
+    from edgeprop.eprop import EpropLearner
+
+    acfg = P.AdaptConfig(shots=1, passes=1, rehearsal=0, silence=0, lr=1e-3)
+    x, y, xg, yg = _adaptation_data(session, SPEAKERS[1], acfg)
+    run = P.adapt(session.ckpt, x, y, xg, yg, acfg, backend="reference")
+    by_hand = EpropLearner(session.ckpt.cfg, session.ckpt.params.copy(), lr=1e-3)
+    for xi, yi in zip(x, y, strict=True):
+        by_hand.train_sample(xi, int(yi))
+    by_hand.apply()
+    for name in P.LAYERS:
+        np.testing.assert_allclose(getattr(run.params, name), getattr(by_hand.params, name),
+                                   atol=1e-6)
+    assert not np.array_equal(run.params.w_in, session.ckpt.params.w_in)  # all layers learn
 
 
 def test_emulator_default_precision_is_deterministic(session):

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
     parser.add_argument("--passes", type=int, default=d.passes,
                         help="passes over the shots (default %(default)s)")
+    parser.add_argument("--update", choices=["pass", "utterance"], default=d.update,
+                        help="optimizer step once per pass on the gradients accumulated over "
+                             "it, or after every utterance (default %(default)s)")
     parser.add_argument("--learn", default=",".join(d.learn),
                         help="layers that learn, of w_in,w_rec,w_out (default %(default)s)")
     parser.add_argument("--rehearsal", type=int, default=d.rehearsal,
@@ -52,17 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="_silence_ clips per pass (default %(default)s)")
     parser.add_argument("--pull", type=float, default=d.pull,
                         help="pull toward the base weights after each update, in [0, 1)")
-    parser.add_argument("--gate", type=float, default=d.gate,
-                        help="learn an utterance only while p(label) < gate (default "
-                             "%(default)s; 1 = always)")
-    parser.add_argument("--shift", type=int, default=d.shift,
-                        help="passes after the first roll each shot by up to +-SHIFT frames")
-    parser.add_argument("--strong-below", type=float, default=d.strong_below,
-                        help="if the base model gets fewer than this fraction of the shots "
-                             "right, adapt with --strong-lr on --strong-learn (default "
-                             "%(default)s; 0 = never)")
-    parser.add_argument("--strong-lr", type=float, default=d.strong_lr)
-    parser.add_argument("--strong-learn", default=",".join(d.strong_learn))
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
                              "shots (2-fold over the shots; never the test set)")
@@ -72,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
                         help="undo any update that lowers accuracy on the adaptation data "
                              "(shots + rehearsal clips; never the test set)")
-    parser.add_argument("--average", action="store_true",
-                        help="keep the mean of the weights over the last pass")
     parser.add_argument("--precision", default=d.precision,
                         help="emulator storage format (default %(default)s, the chip's "
                              "default; fp32 is bit-exact with --backend reference)")
@@ -106,17 +96,12 @@ def adapt_config(args):
     from runtime.personalization import AdaptConfig
 
     learn = tuple(s.strip() for s in args.learn.split(",") if s.strip())
-    strong = tuple(s.strip() for s in args.strong_learn.split(",") if s.strip())
     return AdaptConfig(shots=args.shots, passes=args.passes, lr=args.lr,
-                       optimizer=args.optimizer, learn=learn, pull=args.pull,
-                       rehearsal=args.rehearsal, silence=args.silence,
-                       include_unknown=not args.no_unknown, gate=args.gate,
-                       shift=args.shift, average=args.average, validate=args.validate,
-                       strong_below=args.strong_below, strong_lr=args.strong_lr,
-                       strong_learn=strong, guard=args.guard,
-                       skip_above=args.skip_above,
-                       precision=args.precision,
-                       seed=args.seed)
+                       optimizer=args.optimizer, learn=learn, update=args.update,
+                       pull=args.pull, rehearsal=args.rehearsal, silence=args.silence,
+                       include_unknown=not args.no_unknown, validate=args.validate,
+                       guard=args.guard, skip_above=args.skip_above,
+                       precision=args.precision, seed=args.seed)
 
 
 def load_base(model: Path | None):
