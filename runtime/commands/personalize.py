@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
                         help="where e-prop runs (default: the SpiNNaker 2 emulator)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=d.lr,
+                        help="learning rate (default %(default)s)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
     parser.add_argument("--passes", type=int, default=d.passes,
                         help="passes over the shots (default %(default)s)")
