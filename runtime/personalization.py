@@ -7,8 +7,10 @@ The protocol (`personalize_speaker`), for one speaker of a Speech Commands folde
    words to a real device as well). Everything else of that speaker is the *test* set.
    `_silence_` clips have no speaker; they never enter the test set.
 2. **Adapt** with online e-prop, one utterance at a time (reset, T steps, end_sample:
-   what the chip does), for `passes` passes over the shots, replayed from memory. Each
-   pass also replays `rehearsal` generic clips (balanced over the 12 classes, *other*
+   what the chip does), for `passes` passes over the shots, replayed from memory; after
+   the first pass, in turn one of `augment` noisy copies of them (the pretraining's
+   Augmenter), so a couple of utterances are not fitted too closely. Each pass also
+   replays `rehearsal` generic clips (balanced over the 12 classes, *other*
    speakers, drawn from a fixed pool chosen before anything about the test speaker is
    looked at) and `silence` background clips, so the model does not forget the other
    voices or silence. The e-prop gradients of a whole pass are summed and applied in one
@@ -89,6 +91,8 @@ class AdaptConfig:
     update: str = "pass"           # one optimizer step per pass of accumulated e-prop
                                    # gradients ("pass"), or after every utterance
     pull: float = 0.0              # after each update: W <- W - pull (W - W_base)
+    augment: int = 4               # noisy copies of the shots (background noise, shift,
+                                   # gain) replayed in turn on passes after the first
     rehearsal: int = 8             # generic clips of other speakers per pass
     silence: int = 4               # _silence_ clips per pass
     include_unknown: bool = True   # the speaker's _unknown_ clips as shots too
@@ -101,8 +105,8 @@ class AdaptConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.shots, self.passes, self.rehearsal, self.silence) < 0:
-            raise ConfigError("shots, passes, rehearsal and silence must be >= 0")
+        if min(self.shots, self.passes, self.rehearsal, self.silence, self.augment) < 0:
+            raise ConfigError("shots, passes, augment, rehearsal and silence must be >= 0")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.update not in ("pass", "utterance"):
@@ -217,14 +221,34 @@ def pretraining_speakers(ckpt: Checkpoint, clips: list[Clip]) -> set[str] | None
 class FeatureSource:
     """Network inputs for clips through the checkpoint's own frontend and encoder."""
 
-    def __init__(self, ckpt: Checkpoint, cache=None):
+    def __init__(self, ckpt: Checkpoint, cache=None, data_dir: Path | None = None):
         from edgeprop.evaluation import checkpoint_frontend
         from edgeprop.feature_cache import FeatureCache
 
         self.ckpt = ckpt
         self.fcfg = checkpoint_frontend(ckpt)
         self.cache = cache or FeatureCache()
+        self.data_dir = data_dir  # its _background_noise_ feeds the noisy copies
+        self._augmenter = None
         self._memo: dict[str, np.ndarray] = {}
+
+    def noisy(self, clips: list[Clip], acfg: AdaptConfig) -> np.ndarray | None:
+        """(augment, N, T, n_in): noisy copies of `clips` (None when augment is 0)."""
+        from edgeprop.augment import Augmenter, load_background_noise
+        from edgeprop.evaluation import encode_batch
+        from edgeprop.training import augmented_features
+
+        if not acfg.augment or not clips:
+            return None
+        if self._augmenter is None:
+            try:
+                noise = load_background_noise(self.data_dir) if self.data_dir else []
+            except DatasetError:
+                noise = []  # shift and gain only
+            self._augmenter = Augmenter(noise)
+        return np.stack([encode_batch(self.ckpt, augmented_features(
+            clips, self.fcfg, self._augmenter, acfg.seed, k, cache_dir=self.cache.cache_dir))
+            for k in range(acfg.augment)]).astype(DTYPE)
 
     def inputs(self, clips: list[Clip]) -> np.ndarray:
         """(N, T, n_in) float32."""
@@ -296,7 +320,8 @@ class AdaptRun:
 def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic: np.ndarray,
           y_generic: np.ndarray, acfg: AdaptConfig, *, backend: str = "reference",
           rng: np.random.Generator | None = None,
-          on_utterance: Callable[[int], None] | None = None) -> AdaptRun:
+          on_utterance: Callable[[int], None] | None = None,
+          x_noisy: np.ndarray | None = None) -> AdaptRun:
     """Online e-prop over the shots (+ generic rehearsal each pass). Base is untouched."""
     rng = rng or np.random.default_rng(acfg.seed)
     base = ckpt.params
@@ -334,8 +359,9 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
                 guard.best = acc
 
     try:
-        for _ in range(acfg.passes):
-            xs, ys = [x_shots], [y_shots]
+        for p in range(acfg.passes):
+            noisy = x_noisy is not None and len(x_noisy) and p > 0
+            xs, ys = [x_noisy[(p - 1) % len(x_noisy)] if noisy else x_shots], [y_shots]
             for idx, k in ((words, acfg.rehearsal), (quiet, acfg.silence)):
                 take = idx[rng.permutation(len(idx))[:k]]
                 if len(take):  # (with no rehearsal x_generic is an empty placeholder)
@@ -415,8 +441,8 @@ def mean_ce(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> f
 
 def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
                     x_generic: np.ndarray, y_generic: np.ndarray, acfg: AdaptConfig, *,
-                    backend: str = "reference", rng: np.random.Generator | None = None
-                    ) -> tuple[AdaptRun, dict]:
+                    backend: str = "reference", rng: np.random.Generator | None = None,
+                    x_noisy: np.ndarray | None = None) -> tuple[AdaptRun, dict]:
     """`adapt`, guarded by 2-fold validation on the shots themselves (never the test set).
 
     With acfg.validate: the shots are split in two halves (alternating within each
@@ -439,7 +465,7 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
     t_check = time.perf_counter() - t_check  # counted as adaptation time
     if not acfg.validate or len(y_shots) < 2:
         run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
-                    rng=rng)
+                    rng=rng, x_noisy=x_noisy)
         run.seconds += t_check
         return run, info
     order = np.argsort(y_shots, kind="stable")
@@ -448,7 +474,8 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
     ce_base = ce_adapted = 0.0
     for a, b in (halves, halves[::-1]):
         run = adapt(ckpt, x_shots[a], y_shots[a], x_generic, y_generic, acfg,
-                    backend=backend, rng=np.random.default_rng(rng.integers(2**32)))
+                    backend=backend, rng=np.random.default_rng(rng.integers(2**32)),
+                    x_noisy=None if x_noisy is None else x_noisy[:, a])
         seconds += run.seconds
         learned += run.n_utterances
         ce_base += mean_ce(ckpt, ckpt.params, x_shots[b], y_shots[b])
@@ -458,7 +485,8 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
     seconds += t_check
     if not info["accepted"]:
         return AdaptRun(ckpt.params.copy(), learned, seconds), info
-    run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend, rng=rng)
+    run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend, rng=rng,
+                x_noisy=x_noisy)
     return AdaptRun(run.params, run.n_utterances + learned, run.seconds + seconds,
                     run.losses), info
 
@@ -489,7 +517,7 @@ class Session:
             raise DatasetError(f"{data_dir}: no such folder (expected a Speech Commands folder)")
         labels = tuple(ckpt.labels or KWS_LABELS)
         clips = scan_speech_commands(data_dir, labels).clips
-        return cls(ckpt, clips, data_dir, FeatureSource(ckpt, cache),
+        return cls(ckpt, clips, data_dir, FeatureSource(ckpt, cache, data_dir),
                    pretraining_speakers(ckpt, clips))
 
     def speakers(self, min_clips: int) -> list[str]:
@@ -526,8 +554,13 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
     y_shot = np.array([c.label_index for c in split.shots], np.int64)
     x_gen, y_gen = _generic(session, speaker, acfg)
     before = accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)
+    t0 = time.perf_counter()
+    x_noisy = session.features.noisy(split.shots, acfg)
+    t_noisy = time.perf_counter() - t0  # part of adapting (a device mixes noise in too)
     run, vinfo = adapt_validated(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
-                                 backend=backend, rng=_rng(acfg.seed + 1, speaker))
+                                 backend=backend, rng=_rng(acfg.seed + 1, speaker),
+                                 x_noisy=x_noisy)
+    run.seconds += t_noisy
     after = accuracy_of(session.ckpt, run.params, x_test, y_test)
     out = vinfo | {
         "speaker": speaker, "before": before, "after": after, "delta": after - before,
@@ -565,7 +598,8 @@ def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
         x = session.features.inputs(shots)
         y = np.array([c.label_index for c in shots], np.int64)
         run, _ = adapt_validated(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
-                                 backend=backend, rng=_rng(acfg.seed + 1, speaker))
+                                 backend=backend, rng=_rng(acfg.seed + 1, speaker),
+                                 x_noisy=session.features.noisy(shots, acfg))
         points.append({"shots": k, "n_adapt": len(shots),
                        "accuracy": accuracy_of(session.ckpt, run.params, x_test, y_test)})
     return points

@@ -244,6 +244,21 @@ def test_a_pass_is_one_step_on_the_summed_gradients(session):
     assert not np.array_equal(run.params.w_in, session.ckpt.params.w_in)  # all layers learn
 
 
+def test_noisy_copies_of_the_shots_feed_the_later_passes(session):
+    acfg = P.AdaptConfig(shots=1, passes=2, rehearsal=0, silence=0, augment=2)
+    sp = P.split_speaker(session.clips, SPEAKERS[1], 1, seed=0)
+    clean = session.features.inputs(sp.shots)
+    noisy = session.features.noisy(sp.shots, acfg)
+    assert noisy.shape == (2,) + clean.shape and noisy.dtype == clean.dtype
+    assert not np.allclose(noisy[0], clean) and not np.allclose(noisy[0], noisy[1])
+    assert np.array_equal(noisy, session.features.noisy(sp.shots, acfg))  # seeded
+    assert session.features.noisy(sp.shots, replace(acfg, augment=0)) is None
+    y = np.array([c.label_index for c in sp.shots])
+    runs = [P.adapt(session.ckpt, clean, y, clean[:0], y[:0], acfg, x_noisy=xn)
+            for xn in (None, noisy)]
+    assert not np.array_equal(runs[0].params.w_in, runs[1].params.w_in)
+
+
 def test_emulator_default_precision_is_deterministic(session):
     from firmware_model import DEFAULT_PRECISION
 

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it, or after every utterance (default %(default)s)")
     parser.add_argument("--learn", default=",".join(d.learn),
                         help="layers that learn, of w_in,w_rec,w_out (default %(default)s)")
+    parser.add_argument("--augment", type=int, default=d.augment,
+                        help="noisy copies of the shots (background noise, shift, gain), "
+                             "replayed in turn on passes after the first (default "
+                             "%(default)s)")
     parser.add_argument("--rehearsal", type=int, default=d.rehearsal,
                         help="generic clips of other speakers per pass (default %(default)s)")
     parser.add_argument("--silence", type=int, default=d.silence,
@@ -99,10 +103,25 @@ def adapt_config(args):
     learn = tuple(s.strip() for s in args.learn.split(",") if s.strip())
     return AdaptConfig(shots=args.shots, passes=args.passes, lr=args.lr,
                        optimizer=args.optimizer, learn=learn, update=args.update,
-                       pull=args.pull, rehearsal=args.rehearsal, silence=args.silence,
+                       pull=args.pull, augment=args.augment, rehearsal=args.rehearsal,
+                       silence=args.silence,
                        include_unknown=not args.no_unknown, validate=args.validate,
                        guard=args.guard, skip_above=args.skip_above,
                        precision=args.precision, seed=args.seed)
+
+
+def _noisy_takes(takes: list, room: list, acfg, to_input):
+    """`acfg.augment` noisy copies of the takes, the room's own noise mixed in (Augmenter)."""
+    import numpy as np
+
+    from edgeprop.augment import Augmenter
+
+    if not acfg.augment or not takes:
+        return None
+    aug = Augmenter([np.concatenate(room)] if room else [])
+    rng = np.random.default_rng([acfg.seed, 1000])
+    return np.stack([np.stack([to_input(aug(u, rng)) for u in takes])
+                     for _ in range(acfg.augment)])
 
 
 def load_base(model: Path | None):
@@ -281,12 +300,14 @@ def run_interactive(args) -> int:
 
     # shots = the first takes, held back = the last --holdout takes of every keyword
     idx = {lab: i for i, lab in enumerate(labels)}
-    shot_x, shot_y, test_x, test_y = [], [], [], []
+    shot_x, shot_y, test_x, test_y, shot_audio = [], [], [], [], []
     for word, utts in recorded.items():
         for k, u in enumerate(utts):
             held = k >= args.takes - args.holdout
             (test_x if held else shot_x).append(to_input(u))
             (test_y if held else shot_y).append(idx[word])
+            if not held:
+                shot_audio.append(u)
     sil_idx = idx.get("_silence_")
     gen_x, gen_y = _rehearsal_inputs(ckpt, acfg, to_input)
     if sil_idx is not None:
@@ -299,7 +320,8 @@ def run_interactive(args) -> int:
     y_gen = np.array(gen_y, np.int64)
     say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
     run, info = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
-                                  backend=args.backend)
+                                  backend=args.backend,
+                                  x_noisy=_noisy_takes(shot_audio, silence, acfg, to_input))
     if info.get("skipped"):
         say("the base model already recognised every take: it is kept as it is "
             "(--skip-above 0 adapts anyway)")
