@@ -79,7 +79,7 @@ BACKENDS = ("emulator", "reference")
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How adaptation runs. Defaults were chosen on a tuning model whose held-out
+    """How adaptation runs. Defaults were chosen on two tuning models whose held-out
     speakers are not the shipped model's (docs/personalization.md, "How the defaults
     were chosen")."""
 
@@ -343,6 +343,7 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
                        readout_only=tuple(acfg.learn) == ("w_out",))
         guard.best = guard.score(start)
         t_learn += time.perf_counter() - t0
+
     def update() -> None:
         """One optimizer step on what was accumulated, then the constraints and the guard."""
         nonlocal n_rejected
@@ -458,8 +459,8 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
         shot_acc = accuracy_of(ckpt, ckpt.params, x_shots, y_shots)
         info["shot_accuracy_before"] = shot_acc
         if shot_acc >= acfg.skip_above:
-            # the base already recognises this voice on every shot it heard: learning
-            # could only cost it, so the base weights are kept (decided on shots only)
+            # the base already recognises this voice on (nearly) every shot it heard:
+            # learning could mostly cost it, so the base is kept (decided on shots only)
             info["skipped"] = True
             return AdaptRun(ckpt.params.copy(), 0, time.perf_counter() - t_check), info
     t_check = time.perf_counter() - t_check  # counted as adaptation time

@@ -323,8 +323,8 @@ def run_interactive(args) -> int:
                                   backend=args.backend,
                                   x_noisy=_noisy_takes(shot_audio, silence, acfg, to_input))
     if info.get("skipped"):
-        say("the base model already recognised every take: it is kept as it is "
-            "(--skip-above 0 adapts anyway)")
+        say(f"the base model already recognised at least {acfg.skip_above:.0%} of the takes: "
+            "it is kept as it is (--skip-above 0 adapts anyway)")
     result = {"speaker": args.name, "keywords": keywords, "n_adapt": int(len(y_shot)),
               "n_learned": run.n_utterances, "skipped": bool(info.get("skipped")),
               "adapt_seconds": run.seconds,
