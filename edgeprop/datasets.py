@@ -36,6 +36,9 @@ SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
 NOISE_DIR = "_background_noise_"
 CLIP_SAMPLES = 16000
+#: ../shared/data/speech_commands_dev beside the repository: where training, tests and
+#: benchmarks find the dev set by default (it is never copied into the repo)
+DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_dev"
 
 _NAME_RE = re.compile(
     r"^(?:(?P<word>.+?)_)?(?P<spk>[0-9a-fA-F]{8})_nohash_(?P<n>\d+)\.wav(?:\.wav)?$"

@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop import bptt, sparse_bptt
-from edgeprop.datasets import Clip, load_clip, n_real_speakers, scan_speech_commands, speaker_split
+from edgeprop.datasets import (
+    DEV_DATA,
+    Clip,
+    load_clip,
+    n_real_speakers,
+    scan_speech_commands,
+    speaker_split,
+)
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.feature_cache import FeatureCache, atomic_save_npy, default_cache_dir
 from edgeprop.frontend import FrontendConfig, features, fit_normalization, normalize
@@ -171,11 +178,9 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     return out
 
 
-def default_data_dir(repo: Path | None = None) -> Path | None:
+def default_data_dir() -> Path | None:
     """../shared/data/speech_commands_dev next to the repo, or /work/shared/..., if present."""
-    repo = repo or Path(__file__).resolve().parents[1]
-    for cand in (repo.parent / "shared" / "data" / "speech_commands_dev",
-                 Path("/work/shared/data/speech_commands_dev")):
+    for cand in (DEV_DATA, Path("/work/shared/data/speech_commands_dev")):
         if cand.is_dir():
             return cand
     return None

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
-DATA_DIR = Path(os.environ.get("EDGEPROP_DATA", DEFAULT_DATA))
+from edgeprop.datasets import DEV_DATA
+
+DATA_DIR = Path(os.environ.get("EDGEPROP_DATA", DEV_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprop.datasets import load_clips, scan_speech_commands
+from edgeprop.datasets import DEV_DATA, load_clips, scan_speech_commands
 from edgeprop.encoders import ENCODERS, make_encoder, sparsity
 from edgeprop.errors import DatasetError
 from edgeprop.frontend import (
@@ -35,12 +35,9 @@ from edgeprop.frontend import (
 )
 from runtime.console import add_output_flags, print_json, say
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="Speech Commands folder")
+    parser.add_argument("--data", default=str(DEV_DATA), help="Speech Commands folder")
     parser.add_argument("--clips", type=int, default=200,
                         help="clips for sparsity and exactness (default 200, every k-th)")
     parser.add_argument("--timed-clips", type=int, default=20,

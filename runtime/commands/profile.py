@@ -57,9 +57,9 @@ def _data_dir(arg: Path | None) -> Path | None:
         if not arg.is_dir():
             raise DatasetError(f"{arg}: no such folder")
         return arg
-    repo = Path(__file__).resolve().parents[2]
-    d = repo.parent / "shared" / "data" / "speech_commands_dev"
-    return d if d.is_dir() else None
+    from edgeprop.datasets import DEV_DATA
+
+    return DEV_DATA if DEV_DATA.is_dir() else None
 
 
 def _model(path: Path | None = None):

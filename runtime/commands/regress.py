@@ -16,11 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
+from edgeprop.datasets import DEV_DATA
 from edgeprop.errors import ConfigError
 from runtime.console import add_output_flags, print_json, progress, say
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "speech_commands_dev"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rebuild the recordings from --data, then write their goldens")
     parser.add_argument("--data", default=None,
                         help=f"Speech Commands folder for --build-recordings "
-                             f"(default {DEFAULT_DATA})")
+                             f"(default {DEV_DATA})")
     parser.add_argument("--seed", type=int, default=0, help="clip choice seed for the build")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds allowed per recording (default 120)")
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt, ck_hash = _load_checkpoint(args.model)
     built: list[str] = []
     if args.build_recordings:
-        data = Path(args.data) if args.data else DEFAULT_DATA
+        data = Path(args.data) if args.data else DEV_DATA
         if not data.is_dir():
             raise ConfigError(f"--data {data}: no such folder (a Speech Commands folder)")
         say(f"regress: building recordings from {data} into {folder}")
