@@ -433,11 +433,11 @@ def _set_params(learner, params: Params) -> None:
 
 def mean_ce(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of the time-averaged readout (the pretraining loss)."""
+    from edgeprop.losses import mean_readout_ce
     from edgeprop.training import predict_logits
 
-    z = predict_logits(ckpt.cfg, params, x)
-    z = z - z.max(axis=1, keepdims=True)
-    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+    ybar = predict_logits(ckpt.cfg, params, x)
+    return mean_readout_ce(ybar[None], np.asarray(y))[0]
 
 
 def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
