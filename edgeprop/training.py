@@ -54,7 +54,7 @@ Progress = Callable[[int], None]
 class TrainConfig:
     """Everything that decides a training run besides the data and the model config."""
 
-    epochs: int = 250
+    epochs: int = 400
     batch_size: int = 32
     lr: float = 2e-3
     lr_final: float = 1e-4       # cosine decay from lr to lr_final over the epochs
@@ -65,13 +65,14 @@ class TrainConfig:
     weight_decay: float = 1e-4   # L2 on w_in and w_rec, added to the gradient
     seed: int = 0
     val_fraction: float = 0.2
-    n_aug: int = 8               # augmented copies per training clip
+    n_aug: int = 16              # augmented copies per training clip
     p_clean: float = 0.25        # chance an epoch shows the clean version of a clip
     feature_noise: float = 0.0   # std of Gaussian noise on normalised features
     speed: float = 0.0           # speed perturbation of augmented copies: U(1-s, 1+s)
     ema: float = 0.998           # EMA of the weights (per step), shipped; 0 = off
     freq_mask: int = 4           # SpecAugment: zero up to this many mel bands (+ deltas)
     time_mask: int = 8           # SpecAugment: zero up to this many frames
+    freq_warp: float = 0.0       # vocal-tract-length warp of the mel axis: U(1-w, 1+w)
     init_seed: int | None = None  # defaults to seed
 
     def __post_init__(self) -> None:
@@ -83,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.n_aug < 0:
             raise ConfigError("n_aug must be >= 0")
+        if not 0.0 <= self.freq_warp < 0.5:
+            raise ConfigError(f"freq_warp must be in [0, 0.5), got {self.freq_warp}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,6 +295,35 @@ def spec_mask(xb: np.ndarray, freq: int, time_: int, n_mels: int,
     return np.where(keep, xb, DTYPE(0.0)).astype(DTYPE)
 
 
+def freq_warp(xb: np.ndarray, alpha: np.ndarray, frontend: FrontendConfig) -> np.ndarray:
+    """Vocal tract length perturbation (after Jaitly & Hinton 2013) of normalised
+    features (B, T, F): sample b sounds as if every frequency were alpha[b] times higher.
+
+    Mel channel c takes the value of the (fractional) channel whose centre is
+    f_c / alpha, linearly interpolated, on the un-normalised features; the deltas are
+    warped the same way (a linear map across channels commutes with the delta filter
+    along time). Channels past the band edges repeat the edge channel.
+    """
+    import librosa
+
+    n = frontend.n_mels
+    centres = librosa.mel_frequencies(n + 2, fmin=frontend.fmin, fmax=frontend.fmax)[1:-1]
+    src = np.interp(centres[None, :] / alpha[:, None], centres, np.arange(n))  # (B, n)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (src - i0).astype(DTYPE)[:, None, :]
+    mean = np.asarray(frontend.norm_mean, DTYPE)
+    std = np.asarray(frontend.norm_std, DTYPE)
+    raw = xb * std + mean
+    out = np.empty_like(raw)
+    for lo in range(0, raw.shape[2] - n + 1, n):  # the log-mel block, then the deltas
+        blk = raw[:, :, lo:lo + n]
+        a = np.take_along_axis(blk, i0[:, None, :], axis=2)
+        b = np.take_along_axis(blk, i1[:, None, :], axis=2)
+        out[:, :, lo:lo + n] = a + w * (b - a)
+    return ((out - mean) / std).astype(DTYPE)
+
+
 def batch_grads(cfg: ModelConfig, params: Params, xb: np.ndarray, yb: np.ndarray,
                 tcfg: TrainConfig) -> tuple[float, bptt.Grads, dict]:
     """Loss, gradients and activity stats for one batch xb (T, B, F)."""
@@ -355,6 +387,9 @@ def run_epoch(cfg: ModelConfig, data: KWSData, tcfg: TrainConfig, st: TrainState
     for s in range(0, n, tcfg.batch_size):
         idx = order[s:s + tcfg.batch_size]
         xb = data.train_x[ver[idx], idx]
+        if tcfg.freq_warp:
+            alpha = rng.uniform(1.0 - tcfg.freq_warp, 1.0 + tcfg.freq_warp, size=len(idx))
+            xb = freq_warp(xb, alpha, data.frontend)
         if tcfg.freq_mask or tcfg.time_mask:
             xb = spec_mask(xb, tcfg.freq_mask, tcfg.time_mask, data.frontend.n_mels, rng)
         if tcfg.feature_noise:

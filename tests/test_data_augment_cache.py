@@ -12,7 +12,8 @@ from edgeprop.augment import Augmenter, load_background_noise
 from edgeprop.datasets import load_clip, scan_speech_commands
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.feature_cache import FeatureCache
-from edgeprop.frontend import FrontendConfig, features
+from edgeprop.frontend import FrontendConfig, features, fit_normalization, normalize
+from edgeprop.training import freq_warp
 
 
 def test_noise_added_at_requested_snr(data_dir):
@@ -81,3 +82,23 @@ def test_feature_cache_misses_when_file_changes(tmp_path):
     os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
     changed = cache.features(clips, FrontendConfig())
     assert cache.misses == 2 and not np.array_equal(silent, changed)
+
+
+def test_freq_warp_makes_a_tone_sound_like_the_higher_tone():
+    """alpha = 1.1 on a 1500 Hz tone's features lands where a 1650 Hz tone's are (the
+    power-weighted mel channel within 0.2 of a channel); alpha = 1 changes nothing."""
+    cfg = FrontendConfig()
+    t = np.arange(16000) / 16000
+    raw = features(np.stack([0.3 * np.sin(2 * np.pi * f * t) for f in (1500.0, 1650.0)]), cfg)
+    fcfg = fit_normalization(raw, cfg)
+    x = normalize(raw, fcfg)
+    mean, std = np.asarray(fcfg.norm_mean), np.asarray(fcfg.norm_std)
+
+    def centre(xn):
+        power = np.exp((xn * std + mean)[..., :cfg.n_mels]).mean(axis=-2)
+        return (power * np.arange(cfg.n_mels)).sum(-1) / power.sum(-1)
+
+    low, high = centre(x)
+    assert high - low > 1.0
+    assert abs(centre(freq_warp(x[:1], np.array([1.1]), fcfg))[0] - high) < 0.2
+    np.testing.assert_allclose(freq_warp(x, np.ones(2), fcfg), x, atol=1e-5)

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 250)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 400)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, order, noise")
     parser.add_argument("--b-th", type=float, default=None,
                         help="sparse BPTT band |v - A| < B_th (default 0.2)")
@@ -36,12 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--n-aug", type=int, default=None,
-                        help="background-noise copies per training clip (default 8)")
+                        help="background-noise copies per training clip (default 16)")
     parser.add_argument("--reg-coef", type=float, default=None, help="firing-rate regulariser")
     parser.add_argument("--ema", type=float, default=None,
                         help="ship an exponential moving average of the weights (per step)")
     parser.add_argument("--speed", type=float, default=None,
                         help="speed perturbation of the augmented copies, U(1-s, 1+s)")
+    parser.add_argument("--freq-warp", type=float, default=None,
+                        help="vocal-tract-length warp of the mel axis, factor U(1-w, 1+w)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="L2 on the input and recurrent weights (default 1e-4)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also train the same recipe with dense BPTT (or sparse with "
                              "--dense) and record its accuracy beside this one's")
@@ -70,7 +74,8 @@ def _train_config(args):
     for flag, name in (("epochs", "epochs"), ("b_th", "b_th"), ("lr", "lr"), ("ema", "ema"),
                        ("speed", "speed"),
                        ("batch_size", "batch_size"), ("n_aug", "n_aug"),
-                       ("reg_coef", "reg_coef")):
+                       ("reg_coef", "reg_coef"), ("freq_warp", "freq_warp"),
+                       ("weight_decay", "weight_decay")):
         val = getattr(args, flag)
         if val is not None:
             kw[name] = val
