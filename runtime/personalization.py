@@ -85,7 +85,7 @@ class AdaptConfig:
 
     shots: int = 2                 # clips per keyword (and of _unknown_) to adapt on
     passes: int = 20               # passes over the shots (replayed from memory)
-    lr: float = 5e-4
+    lr: float = 2e-4               # 5e-4 until the model was retrained (2026-11-25)
     optimizer: str = "adam"        # "adam" | "sgd"
     learn: tuple[str, ...] = ("w_in", "w_rec", "w_out")
     update: str = "pass"           # one optimizer step per pass of accumulated e-prop
