@@ -84,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.n_aug < 0:
             raise ConfigError("n_aug must be >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.freq_warp < 0.5:
             raise ConfigError(f"freq_warp must be in [0, 0.5), got {self.freq_warp}")
 

@@ -129,6 +129,9 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
          "no such folder"),
         (("pretrain", "--data", empty, "--out", work / "x.npz", "--resume", "--quiet"),
          "no class folders"),
+        (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"), "freq_warp must be"),
+        (("pretrain", "--weight-decay", "-1", "--out", work / "x.npz"),
+         "weight_decay must be >= 0"),
     ]
     for args, msg in cases:
         proc = _cli(*args)
