@@ -149,6 +149,8 @@ class _Tables:
         # Bins above fmax (or below fmin) have zero weight: skip computing their power.
         self.bin_lo, self.bin_hi = int(nz[0]), int(nz[-1]) + 1
         self.mel_t = np.ascontiguousarray(basis[:, self.bin_lo:self.bin_hi].T)
+        self.mel_centres = librosa.mel_frequencies(cfg.n_mels + 2, fmin=cfg.fmin,
+                                                   fmax=cfg.fmax)[1:-1]
         self.log_floor_value = float(np.log(cfg.log_floor))
         if cfg.normalized:
             self.scale = 1.0 / np.asarray(cfg.norm_std, dtype=np.float64)
@@ -168,6 +170,11 @@ def mel_basis(cfg: FrontendConfig) -> np.ndarray:
     full = np.zeros((cfg.n_mels, cfg.n_fft // 2 + 1))
     full[:, t.bin_lo:t.bin_hi] = t.mel_t.T
     return full
+
+
+def mel_centres(cfg: FrontendConfig) -> np.ndarray:
+    """(n_mels,) centre frequency in Hz of each mel band of this config."""
+    return _tables(cfg).mel_centres
 
 
 def frame_signal(padded: np.ndarray, cfg: FrontendConfig, n_frames: int) -> np.ndarray:

@@ -42,7 +42,13 @@ from edgeprop.datasets import (
 )
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.feature_cache import FeatureCache, atomic_save_npy, default_cache_dir
-from edgeprop.frontend import FrontendConfig, features, fit_normalization, normalize
+from edgeprop.frontend import (
+    FrontendConfig,
+    features,
+    fit_normalization,
+    mel_centres,
+    normalize,
+)
 from edgeprop.network import DTYPE, KWS_LABELS, ModelConfig, Params, init_params, zero_diagonal
 from edgeprop.optim import Adam
 
@@ -306,10 +312,8 @@ def freq_warp(xb: np.ndarray, alpha: np.ndarray, frontend: FrontendConfig) -> np
     warped the same way (a linear map across channels commutes with the delta filter
     along time). Channels past the band edges repeat the edge channel.
     """
-    import librosa
-
     n = frontend.n_mels
-    centres = librosa.mel_frequencies(n + 2, fmin=frontend.fmin, fmax=frontend.fmax)[1:-1]
+    centres = mel_centres(frontend)
     src = np.interp(centres[None, :] / alpha[:, None], centres, np.arange(n))  # (B, n)
     i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
     i1 = np.minimum(i0 + 1, n - 1)
