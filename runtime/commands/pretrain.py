@@ -71,12 +71,9 @@ def _train_config(args):
     from edgeprop.training import TrainConfig
 
     kw = {"seed": args.seed, "sparse": not args.dense}
-    for flag, name in (("epochs", "epochs"), ("b_th", "b_th"), ("lr", "lr"), ("ema", "ema"),
-                       ("speed", "speed"),
-                       ("batch_size", "batch_size"), ("n_aug", "n_aug"),
-                       ("reg_coef", "reg_coef"), ("freq_warp", "freq_warp"),
-                       ("weight_decay", "weight_decay")):
-        val = getattr(args, flag)
+    for name in ("epochs", "b_th", "lr", "ema", "speed", "batch_size", "n_aug", "reg_coef",
+                 "freq_warp", "weight_decay"):  # argparse dest == TrainConfig field
+        val = getattr(args, name)
         if val is not None:
             kw[name] = val
     return TrainConfig(**kw)
