@@ -127,27 +127,35 @@ class Adam(_Base):
         if [t.shape for t in self._tmp] != [p.shape for p in params]:
             self._tmp = [np.empty(p.shape, DTYPE) for p in params]
         self.t += 1
-        c1 = 1.0 - self.b1**self.t
-        c2 = 1.0 - self.b2**self.t
-        step_size = DTYPE(self.lr / c1)
-        sq = DTYPE(np.sqrt(c2))
         for p, g, m, v, tmp in zip(
             params, grads, self.bufs["m"], self.bufs["v"], self._tmp, strict=True
         ):
-            g = np.asarray(g, DTYPE)
-            m *= DTYPE(self.b1)
-            m += DTYPE(1.0 - self.b1) * g
-            np.multiply(g, g, out=tmp)
-            v *= DTYPE(self.b2)
-            tmp *= DTYPE(1.0 - self.b2)
-            v += tmp
-            # p -= lr/c1 * m / (sqrt(v)/sqrt(c2) + eps)
-            np.sqrt(v, out=tmp)
-            tmp /= sq
-            tmp += DTYPE(self.eps)
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+            adam_step(p, np.asarray(g, DTYPE), m, v, tmp, self.t, self.lr, self.b1, self.b2,
+                      self.eps)
+
+
+def adam_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, tmp: np.ndarray,
+              t: int, lr: float, b1: float, b2: float, eps: float) -> None:
+    """One in-place float32 Adam update of p (step t >= 1), `tmp` a scratch array.
+
+    The one implementation of the arithmetic: `Adam.step` and the emulator's PEs
+    (firmware_model.program) both call it, so fp32 emulation is bit-exact with it.
+    """
+    step_size = DTYPE(lr / (1.0 - b1**t))
+    sq = DTYPE(np.sqrt(1.0 - b2**t))
+    m *= DTYPE(b1)
+    m += DTYPE(1.0 - b1) * g
+    np.multiply(g, g, out=tmp)
+    v *= DTYPE(b2)
+    tmp *= DTYPE(1.0 - b2)
+    v += tmp
+    # p -= lr/c1 * m / (sqrt(v)/sqrt(c2) + eps)
+    np.sqrt(v, out=tmp)
+    tmp /= sq
+    tmp += DTYPE(eps)
+    np.divide(m, tmp, out=tmp)
+    tmp *= step_size
+    p -= tmp
 
 
 class SGD(_Base):

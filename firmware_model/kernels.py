@@ -257,23 +257,3 @@ readout_lsig_kernel = learning_signal
 #: reference's own maths (double precision; the M4F would run it as soft-float on
 #: 12 + 120 values once per sample, and costs.py charges it as such).
 mean_end_sample = mean_loss_terms
-
-
-def adam_update(p, g, m, v, t, lr, b1, b2, eps, tmp):
-    """In-place Adam on one PE's arrays, in `edgeprop.optim.Adam.step`'s operation order."""
-    c1 = 1.0 - b1**t
-    c2 = 1.0 - b2**t
-    step_size = np.float32(lr / c1)
-    sq = np.float32(np.sqrt(c2))
-    m *= np.float32(b1)
-    m += np.float32(1.0 - b1) * g
-    np.multiply(g, g, out=tmp)
-    v *= np.float32(b2)
-    tmp *= np.float32(1.0 - b2)
-    v += tmp
-    np.sqrt(v, out=tmp)
-    tmp /= sq
-    tmp += np.float32(eps)
-    np.divide(m, tmp, out=tmp)
-    tmp *= step_size
-    p -= tmp

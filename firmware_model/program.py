@@ -26,12 +26,12 @@ from __future__ import annotations
 import numpy as np
 
 from edgeprop.network import ModelConfig
+from edgeprop.optim import adam_step
 from firmware_model import costs
 from firmware_model.chip import PE, Sram
 from firmware_model.kernels import (
     MODE_MEAN,
     N_NEUR_ROWS,
-    adam_update,
     mean_end_sample,
     pe_lsig_kernel,
     pe_step_kernel,
@@ -420,8 +420,8 @@ class PEProgram:
         p = w.read().copy()
         if self.optimizer == "adam":
             mm, vv = m.read().copy(), v.read().copy()
-            adam_update(p, g, mm, vv, t, self.lr, ADAM["b1"], ADAM["b2"], ADAM["eps"],
-                        np.empty_like(p))
+            adam_step(p, g, mm, vv, np.empty_like(p), t, self.lr, ADAM["b1"], ADAM["b2"],
+                      ADAM["eps"])
             m.write(mm)
             v.write(vv)
         elif self.optimizer == "momentum":
