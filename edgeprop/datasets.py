@@ -40,6 +40,15 @@ CLIP_SAMPLES = 16000
 #: benchmarks find the dev set by default (it is never copied into the repo)
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_dev"
 
+def default_data_dir() -> Path | None:
+    """The dev set: DEV_DATA beside the repo, else /work/shared/... (an install outside the
+    checkout), else None. The one place every command finds its default data."""
+    for cand in (DEV_DATA, Path("/work/shared/data/speech_commands_dev")):
+        if cand.is_dir():
+            return cand
+    return None
+
+
 _NAME_RE = re.compile(
     r"^(?:(?P<word>.+?)_)?(?P<spk>[0-9a-fA-F]{8})_nohash_(?P<n>\d+)\.wav(?:\.wav)?$"
 )

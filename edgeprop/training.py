@@ -33,7 +33,6 @@ import numpy as np
 
 from edgeprop import bptt, sparse_bptt
 from edgeprop.datasets import (
-    DEV_DATA,
     Clip,
     load_clip,
     n_real_speakers,
@@ -187,14 +186,6 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     except OSError:
         pass  # a read-only cache only costs time
     return out
-
-
-def default_data_dir() -> Path | None:
-    """../shared/data/speech_commands_dev next to the repo, or /work/shared/..., if present."""
-    for cand in (DEV_DATA, Path("/work/shared/data/speech_commands_dev")):
-        if cand.is_dir():
-            return cand
-    return None
 
 
 def prepare_data(

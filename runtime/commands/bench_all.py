@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgeprop.atomic_file import atomic_write_text
-from edgeprop.datasets import DEV_DATA
+from edgeprop.datasets import DEV_DATA, default_data_dir
 from edgeprop.errors import ConfigError
 from runtime import bench_report
 from runtime.console import add_output_flags, print_json, say
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     parser.add_argument("--quick", action="store_true",
                         help="leave out the slow ones (sparse-bptt, personalize)")
-    parser.add_argument("--data", default=str(DEV_DATA),
+    parser.add_argument("--data", default=str(default_data_dir() or DEV_DATA),
                         help="Speech Commands folder for personalize (default ../shared/...)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds allowed per benchmark (default 1800)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprop.datasets import DEV_DATA, load_clips, scan_speech_commands
+from edgeprop.datasets import DEV_DATA, default_data_dir, load_clips, scan_speech_commands
 from edgeprop.encoders import ENCODERS, make_encoder, sparsity
 from edgeprop.errors import DatasetError
 from edgeprop.frontend import (
@@ -37,7 +37,8 @@ from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=str(DEV_DATA), help="Speech Commands folder")
+    parser.add_argument("--data", default=None,
+                        help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--clips", type=int, default=200,
                         help="clips for sparsity and exactness (default 200, every k-th)")
     parser.add_argument("--timed-clips", type=int, default=20,
@@ -74,7 +75,7 @@ def _stream_times(audio: np.ndarray, cfg: FrontendConfig, enc_name: str | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(args.data)
+    root = Path(args.data) if args.data else default_data_dir() or DEV_DATA
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; pass --data <Speech Commands folder>")
     rng = np.random.default_rng(args.seed)

@@ -99,11 +99,10 @@ def kws_workload(batch: int, seed: int = 0):
     from edgeprop.network import ModelConfig, init_params
 
     try:
-        from edgeprop.datasets import scan_speech_commands
+        from edgeprop.datasets import default_data_dir, scan_speech_commands
         from edgeprop.evaluation import checkpoint_frontend
         from edgeprop.feature_cache import FeatureCache
         from edgeprop.shipped import load_shipped
-        from edgeprop.training import default_data_dir
 
         data = default_data_dir()
         ck = load_shipped()

@@ -36,11 +36,11 @@ def _table(res) -> str:
 
 def run(args) -> int:
     from edgeprop.checkpoint import load_checkpoint
+    from edgeprop.datasets import default_data_dir
     from edgeprop.errors import DatasetError
     from edgeprop.evaluation import evaluate_clips, scan_for_model
     from edgeprop.feature_cache import FeatureCache
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
-    from edgeprop.training import default_data_dir
 
     ckpt = load_checkpoint(args.model) if args.model is not None else load_shipped()
     model_path = args.model or SHIPPED_MODEL

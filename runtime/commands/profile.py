@@ -57,9 +57,9 @@ def _data_dir(arg: Path | None) -> Path | None:
         if not arg.is_dir():
             raise DatasetError(f"{arg}: no such folder")
         return arg
-    from edgeprop.datasets import DEV_DATA
+    from edgeprop.datasets import default_data_dir
 
-    return DEV_DATA if DEV_DATA.is_dir() else None
+    return default_data_dir()
 
 
 def _model(path: Path | None = None):
