@@ -673,9 +673,20 @@ def user_data_dir() -> Path:
 
 
 def default_personal_path(base_path: Path, speaker: str) -> Path:
-    """<user data dir>/personal/<base stem>.<speaker>.npz: never inside the package."""
+    """<base dir>/<base stem>.<speaker>.npz, beside the base checkpoint; for the shipped
+    model (inside the installed package) or a base in a read-only folder,
+    <user data dir>/personal/<base stem>.<speaker>.npz instead."""
+    import os
+
+    import edgeprop
+
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in speaker) or "speaker"
-    return user_data_dir() / "personal" / f"{Path(base_path).stem}.{safe}.npz"
+    name = f"{Path(base_path).stem}.{safe}.npz"
+    folder = Path(base_path).resolve().parent
+    package = Path(edgeprop.__file__).resolve().parent
+    if folder.is_relative_to(package) or not os.access(folder, os.W_OK):
+        return user_data_dir() / "personal" / name
+    return folder / name
 
 
 def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker: str,

@@ -140,6 +140,17 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     assert _sha256(base) == h_base
 
 
+def test_default_path_is_beside_the_base_but_never_in_the_package(tmp_path, monkeypatch):
+    from edgeprop.shipped import SHIPPED_MODEL
+
+    monkeypatch.setenv("EDGEPROP_HOME", str(tmp_path / "home"))
+    base = tmp_path / "models" / "base.npz"
+    base.parent.mkdir()
+    assert P.default_personal_path(base, "ab/c") == base.parent / "base.ab_c.npz"
+    shipped = P.default_personal_path(SHIPPED_MODEL, "837a0f64")
+    assert shipped == tmp_path / "home" / "personal" / f"{SHIPPED_MODEL.stem}.837a0f64.npz"
+
+
 def test_unknown_speaker_is_a_clean_error(shipped, data_dir):
     r = _cli("personalize", "--data", str(data_dir), "--speaker", "00000000", "--json")
     assert r.returncode == 2

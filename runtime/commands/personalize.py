@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-unknown", action="store_true",
                         help="do not use the speaker's _unknown_ clips as shots")
     parser.add_argument("--out", nargs="?", const="", default=None, metavar="CKPT",
-                        help="save the personalised checkpoint (default path: "
-                             "<user data dir>/<base>.<speaker>.npz)")
+                        help="save the personalised checkpoint (default: "
+                             "<base>.<speaker>.npz beside the base; for the shipped "
+                             "model, in <user data dir>/personal/)")
     parser.add_argument("--report", type=Path, default=None,
                         help="write a markdown report with a PNG plot of accuracy against "
                              "adaptation utterances")
