@@ -40,6 +40,7 @@ CLIP_SAMPLES = 16000
 #: benchmarks find the dev set by default (it is never copied into the repo)
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_dev"
 
+
 def default_data_dir() -> Path | None:
     """The dev set: DEV_DATA beside the repo, else /work/shared/... (an install outside the
     checkout), else None. The one place every command finds its default data."""

@@ -47,6 +47,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -443,8 +444,12 @@ def mean_ce(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) -> f
 def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
                     x_generic: np.ndarray, y_generic: np.ndarray, acfg: AdaptConfig, *,
                     backend: str = "reference", rng: np.random.Generator | None = None,
-                    x_noisy: np.ndarray | None = None) -> tuple[AdaptRun, dict]:
+                    noisy: Callable[[], np.ndarray | None] | None = None
+                    ) -> tuple[AdaptRun, dict]:
     """`adapt`, guarded by 2-fold validation on the shots themselves (never the test set).
+
+    `noisy` makes the noisy copies of the shots (`adapt`'s x_noisy); it is called only
+    when learning happens, and its time counts as adaptation time.
 
     With acfg.validate: the shots are split in two halves (alternating within each
     label); adapting on one half must lower the cross-entropy on the other, summed over
@@ -463,6 +468,7 @@ def adapt_validated(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray,
             # learning could mostly cost it, so the base is kept (decided on shots only)
             info["skipped"] = True
             return AdaptRun(ckpt.params.copy(), 0, time.perf_counter() - t_check), info
+    x_noisy = noisy() if noisy is not None else None  # a device mixes the noise in too
     t_check = time.perf_counter() - t_check  # counted as adaptation time
     if not acfg.validate or len(y_shots) < 2:
         run = adapt(ckpt, x_shots, y_shots, x_generic, y_generic, acfg, backend=backend,
@@ -555,13 +561,9 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
     y_shot = np.array([c.label_index for c in split.shots], np.int64)
     x_gen, y_gen = _generic(session, speaker, acfg)
     before = accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)
-    t0 = time.perf_counter()
-    x_noisy = session.features.noisy(split.shots, acfg)
-    t_noisy = time.perf_counter() - t0  # part of adapting (a device mixes noise in too)
     run, vinfo = adapt_validated(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
                                  backend=backend, rng=_rng(acfg.seed + 1, speaker),
-                                 x_noisy=x_noisy)
-    run.seconds += t_noisy
+                                 noisy=partial(session.features.noisy, split.shots, acfg))
     after = accuracy_of(session.ckpt, run.params, x_test, y_test)
     out = vinfo | {
         "speaker": speaker, "before": before, "after": after, "delta": after - before,
@@ -600,7 +602,7 @@ def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
         y = np.array([c.label_index for c in shots], np.int64)
         run, _ = adapt_validated(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
                                  backend=backend, rng=_rng(acfg.seed + 1, speaker),
-                                 x_noisy=session.features.noisy(shots, acfg))
+                                 noisy=partial(session.features.noisy, shots, acfg))
         points.append({"shots": k, "n_adapt": len(shots),
                        "accuracy": accuracy_of(session.ckpt, run.params, x_test, y_test)})
     return points

@@ -322,7 +322,8 @@ def run_interactive(args) -> int:
     say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
     run, info = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
                                   backend=args.backend,
-                                  x_noisy=_noisy_takes(shot_audio, silence, acfg, to_input))
+                                  noisy=lambda: _noisy_takes(shot_audio, silence, acfg,
+                                                             to_input))
     if info.get("skipped"):
         say(f"the base model already recognised at least {acfg.skip_above:.0%} of the takes: "
             "it is kept as it is (--skip-above 0 adapts anyway)")
