@@ -50,6 +50,18 @@ def default_data_dir() -> Path | None:
     return None
 
 
+def require_data_dir(arg: str | Path | None) -> Path:
+    """`--data` if given, else the dev set; a DatasetError naming the folder when it is
+    missing (for commands that cannot run without data)."""
+    path = Path(arg) if arg else default_data_dir()
+    if path is None:
+        raise DatasetError(f"no Speech Commands folder at {DEV_DATA}; pass --data DIR")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such folder (expected a Speech Commands folder); "
+                           "pass --data DIR")
+    return path
+
+
 _NAME_RE = re.compile(
     r"^(?:(?P<word>.+?)_)?(?P<spk>[0-9a-fA-F]{8})_nohash_(?P<n>\d+)\.wav(?:\.wav)?$"
 )

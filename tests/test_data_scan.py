@@ -11,7 +11,9 @@ import pytest
 import soundfile as sf
 
 from edgeprop.datasets import (
+    default_data_dir,
     load_clip,
+    require_data_dir,
     scan_speech_commands,
     speaker_of,
     speaker_split,
@@ -71,6 +73,13 @@ def test_missing_folder_and_no_class_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no class folders"):
         scan_speech_commands(tmp_path / "empty")
+
+
+def test_require_data_dir_names_the_missing_folder(tmp_path, data_dir):
+    assert require_data_dir(str(tmp_path)) == tmp_path
+    assert require_data_dir(None) == default_data_dir() and default_data_dir().is_dir()
+    with pytest.raises(DatasetError, match=r"absent: no such folder.*--data"):
+        require_data_dir(tmp_path / "absent")
 
 
 def test_full_download_layout_lists_and_skips(tmp_path):

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
-from edgeprop.datasets import DEV_DATA, default_data_dir, load_clips, scan_speech_commands
+from edgeprop.datasets import load_clips, require_data_dir, scan_speech_commands
 from edgeprop.encoders import ENCODERS, make_encoder, sparsity
-from edgeprop.errors import DatasetError
 from edgeprop.frontend import (
     FrontendConfig,
     StreamingFrontend,
@@ -75,9 +73,7 @@ def _stream_times(audio: np.ndarray, cfg: FrontendConfig, enc_name: str | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(args.data) if args.data else default_data_dir() or DEV_DATA
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder; pass --data <Speech Commands folder>")
+    root = require_data_dir(args.data)
     rng = np.random.default_rng(args.seed)
     clips = scan_speech_commands(root).clips
     step = max(1, len(clips) // max(1, args.clips))

@@ -36,18 +36,14 @@ def _table(res) -> str:
 
 def run(args) -> int:
     from edgeprop.checkpoint import load_checkpoint
-    from edgeprop.datasets import default_data_dir
-    from edgeprop.errors import DatasetError
+    from edgeprop.datasets import require_data_dir
     from edgeprop.evaluation import evaluate_clips, scan_for_model
     from edgeprop.feature_cache import FeatureCache
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
 
     ckpt = load_checkpoint(args.model) if args.model is not None else load_shipped()
     model_path = args.model or SHIPPED_MODEL
-    data = args.data or default_data_dir()
-    if data is None:
-        raise DatasetError("no Speech Commands folder found at ../shared/data/"
-                           "speech_commands_dev; pass --data DIR")
+    data = require_data_dir(args.data)
     clips = scan_for_model(data, ckpt)
     cache = FeatureCache(args.cache_dir)
     with progress("evaluating", len(clips), args.quiet) as adv:

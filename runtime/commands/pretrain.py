@@ -88,16 +88,13 @@ def run(args) -> int:
     from edgeprop import training
     from edgeprop.atomic_file import atomic_write_text
     from edgeprop.checkpoint import load_checkpoint, save_checkpoint
-    from edgeprop.datasets import default_data_dir
+    from edgeprop.datasets import require_data_dir
     from edgeprop.errors import CheckpointError, DatasetError
     from edgeprop.network import KWS_LABELS, Params
     from edgeprop.optim import Adam
 
     t_start = time.perf_counter()
-    data_dir = args.data or default_data_dir()
-    if data_dir is None:
-        raise DatasetError("no Speech Commands folder found at ../shared/data/"
-                           "speech_commands_dev; pass --data DIR")
+    data_dir = require_data_dir(args.data)
     if args.epochs is not None and args.epochs < 0:
         raise DatasetError("--epochs must be >= 0")
     tcfg = _train_config(args)

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from edgeprop.datasets import DEV_DATA, default_data_dir
+from edgeprop.datasets import DEV_DATA, require_data_dir
 from edgeprop.errors import ConfigError
 from runtime.console import add_output_flags, print_json, progress, say
 
@@ -80,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt, ck_hash = _load_checkpoint(args.model)
     built: list[str] = []
     if args.build_recordings:
-        data = Path(args.data) if args.data else default_data_dir() or DEV_DATA
-        if not data.is_dir():
-            raise ConfigError(f"--data {data}: no such folder (a Speech Commands folder)")
+        data = require_data_dir(args.data)
         say(f"regress: building recordings from {data} into {folder}")
         built = [p.name for p in R.build_recordings(data, folder, ckpt, seed=args.seed)]
         args.update = True
