@@ -101,6 +101,11 @@ class _Base:
         self.t = t
 
 
+#: Adam's defaults, shared with the emulator's PEs (firmware_model.program)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
 class Adam(_Base):
     """Adam with bias correction; in-place float32 updates, no per-step allocation."""
 
@@ -108,7 +113,7 @@ class Adam(_Base):
     _kind = 1.0
 
     def __init__(
-        self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+        self, lr: float = 1e-3, betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS
     ) -> None:
         super().__init__()
         if not lr > 0:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeprop.network import ModelConfig
-from edgeprop.optim import adam_step
+from edgeprop.optim import ADAM_BETAS, ADAM_EPS, adam_step
 from firmware_model import costs
 from firmware_model.chip import PE, Sram
 from firmware_model.kernels import (
@@ -47,9 +47,6 @@ from firmware_model.router import INPUT, LSIG, OUTPUT, SPIKE, make_key
 CODE_BYTES = 3072
 #: ESTIMATE: the readout's extra code (leaky units, softmax, learning signals).
 READOUT_CODE_BYTES = 1024
-
-ADAM = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
-
 
 class _Trace:
     """A per-synapse trace in SRAM (fp32 or fp16) and the float32 array kernels use.
@@ -420,8 +417,7 @@ class PEProgram:
         p = w.read().copy()
         if self.optimizer == "adam":
             mm, vv = m.read().copy(), v.read().copy()
-            adam_step(p, g, mm, vv, np.empty_like(p), t, self.lr, ADAM["b1"], ADAM["b2"],
-                      ADAM["eps"])
+            adam_step(p, g, mm, vv, np.empty_like(p), t, self.lr, *ADAM_BETAS, ADAM_EPS)
             m.write(mm)
             v.write(vv)
         elif self.optimizer == "momentum":
