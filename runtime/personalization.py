@@ -58,6 +58,7 @@ from edgeprop.datasets import (
     UNKNOWN,
     Clip,
     n_real_speakers,
+    require_data_dir,
     scan_speech_commands,
     speaker_split,
 )
@@ -519,9 +520,7 @@ class Session:
 
     @classmethod
     def open(cls, ckpt: Checkpoint, data_dir: str | Path, cache=None) -> Session:
-        data_dir = Path(data_dir)
-        if not data_dir.is_dir():
-            raise DatasetError(f"{data_dir}: no such folder (expected a Speech Commands folder)")
+        data_dir = require_data_dir(data_dir)
         labels = tuple(ckpt.labels or KWS_LABELS)
         clips = scan_speech_commands(data_dir, labels).clips
         return cls(ckpt, clips, data_dir, FeatureSource(ckpt, cache, data_dir),

@@ -53,13 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_dir(arg: Path | None) -> Path | None:
-    if arg is not None:
-        if not arg.is_dir():
-            raise DatasetError(f"{arg}: no such folder")
-        return arg
-    from edgeprop.datasets import default_data_dir
+    """--data (which must exist), else the dev set if it is here: profile runs without it."""
+    from edgeprop.datasets import default_data_dir, require_data_dir
 
-    return default_data_dir()
+    return require_data_dir(arg) if arg is not None else default_data_dir()
 
 
 def _model(path: Path | None = None):
