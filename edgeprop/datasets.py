@@ -20,6 +20,7 @@ reported there too.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from collections import Counter
@@ -41,13 +42,19 @@ CLIP_SAMPLES = 16000
 DEV_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_commands_dev"
 
 
+def _dev_data_candidates() -> tuple[Path, ...]:
+    """$EDGEPROP_DATA alone when it is set (an explicit choice is never second-guessed),
+    else DEV_DATA beside the repo, else /work/shared/... (an install outside the checkout)."""
+    env = os.environ.get("EDGEPROP_DATA")
+    if env:
+        return (Path(env),)
+    return DEV_DATA, Path("/work/shared/data/speech_commands_dev")
+
+
 def default_data_dir() -> Path | None:
-    """The dev set: DEV_DATA beside the repo, else /work/shared/... (an install outside the
-    checkout), else None. The one place every command finds its default data."""
-    for cand in (DEV_DATA, Path("/work/shared/data/speech_commands_dev")):
-        if cand.is_dir():
-            return cand
-    return None
+    """The dev set (see `_dev_data_candidates`), or None when it is not here. The one
+    place every command, and the tests, find their default data."""
+    return next((cand for cand in _dev_data_candidates() if cand.is_dir()), None)
 
 
 def require_data_dir(arg: str | Path | None) -> Path:
@@ -55,7 +62,8 @@ def require_data_dir(arg: str | Path | None) -> Path:
     missing (for commands that cannot run without data)."""
     path = Path(arg) if arg else default_data_dir()
     if path is None:
-        raise DatasetError(f"no Speech Commands folder at {DEV_DATA}; pass --data DIR")
+        raise DatasetError(f"no Speech Commands folder at {_dev_data_candidates()[0]}; "
+                           "pass --data DIR")
     if not path.is_dir():
         raise DatasetError(f"{path}: no such folder (expected a Speech Commands folder); "
                            "pass --data DIR")

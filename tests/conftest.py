@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from edgeprop.datasets import DEV_DATA
+from edgeprop.datasets import DEV_DATA, default_data_dir
 
-DATA_DIR = Path(os.environ.get("EDGEPROP_DATA", DEV_DATA))
+DATA_DIR = default_data_dir() or DEV_DATA
 
 
 @pytest.fixture(scope="session")

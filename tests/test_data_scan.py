@@ -82,6 +82,15 @@ def test_require_data_dir_names_the_missing_folder(tmp_path, data_dir):
         require_data_dir(tmp_path / "absent")
 
 
+def test_edgeprop_data_overrides_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPROP_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path and require_data_dir(None) == tmp_path
+    monkeypatch.setenv("EDGEPROP_DATA", str(tmp_path / "absent"))
+    assert default_data_dir() is None
+    with pytest.raises(DatasetError, match=r"absent; pass --data"):
+        require_data_dir(None)
+
+
 def test_full_download_layout_lists_and_skips(tmp_path):
     root = tmp_path / "sc"
     _wav(root / "yes" / "aaaaaaaa_nohash_0.wav")
