@@ -91,7 +91,7 @@ def check_audio(
         else:
             raise AudioError(
                 f"{name}: {x.shape[1]} channels, expected mono; downmix it "
-                f"(e.g. `sox in.wav -c 1 out.wav`) or load with mix=True"
+                "(e.g. `sox in.wav -c 1 out.wav`)"
             )
     elif x.ndim != 1:
         raise AudioError(f"{name}: samples must be 1-D (N,) or (N, channels), got {x.shape}")

@@ -211,7 +211,7 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
         )
     try:
         cfg = ModelConfig.from_dict(meta["model"])
-    except (EdgepropError, KeyError, TypeError) as exc:
+    except (EdgepropError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
     if expect is not None and cfg != expect:
         diffs = [
@@ -241,14 +241,21 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
     params = Params(*ps)
     if meta.get("params_sha256") != params_hash(params):
         raise CheckpointError(f"corrupt checkpoint {path}: weights do not match their hash")
-    labels = _decode(meta.get("labels"), arrays)
+    parts = {name: _decode(meta.get(name), arrays)
+             for name in ("labels", "optimizer_state", "frontend", "encoder", "extra")}
+    for name, value in parts.items():  # a hand-edited meta.json must not fail later
+        want = (list, np.ndarray) if name == "labels" else (dict,)
+        if value is not None and not isinstance(value, want):
+            raise CheckpointError(f"corrupt checkpoint {path}: {name} is a "
+                                  f"{type(value).__name__}, not a {want[0].__name__}")
+    labels = parts["labels"]
     return Checkpoint(
         cfg=cfg,
         params=params,
-        optimizer_state=_decode(meta.get("optimizer_state"), arrays),
-        frontend=_decode(meta.get("frontend"), arrays),
-        encoder=_decode(meta.get("encoder"), arrays),
+        optimizer_state=parts["optimizer_state"],
+        frontend=parts["frontend"],
+        encoder=parts["encoder"],
         labels=None if labels is None else [str(s) for s in labels],
-        extra=_decode(meta.get("extra") or {}, arrays),
+        extra=parts["extra"] or {},
         format_version=version,
     )

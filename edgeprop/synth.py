@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -119,6 +120,10 @@ def fit_one_second(x: np.ndarray, n: int = 16000, peak: float = 0.5) -> np.ndarr
     return out
 
 
+#: what --words may hold: each word becomes a folder name under the output
+WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+
+
 def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
                takes: int = len(TAKES), progress=None) -> dict:
     """Make (or reuse) one clip per word x voice x take; return a summary dict.
@@ -129,6 +134,12 @@ def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
     out_dir = Path(out_dir)
     if not 1 <= takes <= len(TAKES):
         raise DatasetError(f"takes must be 1..{len(TAKES)}, got {takes}")
+    bad = [w for w in words if not WORD_RE.fullmatch(w)]
+    if bad:
+        raise DatasetError(f"not a word: {', '.join(map(repr, bad))} (a word is letters, "
+                           "digits, - and ' only: it names a class folder under the output)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir} is a file; the output must be a folder")
     parsed = [parse_voice(v) for v in voices]
     avail = available_voices()
     missing = {v.key: r for v in parsed if (r := missing_reason(v, avail))}

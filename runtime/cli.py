@@ -3,7 +3,8 @@
 Each verb lives in its own module under `runtime.commands` and exposes
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
 verb runs, so `edgeprop --help` stays instant (librosa and numba load slowly).
-User errors (`EdgepropError`) become one line on stderr and exit code 2.
+User errors (`EdgepropError`, and an OSError about a path the user gave) become one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def _resolve(argv: list[str]) -> tuple[str, str, str, list[str]]:
     return f"edgeprop {verb}", module, text, rest
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error (the whole
+    usage block buried the message); --help still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _path_error(exc: OSError) -> str:
+    """One line for a path the user gave that cannot be used (missing folder, a folder
+    where a file belongs, ...): the path and what is wrong with it."""
+    what = exc.strerror or type(exc).__name__
+    if exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {what}"
+    return f"{exc.filename}: {what}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog, module_name, text, rest = _resolve(argv)
@@ -95,13 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: not available in this build", file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=prog, description=text)
+    parser = _Parser(prog=prog, description=text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except EdgepropError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, show it
+            raise
+        print(f"{prog}: error: {_path_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

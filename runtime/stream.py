@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprop.errors import AudioError, DatasetError
+from edgeprop.audio import load_wav
+from edgeprop.errors import DatasetError
 from edgeprop.network import KWS_LABELS
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "clips"
@@ -105,15 +106,9 @@ def folder_clips(root: str | Path, per_label: int = 3, seed: int = 0) -> list[Cl
 
 
 def _read(path: Path) -> np.ndarray:
-    import soundfile as sf
-
-    try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:
-        raise AudioError(f"cannot read {path}: {exc}") from None
-    if sr != SAMPLE_RATE:
-        raise AudioError(f"{path} is {sr} Hz; the stream is {SAMPLE_RATE} Hz")
-    return x.mean(axis=1)
+    """The one audio loader (`edgeprop.audio.load_wav`): a corrupt, truncated, empty,
+    stereo or NaN clip is an AudioError naming it, as in every other verb."""
+    return load_wav(path, SAMPLE_RATE)
 
 
 def trim_voiced(x: np.ndarray, frac: float = 0.05, margin_s: float = 0.1) -> np.ndarray:

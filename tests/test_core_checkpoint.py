@@ -181,6 +181,19 @@ def test_invalid_model_config_in_file(tmp_path):
     _raises(path, "invalid model config")
 
 
+@pytest.mark.parametrize("edit, what", [
+    (lambda m: m["model"].update(n_in="abc"), "invalid model config"),
+    (lambda m: m.update(labels=5), "labels is a int, not a list"),
+    (lambda m: m.update(encoder="abc"), "encoder is a str, not a dict"),
+    (lambda m: m.update(extra=[1, 2]), "extra is a list, not a dict"),
+])
+def test_hand_edited_meta_is_a_checkpoint_error(tmp_path, edit, what):
+    path = tmp_path / "m.ckpt"
+    _save(path)
+    _rewrite(path, edit_meta=edit)
+    _raises(path, what)
+
+
 def test_failed_write_leaves_old_checkpoint_intact(tmp_path):
     """A real failing write (file-size limit, as on a full disk) in a subprocess."""
     path = tmp_path / "m.ckpt"

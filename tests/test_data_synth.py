@@ -73,3 +73,10 @@ def test_cli_synth_then_info(tmp_path):
                            "--json"], capture_output=True, text=True, timeout=60)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["counts_by_label"]["no"] == 1
+
+
+@pytest.mark.parametrize("word", ["", "../../etc/evil", "yes,no", "a/b"])
+def test_words_that_are_not_folder_names_are_refused_before_any_write(tmp_path, word):
+    with pytest.raises(DatasetError, match="not a word"):
+        synthesize(tmp_path / "out", words=[word], voices=["flite:slt"], takes=1)
+    assert not (tmp_path / "out").exists()

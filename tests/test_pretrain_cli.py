@@ -131,7 +131,7 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
          "no class folders"),
         (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"), "freq_warp must be"),
         (("pretrain", "--weight-decay", "-1", "--out", work / "x.npz"),
-         "weight_decay must be >= 0"),
+         "--weight-decay: -1.0: must be >= 0"),
     ]
     for args, msg in cases:
         proc = _cli(*args)

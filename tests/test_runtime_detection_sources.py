@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from edgeprop.errors import ConfigError, DeviceError
+from edgeprop.errors import AudioError, ConfigError, DeviceError
 from edgeprop.network import KWS_LABELS
 from runtime.detection import Detector, DetectorConfig, Event, score_detections
 from runtime.sources import (
@@ -19,7 +19,7 @@ from runtime.sources import (
     StdinSource,
     list_devices,
 )
-from runtime.stream import build_stream, embedded_clips
+from runtime.stream import build_stream, embedded_clips, folder_clips
 
 
 def _logits(k: int, n: int, strength: float = 4.0) -> np.ndarray:
@@ -111,3 +111,14 @@ def test_default_stream_is_real_clips_with_gaps_and_noise():
     assert set(np.unique(win[win >= 0])) == set(range(len(s.events)))
     gap = s.audio[: int(s.events[0].t_start * 16000)]
     assert np.abs(gap).max() > 0  # background noise under the gaps
+
+
+def test_stream_clips_go_through_the_one_audio_loader(tmp_path, data_dir):
+    """`run --clips` reads with edgeprop.audio.load_wav: a truncated clip is an error
+    naming it, not a silently shorter utterance."""
+    data = sorted((data_dir / "yes").glob("*.wav"))[0].read_bytes()
+    bad = tmp_path / "yes" / "abcdef12_nohash_0.wav"
+    bad.parent.mkdir()
+    bad.write_bytes(data[: len(data) // 2])  # the header still declares the full length
+    with pytest.raises(AudioError, match=r"abcdef12_nohash_0\.wav.*truncated"):
+        build_stream(folder_clips(tmp_path, per_label=1))

@@ -23,6 +23,7 @@ from edgeprop.atomic_file import atomic_write_text
 from edgeprop.datasets import DEV_DATA, default_data_dir
 from edgeprop.errors import ConfigError
 from runtime import bench_report
+from runtime.arg_types import new_file
 from runtime.console import add_output_flags, print_json, say
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds allowed per benchmark (default 1800)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                         help="extra arguments for one benchmark, e.g. --extra 'run=--clips 8'")
-    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"),
+    parser.add_argument("--out", type=new_file, default=str(REPO / "docs" / "BENCHMARKS.md"),
                         help="markdown report to write")
     parser.add_argument("--img-dir", default=None, help="plot folder (default: <out dir>/img)")
     parser.add_argument("--raw", default=None,

@@ -26,15 +26,18 @@ import time
 
 import numpy as np
 
+from runtime.arg_types import nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=100, help="timesteps per sample (100 = 1 s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
-    parser.add_argument("--samples", type=int, default=20,
+    parser.add_argument("--steps", type=pos_int, default=100,
+                        help="timesteps per sample (100 = 1 s)")
+    parser.add_argument("--repeats", type=pos_int, default=5,
+                        help="timed repeats (median reported)")
+    parser.add_argument("--samples", type=pos_int, default=20,
                         help="samples per timed repeat of the numba learner")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0)
     add_output_flags(parser)
 
 

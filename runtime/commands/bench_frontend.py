@@ -31,20 +31,21 @@ from edgeprop.frontend import (
     librosa_log_mel,
     raw_log_mel,
 )
+from runtime.arg_types import nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
-    parser.add_argument("--clips", type=int, default=200,
+    parser.add_argument("--clips", type=pos_int, default=200,
                         help="clips for sparsity and exactness (default 200, every k-th)")
-    parser.add_argument("--timed-clips", type=int, default=20,
+    parser.add_argument("--timed-clips", type=pos_int, default=20,
                         help="clips streamed frame by frame for timing (default 20)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default 5)")
+    parser.add_argument("--repeats", type=pos_int, default=5, help="timing repeats (default 5)")
     parser.add_argument("--encoder", default="delta", choices=sorted(ENCODERS),
                         help="encoder of the headline stream_us_per_frame (default delta)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0)
     add_output_flags(parser)
 
 

@@ -10,15 +10,16 @@ from collections import Counter
 from pathlib import Path
 
 from edgeprop.datasets import scan_speech_commands
+from runtime.arg_types import nonneg_int
 from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="Speech Commands folder (word folders, _background_noise_...)")
-    parser.add_argument("--silence-per-noise-file", type=int, default=None,
+    parser.add_argument("--silence-per-noise-file", type=nonneg_int, default=None,
                         help="1 s silence clips cut per background-noise file "
                              "(default: only when there is no _silence_ folder)")
-    parser.add_argument("--top", type=int, default=20, help="speakers to list (default 20)")
+    parser.add_argument("--top", type=nonneg_int, default=20, help="speakers to list (default 20)")
     add_output_flags(parser)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.arg_types import pos_float
 from runtime.console import add_output_flags, print_json, say
 
 LEVEL_FLOOR_DBFS = -100.0
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     parser.add_argument("--replay", type=Path, default=None,
                         help="feed this audio file as if it were the microphone (real time)")
-    parser.add_argument("--seconds", type=float, default=None,
+    parser.add_argument("--seconds", type=pos_float, default=None,
                         help="stop after this many seconds (default: until Ctrl-C, or the "
                              "end of --replay)")
     parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator")

@@ -19,6 +19,7 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError
+from runtime.arg_types import endpoint, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -32,14 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
     parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
     parser.add_argument("--label", help="label of --file (rides along: the learner learns it)")
-    parser.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="learner/broker")
+    parser.add_argument("--endpoint", type=endpoint, default="tcp://127.0.0.1:5555",
+                        help="learner/broker")
     parser.add_argument("--model", help="checkpoint whose frontend/encoder to use "
                                         "(default: the shipped model)")
     parser.add_argument("--stream", default="", help="stream id (default: listen-<pid>)")
     parser.add_argument("--mode", choices=("replay", "live"),
                         help="default: live for mic/stdin, replay for file/folder")
-    parser.add_argument("--batch", type=int, default=1, help="frames per message")
-    parser.add_argument("--block-ms", type=float, default=10.0)
+    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message")
+    parser.add_argument("--block-ms", type=pos_float, default=10.0,
+                        help="audio block length in ms (default 10)")
     parser.add_argument("--personal", action="store_true",
                         help="ask for personalised weights for this stream")
     add_output_flags(parser)
@@ -89,11 +92,12 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     from edgeprop.frontend import FrontendConfig
     from runtime import protocol as P
     from runtime.frontend_node import FrontendNode
-    from runtime.learner_node import load_model
+    from runtime.learner_node import Model, load_model
 
     ckpt = load_model(args.model)
-    fe = FrontendConfig.from_dict(ckpt.frontend)
-    labels = list(ckpt.labels)
+    model = Model.from_checkpoint(ckpt)  # the learner's reading of it: same defaults
+    fe = FrontendConfig.from_dict(model.frontend)
+    labels = model.labels
     source, default_mode = _open_source(args, labels)
     recorder = None
     if recorder_path:
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
         if isinstance(msg, P.Detection) and not args.quiet:
             say(f"  {msg.t:8.2f} s  {msg.label:<8} p={msg.score:.2f}")
 
-    node = FrontendNode(args.endpoint, fe, encoder_from_dict(ckpt.encoder),
+    node = FrontendNode(args.endpoint, fe, encoder_from_dict(model.encoder),
                         stream=args.stream or f"listen-{os.getpid()}",
                         mode=args.mode or default_mode, batch=args.batch,
                         personal=args.personal, recorder=recorder, on_output=show)

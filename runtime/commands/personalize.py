@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.arg_types import new_file, nonneg_int, output_folder, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -34,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who.add_argument("--all-speakers", action="store_true",
                      help="sweep every speaker with >= --min-clips clips")
     who.add_argument("--speakers", default=None, help="comma-separated speaker hashes to sweep")
-    parser.add_argument("--min-clips", type=int, default=30)
+    parser.add_argument("--min-clips", type=pos_int, default=30)
     parser.add_argument("--shots", type=int, default=d.shots,
                         help="adaptation utterances per keyword (default %(default)s)")
     parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
                         help="where e-prop runs (default: the SpiNNaker 2 emulator)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--lr", type=float, default=d.lr,
+    parser.add_argument("--seed", type=nonneg_int, default=d.seed)
+    parser.add_argument("--lr", type=pos_float, default=d.lr,
                         help="learning rate (default %(default)s)")
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
     parser.add_argument("--passes", type=int, default=d.passes,
@@ -74,14 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default; fp32 is bit-exact with --backend reference)")
     parser.add_argument("--no-unknown", action="store_true",
                         help="do not use the speaker's _unknown_ clips as shots")
-    parser.add_argument("--out", nargs="?", const="", default=None, metavar="CKPT",
+    parser.add_argument("--out", nargs="?", type=new_file, const="", default=None,
+                        metavar="CKPT",
                         help="save the personalised checkpoint (default: "
                              "<base>.<speaker>.npz beside the base; for the shipped "
                              "model, in <user data dir>/personal/)")
-    parser.add_argument("--report", type=Path, default=None,
+    parser.add_argument("--report", type=new_file, default=None,
                         help="write a markdown report with a PNG plot of accuracy against "
                              "adaptation utterances")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+    parser.add_argument("--cache-dir", type=output_folder, default=None,
+                        help="feature cache folder")
     live = parser.add_argument_group("interactive session")
     live.add_argument("--interactive", action="store_true",
                       help="force the microphone session (even without a terminal)")
@@ -93,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--keywords", default=None,
                       help="comma-separated keywords to record (default: all 10)")
     live.add_argument("--name", default="me", help="speaker name for the saved checkpoint")
-    live.add_argument("--timeout", type=float, default=8.0,
+    live.add_argument("--timeout", type=pos_float, default=8.0,
                       help="seconds to wait for each utterance (default %(default)s)")
     add_output_flags(parser)
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.arg_types import fraction, nonneg_float, nonneg_int, output_folder, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 400)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of split, init, order, noise")
+    parser.add_argument("--epochs", type=pos_int, default=None, help="epochs (default 400)")
+    parser.add_argument("--seed", type=nonneg_int, default=0,
+                        help="seed of split, init, order, noise")
     parser.add_argument("--b-th", type=float, default=None,
                         help="sparse BPTT band |v - A| < B_th (default 0.2)")
     parser.add_argument("--dense", action="store_true", help="dense BPTT instead of sparse")
@@ -33,28 +35,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synth", type=Path, default=None,
                         help="extra folder of synthetic voices (Speech Commands layout), "
                              "training only")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--n-aug", type=int, default=None,
+    parser.add_argument("--lr", type=pos_float, default=None, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=pos_int, default=None)
+    parser.add_argument("--n-aug", type=nonneg_int, default=None,
                         help="background-noise copies per training clip (default 16)")
-    parser.add_argument("--reg-coef", type=float, default=None, help="firing-rate regulariser")
-    parser.add_argument("--ema", type=float, default=None,
+    parser.add_argument("--reg-coef", type=nonneg_float, default=None,
+                        help="firing-rate regulariser")
+    parser.add_argument("--ema", type=fraction, default=None,
                         help="ship an exponential moving average of the weights (per step)")
-    parser.add_argument("--speed", type=float, default=None,
+    parser.add_argument("--speed", type=fraction, default=None,
                         help="speed perturbation of the augmented copies, U(1-s, 1+s)")
     parser.add_argument("--freq-warp", type=float, default=None,
                         help="vocal-tract-length warp of the mel axis, factor U(1-w, 1+w)")
-    parser.add_argument("--weight-decay", type=float, default=None,
+    parser.add_argument("--weight-decay", type=nonneg_float, default=None,
                         help="L2 on the input and recurrent weights (default 1e-4)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also train the same recipe with dense BPTT (or sparse with "
                              "--dense) and record its accuracy beside this one's")
-    parser.add_argument("--max-clips", type=int, default=None,
+    parser.add_argument("--max-clips", type=pos_int, default=None,
                         help="use a seeded random subset of this many clips (quick runs)")
-    parser.add_argument("--stop-after", type=int, default=None,
+    parser.add_argument("--stop-after", type=pos_int, default=None,
                         help="stop after this many epochs, keeping <out>.resume.npz for "
                              "--resume (splits a long run)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=output_folder, default=None,
                         help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")
     add_output_flags(parser)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import ConfigError, DatasetError
+from runtime.arg_types import nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s",
@@ -41,14 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run PE groups in worker processes (ZeroMQ)")
     parser.add_argument("--variants", action="store_true",
                         help="memory and validation accuracy of every storage variant")
-    parser.add_argument("--train-clips", type=int, default=200,
+    parser.add_argument("--train-clips", type=pos_int, default=200,
                         help="--variants: clips to fine-tune on (default 200)")
-    parser.add_argument("--val-clips", type=int, default=0,
+    parser.add_argument("--val-clips", type=nonneg_int, default=0,
                         help="--variants: validation clips (0 = all of the split)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint to map (default: the shipped kws_srnn.npz)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0)
     add_output_flags(parser)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeprop.datasets import DEV_DATA, require_data_dir
 from edgeprop.errors import ConfigError
+from runtime.arg_types import nonneg_int, pos_float
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -40,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help=f"Speech Commands folder for --build-recordings "
                              f"(default {DEV_DATA})")
-    parser.add_argument("--seed", type=int, default=0, help="clip choice seed for the build")
-    parser.add_argument("--timeout", type=float, default=120.0,
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="clip choice seed for the build")
+    parser.add_argument("--timeout", type=pos_float, default=120.0,
                         help="seconds allowed per recording (default 120)")
     add_output_flags(parser)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import CheckpointError, EdgepropError
+from runtime.arg_types import nonneg_float, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
 
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
@@ -60,17 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator")
     parser.add_argument("--clips", help="a Speech Commands folder to take clips from instead "
                                         "of the embedded ones")
-    parser.add_argument("--per-label", type=int, default=3, help="clips per label with --clips")
-    parser.add_argument("--seed", type=int, default=0, help="stream order and gaps")
-    parser.add_argument("--noise-gain", type=float, default=0.1)
-    parser.add_argument("--speed", type=float, default=2.0,
+    parser.add_argument("--per-label", type=pos_int, default=3, help="clips per label with --clips")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="stream order and gaps")
+    parser.add_argument("--noise-gain", type=nonneg_float, default=0.1,
+                        help="background noise level under the stream (0: none)")
+    parser.add_argument("--speed", type=nonneg_float, default=2.0,
                         help="pacing: x real time (1 = live rate); 0 = as fast as possible")
-    parser.add_argument("--streams", type=int, default=1, help="concurrent streams")
-    parser.add_argument("--seconds", type=float, default=0.0,
+    parser.add_argument("--streams", type=pos_int, default=1, help="concurrent streams")
+    parser.add_argument("--seconds", type=nonneg_float, default=0.0,
                         help="stream only the first S seconds (0: all of it)")
-    parser.add_argument("--batch", type=int, default=1, help="frames per message (10 ms each)")
+    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message (10 ms each)")
     parser.add_argument("--no-learning", action="store_true")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=pos_float, default=1e-4, help="online learning rate (Adam)")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
                              "(deterministic) or use it when ready (real time under load)")
@@ -204,21 +206,21 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.frontend import FrontendConfig, StreamingFrontend
     from runtime.detection import Event, score_detections
     from runtime.frontend_node import FrontendNode
+    from runtime.learner_node import Model
     from runtime.stream import build_stream, embedded_clips, folder_clips, truncate
 
-    if args.streams < 1:
-        raise EdgepropError("--streams must be >= 1")
     clips = folder_clips(args.clips, args.per_label, args.seed) if args.clips \
         else embedded_clips()
     stream = build_stream(clips, seed=args.seed, noise_gain=args.noise_gain)
     if args.seconds > 0:
         stream = truncate(stream, args.seconds)
     ckpt, model_name = _load(args, stream)
-    fe = FrontendConfig.from_dict(ckpt.frontend)
+    model = Model.from_checkpoint(ckpt)  # the learner's reading of it: same defaults
+    fe = FrontendConfig.from_dict(model.frontend)
     if fe.sample_rate != stream.sample_rate:
         raise EdgepropError(f"model frontend expects {fe.sample_rate} Hz, clips are "
                             f"{stream.sample_rate} Hz")
-    labels = list(ckpt.labels)
+    labels = model.labels
     lab, win = stream.frame_labels(fe.hop)
     say(f"edgeprop run: {len(stream.events)} clips, {stream.duration_s:.1f} s stream, model "
         f"{Path(model_name).name}, {args.backend} backend, {args.streams} stream(s), speed "
@@ -235,14 +237,14 @@ def run(args: argparse.Namespace) -> int:
             f"{endpoints['data_router']}")
         before = learner.control(endpoints["control_rep"], "stats")
         for i in range(args.streams):
-            node = FrontendNode(endpoints["data_router"], fe, encoder_from_dict(ckpt.encoder),
+            node = FrontendNode(endpoints["data_router"], fe, encoder_from_dict(model.encoder),
                                 stream=f"s{i}", mode=args.mode, batch=args.batch)
             node.keep_posteriors = False
             node.start()
             nodes.append(node)
         pre = None
         if args.streams > 1:  # features once; every stream sends the same spike frames
-            sf, enc = StreamingFrontend(fe), encoder_from_dict(ckpt.encoder)
+            sf, enc = StreamingFrontend(fe), encoder_from_dict(model.encoder)
             feats = sf.push(stream.audio)
             pre = np.stack([enc.step(f) for f in feats])
             if enc.name != "current":

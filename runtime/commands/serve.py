@@ -26,7 +26,17 @@ import time
 from pathlib import Path
 
 from edgeprop.errors import ConfigError
+from runtime.arg_types import (
+    endpoint,
+    new_file,
+    nonneg_int,
+    optional_endpoint,
+    output_folder,
+    pos_float,
+)
 from runtime.console import add_output_flags, print_json, say
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,22 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator",
                         help="where learning runs: the SpiNNaker 2 emulator (default) or the "
                              "reference NumPy e-prop")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+    parser.add_argument("--bind", type=endpoint, default="tcp://127.0.0.1:5555",
                         help="data_router endpoint frontends connect to")
-    parser.add_argument("--control", default="tcp://127.0.0.1:5556",
-                        help="control_rep endpoint ('' to disable)")
-    parser.add_argument("--pub", default="", help="outputs_pub endpoint (posteriors and "
-                                                  "detections, topic = stream id)")
-    parser.add_argument("--connect", default="", help="run as a worker behind a broker at "
-                                                      "this endpoint (instead of --bind)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--control", type=optional_endpoint, default="tcp://127.0.0.1:5556",
+                        help="control_rep endpoint ('' to disable; not served with --workers)")
+    parser.add_argument("--pub", type=optional_endpoint, default="",
+                        help="outputs_pub endpoint (posteriors and detections, topic = "
+                             "stream id; not with --workers)")
+    parser.add_argument("--connect", type=optional_endpoint, default="",
+                        help="run as a worker behind a broker at this endpoint (instead of "
+                             "--bind)")
+    parser.add_argument("--workers", type=nonneg_int, default=0,
                         help="start a broker on --bind and this many worker processes")
     parser.add_argument("--name", default="learner", help="name in logs and stats")
-    parser.add_argument("--checkpoint-dir", help="periodic atomic checkpoints here; resume "
-                                                 "from learner.ckpt if present")
-    parser.add_argument("--checkpoint-every", type=float, default=30.0,
+    parser.add_argument("--checkpoint-dir", type=output_folder,
+                        help="periodic atomic checkpoints here; resume from learner.ckpt "
+                             "if present")
+    parser.add_argument("--checkpoint-every", type=pos_float, default=30.0,
                         help="seconds between checkpoints (when weights changed)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="online learning rate (Adam)")
+    parser.add_argument("--lr", type=pos_float, default=1e-4,
+                        help="online learning rate (Adam)")
     parser.add_argument("--no-learning", action="store_true", help="inference only")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
@@ -61,16 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.6, help="detection threshold")
     parser.add_argument("--refractory", type=int, default=100,
                         help="frames after a detection during which none fires")
-    parser.add_argument("--peer-timeout", type=float, default=10.0,
+    parser.add_argument("--peer-timeout", type=pos_float, default=10.0,
                         help="close a stream silent for this many seconds")
-    parser.add_argument("--record", help="record every message in and out to this file")
-    parser.add_argument("--ready-file", help="write the bound endpoints here (JSON) once up")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--record", type=new_file,
+                        help="record every message in and out to this file")
+    parser.add_argument("--ready-file", type=new_file,
+                        help="write the bound endpoints here (JSON) once up")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
     add_output_flags(parser)
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
@@ -86,16 +102,22 @@ def build_core(args: argparse.Namespace):
     """The learner core from the CLI settings (resuming from --checkpoint-dir if possible)."""
     from runtime.learner_node import LearnerCore, load_model, resume_path
 
-    ckpt = None
+    ckpt = load_model(args.model)
     if args.checkpoint_dir and resume_path(args.checkpoint_dir).exists():
         from edgeprop.checkpoint import load_checkpoint
 
         path = resume_path(args.checkpoint_dir)
-        ckpt = load_checkpoint(path)
+        resumed = load_checkpoint(path)
+        if (resumed.cfg, resumed.labels) != (ckpt.cfg, ckpt.labels):
+            raise ConfigError(
+                f"{path} holds another model than {args.model or 'the shipped model'} "
+                f"(n_in/n_rec/n_out {resumed.cfg.n_in}/{resumed.cfg.n_rec}/"
+                f"{resumed.cfg.n_out} against {ckpt.cfg.n_in}/{ckpt.cfg.n_rec}/"
+                f"{ckpt.cfg.n_out}, or other constants or labels); pass the --model it "
+                "learned from, or another --checkpoint-dir")
+        ckpt = resumed
         say(f"{args.name}: resuming from {path} "
             f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
-    if ckpt is None:
-        ckpt = load_model(args.model)
     detector = {"window": args.window, "threshold": args.threshold,
                 "refractory": args.refractory}
     return LearnerCore(ckpt, backend=args.backend, lr=args.lr, detector=detector,
@@ -173,8 +195,9 @@ def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
 def _run_broker(args: argparse.Namespace) -> int:
     from runtime.broker import Broker
 
-    if args.workers < 1:
-        raise ConfigError("--workers must be >= 1")
+    if args.pub:
+        raise ConfigError("--pub is not served with --workers (the workers sit behind the "
+                          "broker); serve one learner to publish outputs")
     broker = Broker(args.bind, "tcp://127.0.0.1:*")
     stop = threading.Event()
     _install_signals(stop, "broker")

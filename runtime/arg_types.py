@@ -1,0 +1,113 @@
+"""argparse types for the CLI: a wrong value becomes a usage error that names the option.
+
+argparse turns an ArgumentTypeError into "edgeprop VERB: error: argument --X: ..." and
+exit code 2, so every check here runs before any work starts and the user never sees
+a traceback (or a silently wrapped port, or a NaN that ruins a model) for a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+_TCP = re.compile(r"^tcp://(?P<host>\*|[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\*|\d+)$")
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint: tcp://HOST:PORT (port 1-65535, or * for any free one),
+    ipc://PATH or inproc://NAME. libzmq itself wraps ports above 65535 silently."""
+    if text.startswith(("ipc://", "inproc://")):
+        if text.split("://", 1)[1]:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r}: the endpoint names no path")
+    m = _TCP.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ZeroMQ endpoint (expected tcp://HOST:PORT, ipc://PATH or "
+            "inproc://NAME, e.g. tcp://127.0.0.1:5555)")
+    port = m.group("port")
+    if port != "*" and not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: port {port} is not in 1-65535")
+    return text
+
+
+def optional_endpoint(text: str) -> str:
+    """`endpoint`, or "" for "off"."""
+    return text if text == "" else endpoint(text)
+
+
+def _number(cast, text: str):
+    try:
+        value = cast(text)
+    except ValueError:
+        kind = "an integer" if cast is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if cast is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (seeds, counts that may be zero)."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
+    return value
+
+
+def pos_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (no nan, no inf)."""
+    return _number(float, text)
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
+    return value
+
+
+def pos_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    value = _number(float, text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1)")
+    return value
+
+
+def new_file(text: str) -> Path:
+    """A file to write: its folder must exist and it must not be a folder itself. Checked
+    at the start, not when the file is first written (at shutdown, for a recording)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: folder {path.parent} does not exist")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into (made when missing): it must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path

@@ -1,0 +1,105 @@
+"""Wrong option values are one-line usage errors before any work starts (runtime.arg_types)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import pytest
+
+from runtime import arg_types as A
+from runtime.cli import main
+
+
+@pytest.mark.parametrize("text", ["tcp://127.0.0.1:5555", "tcp://*:5555", "tcp://127.0.0.1:*",
+                                  "tcp://localhost:1", "tcp://[::1]:65535", "ipc:///tmp/x",
+                                  "inproc://learner"])
+def test_endpoints_that_zeromq_takes(text):
+    assert A.endpoint(text) == text
+
+
+@pytest.mark.parametrize("text, why", [
+    ("tcp://nonsense", "not a ZeroMQ endpoint"), ("nonsense", "not a ZeroMQ endpoint"),
+    ("tcp://127.0.0.1:99999", "not in 1-65535"), ("tcp://127.0.0.1:0", "not in 1-65535"),
+    ("tcp://127.0.0.1:-1", "not a ZeroMQ endpoint"), ("ipc://", "names no path"),
+])
+def test_endpoints_zeromq_would_reject_or_silently_wrap(text, why):
+    with pytest.raises(argparse.ArgumentTypeError, match=why):
+        A.endpoint(text)
+    assert A.optional_endpoint("") == ""
+
+
+@pytest.mark.parametrize("kind, good, bad", [
+    (A.nonneg_int, ["0", "7"], ["-1", "1.5", "x"]),
+    (A.pos_int, ["1"], ["0", "-3"]),
+    (A.pos_float, ["1e-4"], ["0", "-1", "nan", "inf", "x"]),
+    (A.nonneg_float, ["0", "2.5"], ["-0.1", "nan", "-inf"]),
+    (A.finite_float, ["-3"], ["nan", "inf"]),
+    (A.fraction, ["0", "0.99"], ["1", "-0.5", "nan"]),
+])
+def test_number_kinds(kind, good, bad):
+    for text in good:
+        kind(text)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+
+
+def test_output_paths_are_checked_up_front(tmp_path):
+    assert A.new_file(str(tmp_path / "a.rec")) == tmp_path / "a.rec"
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        A.new_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
+        A.new_file(str(tmp_path / "absent" / "a.rec"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
+        A.output_folder(str(tmp_path / "f"))
+    assert A.output_folder(str(tmp_path / "new")) == tmp_path / "new"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["serve", "--bind", "tcp://127.0.0.1:99999"], "port 99999"),
+    (["serve", "--control", "tcp://nonsense"], "--control"),
+    (["listen", "--block-ms", "0"], "--block-ms"),
+    (["run", "--lr", "inf"], "--lr"),
+    (["run", "--per-label", "0"], "--per-label"),
+    (["personalize", "--seed", "-1"], "--seed"),
+    (["pretrain", "--speed", "-1"], "--speed"),
+    (["serve", "--log-level", "bogus"], "--log-level"),
+])
+def test_cli_usage_errors_are_one_line_exit_2(argv, names, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and names in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and f"see edgeprop {argv[0]} --help" in err
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed")
+def test_an_os_error_on_a_users_path_is_one_line_exit_2(tmp_path, capsys):
+    """Not every path can be checked up front: an OSError naming one is still one line."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "synth"  # its parent is a file: mkdir fails
+    assert main(["data", "synth", str(out), "--voices", "flite:slt", "--takes", "1",
+                 "--words", "yes", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgeprop data synth: error: {tmp_path / 'file'}")
+    assert "Not a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_refuses_pub_with_workers(capsys):
+    assert main(["serve", "--workers", "2", "--pub", "tcp://127.0.0.1:6103"]) == 2
+    assert "--pub is not served with --workers" in capsys.readouterr().err
+
+
+def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):
+    """A learner.ckpt left by another model must not silently replace --model."""
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.network import ModelConfig, init_params
+    from runtime.learner_node import resume_path
+
+    cfg = ModelConfig(n_in=6, n_rec=9, n_out=4)
+    save_checkpoint(resume_path(tmp_path), cfg, init_params(cfg, 0))
+    assert main(["serve", "--checkpoint-dir", str(tmp_path), "--control", ""]) == 2
+    err = capsys.readouterr().err
+    assert "holds another model than the shipped model" in err and "6/9/4" in err
