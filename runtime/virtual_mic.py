@@ -301,8 +301,11 @@ class VirtualMicrophone:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runtime.virtual_mic FILE...`: speak WAV files into a virtual microphone."""
+    """`python -m runtime.virtual_mic FILE...`: speak WAV files into a virtual microphone,
+    then keep it open (silence) until Ctrl-C or SIGTERM: a reader still recording when the
+    device vanished would see end-of-file and spin (see the module docstring)."""
     import argparse
+    import signal
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", help="WAV files to play, in order")
@@ -316,12 +319,15 @@ def main(argv: list[str] | None = None) -> int:
               f"shell: edgeprop demo live --device {vm.name}", file=sys.stderr, flush=True)
         for f in a.files:
             vm.play_file(f, gap_s=a.gap)
-        try:
-            while not vm.wait_played(timeout=1.0):
-                pass
-            time.sleep(1.0)
-        except KeyboardInterrupt:
-            return 130
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # either way the FIFO folder goes
+            signal.signal(sig, lambda *_: stop.set())
+        played = False
+        while not stop.wait(0.5):
+            if not played and vm.wait_played(timeout=0):
+                played = True
+                print(f"# played {len(a.files)} file(s); {vm.name} stays open (silence) "
+                      "until Ctrl-C", file=sys.stderr, flush=True)
     return 0
 
 

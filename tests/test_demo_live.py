@@ -184,3 +184,24 @@ def test_microphone_session_adapts_and_leaves_the_base_untouched(shipped_path, d
     assert 0.0 <= res["before"] <= 1.0 and 0.0 <= res["after"] <= 1.0
     assert res["out"] == str(out) and out.is_file()
     assert hashlib.sha256(shipped_path.read_bytes()).hexdigest() == h0
+
+
+def test_virtual_mic_command_stays_open_until_sigterm_then_cleans_up(data_dir):
+    """`python -m runtime.virtual_mic` must not vanish under a reader (it would spin on
+    end-of-file); SIGTERM closes it and removes its FIFO folder."""
+    import signal
+
+    wav = sorted((data_dir / "yes").glob("*.wav"))[0]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.virtual_mic", str(wav),
+                             "--gap", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        conf = Path(line.split("=", 1)[1].split()[0])
+        assert line.startswith("export ALSA_CONFIG_PATH=") and conf.is_file()
+        time.sleep(1.5)
+        assert proc.poll() is None and conf.is_file()  # still open after the file
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert not conf.parent.exists()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -280,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
         for node in nodes:
             node.close()
         learner.stop(endpoints.get("control_rep"))
+        shutil.rmtree(tmp, ignore_errors=True)  # the learner's model copy, even on failure
     events = [Event(e.t_start, e.t_end, e.label) for e in stream.events]
     keywords = [lb for lb in labels if lb not in ("_silence_", "_unknown_")]
     scores = [score_detections(events, [(d.t, d.label) for d in n.detections], keywords)
@@ -328,12 +329,6 @@ def run(args: argparse.Namespace) -> int:
         f"x{out['realtime_factor']:.0f}, {out['updates']} online updates")
     if args.json:
         print_json(out)
-    try:
-        for p in tmp.iterdir():
-            p.unlink()
-        os.rmdir(tmp)
-    except OSError:
-        pass
     return 0
 
 
