@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--device", help="input device index or name (default: system default)")
     src.add_argument("--file", help="replay one audio file")
     src.add_argument("--folder", help="replay every .wav/.flac under a folder")
-    src.add_argument("--stdin", action="store_true", help="raw mono PCM at 16 kHz on stdin")
+    src.add_argument("--stdin", action="store_true",
+                     help="raw mono PCM at 16 kHz on stdin (live mode: for a file piped in, "
+                          "add --mode replay, or frames the learner is late for are dropped)")
     parser.add_argument("--list-devices", action="store_true", help="list input devices, exit")
     parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
     parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
