@@ -196,11 +196,14 @@ def _run_dataset(args) -> int:
             f"{100 * out['worst_delta']:+.1f} points, "
             f"{1000 * out['seconds_per_adapt_utterance']:.0f} ms per adaptation utterance "
             f"({args.backend})")
-        if "heldout" in out and out["heldout"].get("n_speakers"):
-            h = out["heldout"]
-            say(f"  held out from pretraining ({h['n_speakers']} speakers): "
-                f"{100 * h['mean_before']:.2f} % -> {100 * h['mean_after']:.2f} %, "
-                f"relative error reduction {100 * h['relative_error_reduction']:.1f} %")
+        for part, what in (("heldout", "held out from pretraining"),
+                           ("seen", "seen in pretraining")):
+            h = out.get(part) or {}
+            if h.get("n_speakers"):
+                n = h["n_speakers"]
+                say(f"  {what} ({n} speaker{'s' if n != 1 else ''}): "
+                    f"{100 * h['mean_before']:.2f} % -> {100 * h['mean_after']:.2f} %, "
+                    f"relative error reduction {100 * h['relative_error_reduction']:.1f} %")
     else:
         r = P.personalize_speaker(session, args.speaker.lower(), acfg, backend=args.backend,
                                   curve=args.report is not None)

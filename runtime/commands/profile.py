@@ -219,8 +219,9 @@ def _print_human(out: dict) -> None:
     say(f"{out['pes']} PEs at {out['clock_mhz']:.0f} MHz, precision {out['precision']}")
     for pe in out["placement"]:
         regions = " ".join(f"{k}={v}" for k, v in pe["bytes_by_region"].items())
+        roles = ", ".join(pe["roles"])
         say(f"  PE {pe['pe']:3d} (QPE {pe['qpe']}) neurons {pe['neurons'][0]:3d}-"
-            f"{pe['neurons'][1] - 1:3d} {','.join(pe['roles'])}: {pe['bytes_total']} B [{regions}]")
+            f"{pe['neurons'][1] - 1:3d} {roles}: {pe['bytes_total']} B [{regions}]")
     for k in ("memory_total_bytes", "memory_max_pe_bytes", "step_time_us", "realtime_margin",
               "energy_per_sample_uj", "packets_per_step", "emulator_realtime_factor"):
         say(f"{k}: {out[k]}")
