@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", default="", help="stream id (default: listen-<pid>)")
     parser.add_argument("--mode", choices=("replay", "live"),
                         help="default: live for mic/stdin, replay for file/folder")
-    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message")
+    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message (default 1)")
     parser.add_argument("--block-ms", type=pos_float, default=10.0,
                         help="audio block length in ms (default 10)")
     parser.add_argument("--personal", action="store_true",

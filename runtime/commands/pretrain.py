@@ -20,6 +20,9 @@ from runtime.console import add_output_flags, print_json, progress, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgeprop.training import TrainConfig
+
+    d = TrainConfig()  # the defaults the help names are the ones training uses
     parser.add_argument("--data", type=Path, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
@@ -35,16 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synth", type=Path, default=None,
                         help="extra folder of synthetic voices (Speech Commands layout), "
                              "training only")
-    parser.add_argument("--lr", type=pos_float, default=None, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=pos_int, default=None)
+    parser.add_argument("--lr", type=pos_float, default=None,
+                        help=f"Adam learning rate (default {d.lr:g})")
+    parser.add_argument("--batch-size", type=pos_int, default=None,
+                        help=f"clips per batch (default {d.batch_size})")
     parser.add_argument("--n-aug", type=nonneg_int, default=None,
                         help="background-noise copies per training clip (default 16)")
     parser.add_argument("--reg-coef", type=nonneg_float, default=None,
-                        help="firing-rate regulariser")
+                        help=f"firing-rate regulariser (default {d.reg_coef:g})")
     parser.add_argument("--ema", type=fraction, default=None,
-                        help="ship an exponential moving average of the weights (per step)")
+                        help="ship an exponential moving average of the weights (per step; "
+                             f"default {d.ema:g}, 0 = off)")
     parser.add_argument("--speed", type=fraction, default=None,
-                        help="speed perturbation of the augmented copies, U(1-s, 1+s)")
+                        help="speed perturbation of the augmented copies, U(1-s, 1+s) "
+                             f"(default {d.speed:g})")
     parser.add_argument("--freq-warp", type=float, default=None,
                         help="vocal-tract-length warp of the mel axis, factor U(1-w, 1+w)")
     parser.add_argument("--weight-decay", type=nonneg_float, default=None,

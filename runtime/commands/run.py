@@ -78,9 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(deterministic) or use it when ready (real time under load)")
     parser.add_argument("--apply-delay", type=int, default=100,
                         help="frames until a learned update is used (0: learn inline)")
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--threshold", type=float, default=0.6)
-    parser.add_argument("--refractory", type=int, default=100)
+    parser.add_argument("--window", type=int, default=50,
+                        help="detection smoothing, frames (default 50)")
+    parser.add_argument("--threshold", type=float, default=0.6,
+                        help="detection threshold (default 0.6)")
+    parser.add_argument("--refractory", type=int, default=100,
+                        help="frames after a detection during which none fires (default 100)")
     parser.add_argument("--inprocess", action="store_true",
                         help="learner in a thread of this process (still over loopback TCP)")
     parser.add_argument("--mode", choices=("replay", "live"), default="replay",

@@ -45,9 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where learning runs: the SpiNNaker 2 emulator (default) or the "
                              "reference NumPy e-prop")
     parser.add_argument("--bind", type=endpoint, default="tcp://127.0.0.1:5555",
-                        help="data_router endpoint frontends connect to")
+                        help="data_router endpoint frontends connect to "
+                             "(default tcp://127.0.0.1:5555)")
     parser.add_argument("--control", type=optional_endpoint, default="tcp://127.0.0.1:5556",
-                        help="control_rep endpoint ('' to disable; not served with --workers)")
+                        help="control_rep endpoint (default tcp://127.0.0.1:5556; '' to disable; "
+                             "not served with --workers)")
     parser.add_argument("--pub", type=optional_endpoint, default="",
                         help="outputs_pub endpoint (posteriors and detections, topic = "
                              "stream id; not with --workers)")
