@@ -50,12 +50,22 @@ from runtime import protocol as P
 log = logging.getLogger("edgeprop.frontend")
 
 
+
+#: seconds a frontend (listen, record, replay --endpoint) waits for the hello_reply
+CONNECT_TIMEOUT_S = 10.0
+
+
+def no_learner_error(endpoint: str, waited_s: float) -> EdgepropError:
+    """The one message for "nobody answered the hello" (listen and replay alike)."""
+    return EdgepropError(f"no reply from a learner at {endpoint} within {waited_s:g} s "
+                         "(is `edgeprop serve` running?)")
+
 class FrontendNode:
     def __init__(self, endpoint: str, frontend_cfg: Any, encoder: Any, *, stream: str = "s0",
                  mode: str = "replay", batch: int = 1, personal: bool = False,
                  max_pending: int = 256, live_queue: int = 50, hwm: int = 100,
                  recorder: Any = None, on_output: Callable[[Any], None] | None = None,
-                 connect_timeout_s: float = 10.0, heartbeat_s: float = 1.0):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, heartbeat_s: float = 1.0):
         from edgeprop.frontend import StreamingFrontend
 
         if mode not in ("replay", "live"):
@@ -119,8 +129,7 @@ class FrontendNode:
         self._thread.start()
         if not self._hello_evt.wait(self.connect_timeout_s):
             self.close()
-            raise EdgepropError(f"no reply from a learner at {self.endpoint} within "
-                                f"{self.connect_timeout_s:g} s (is `edgeprop serve` running?)")
+            raise no_learner_error(self.endpoint, self.connect_timeout_s)
         if self.error is not None:
             raise self.error
         reply = self._hello_reply

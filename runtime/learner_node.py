@@ -847,6 +847,38 @@ class LearnerNode:
         if self.recorder is not None:
             self.recorder.write("out", payload)
 
+    def _serve_control(self, control_rep: Any) -> None:
+        """Answer one request on control_rep, if a whole one is there.
+
+        Never a blocking recv: REP silently drops a message without the REQ envelope
+        (a DEALER sent here by mistake), so after poll said readable a blocking recv
+        would wait for the next good request while frames, timers and SIGTERM wait too.
+        """
+        import zmq
+
+        core = self.core
+        try:
+            parts = control_rep.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            core._fault("malformed", "control socket: a message without a REQ envelope "
+                                     "(a DEALER or ROUTER client on the control port?)")
+            return
+        try:
+            if len(parts) != 1:
+                raise P.WireError("malformed", f"control request of {len(parts)} parts")
+            req = P.decode(parts[0])
+            if not isinstance(req, P.ControlRequest):
+                raise P.WireError("unknown_type", f"{req.TYPE} on control socket")
+            reply = core.control(req)
+        except P.WireError as exc:
+            core._fault(exc.kind, f"control socket: {exc.detail}")
+            reply = P.ControlReply("?", False, {}, str(exc))
+        except Exception as exc:  # a bug, not the peer's fault: REP must still answer
+            core.counts["internal_errors"] += 1
+            log.exception("%s: internal error on a control request (survived)", core.name)
+            reply = P.ControlReply("?", False, {}, f"internal error: {type(exc).__name__}")
+        control_rep.send(P.encode(reply))
+
     def run(self, stop: threading.Event | None = None) -> None:
         import zmq
 
@@ -922,20 +954,15 @@ class LearnerNode:
                                 pub.send_multipart([reply.stream.encode(), P.encode(reply)],
                                                    zmq.NOBLOCK)
                 if control is not None and control in events:
-                    raw = control.recv()
-                    try:
-                        req = P.decode(raw)
-                        if not isinstance(req, P.ControlRequest):
-                            raise P.WireError("unknown_type", f"{req.TYPE} on control socket")
-                        reply = core.control(req)
-                    except P.WireError as exc:
-                        core._fault(exc.kind, f"control socket: {exc.detail}")
-                        reply = P.ControlReply("?", False, {}, str(exc))
-                    control.send(P.encode(reply))
+                    self._serve_control(control)
                 now = time.monotonic()
                 if self.connect is not None and now - last_hb > self.heartbeat_s:
-                    data.send_multipart([b"", P.encode(P.Heartbeat("__worker__", P.now_ns()))],
-                                        zmq.NOBLOCK)
+                    try:
+                        data.send_multipart([b"", P.encode(P.Heartbeat("__worker__",
+                                                                       P.now_ns()))],
+                                            zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # broker gone and our queue to it full: the next one will do
                     last_hb = now
                 core.tick(now)
         finally:

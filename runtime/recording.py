@@ -19,10 +19,14 @@ Public API (stable)::
         runtime: the learner settings replay needs to be identical (apply_delay, lr,
         detector, backend); replay_recording uses them unless told otherwise
     read_recording(path) -> Recording
-        Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs(),
-        .learner_params_hash() (the weights the learner had at hello)
-        (decoded messages), .posteriors() -> {stream: (n, n_out) array},
-        .detections() -> list[Detection], .frames() -> list[Frames]
+        Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs()
+        (decoded messages), .learner_params_hash() (the weights the learner had at
+        hello), .posteriors() -> {stream: (n, n_out) array},
+        .detections() -> list[Detection], .frames() -> list[Frames],
+        .require_frames() (frames, or ProtocolError when there is nothing to replay)
+        a folder, a file that is not a recording, or damaged entries: ProtocolError
+    first_hello_reply(messages) -> HelloReply | None  (the first accepted one)
+    recorded_settings(recording) -> dict  (the recording learner's backend, lr, ...)
     replay_recording(recording, checkpoint, *, backend=None, learning=None,
                      detector=None, lr=None, apply_delay=None) -> ReplayResult
         feeds every "in" message, in recorded order, through a fresh LearnerCore
@@ -31,7 +35,8 @@ Public API (stable)::
         checkpoint). ReplayResult: posteriors {stream: array}, detections, params,
         params_hash, outputs (all messages produced).
     compare_replay(recording, result) -> dict  (max_abs_diff of posteriors, frames
-        compared, detections_equal, identical)
+        compared / replayed, detections_equal, identical; a recording cut short is
+        compared over the frames it holds outputs for)
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ class RecordingWriter:
             self._f.close()
             os.replace(self.part, self.path)
         return self.path
+
+    def abort(self) -> None:
+        """Drop what was written (a failed session): OUT stays as it was before."""
+        if not self._closed:
+            self._closed = True
+            self._f.close()
+            self.part.unlink(missing_ok=True)
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -145,12 +157,38 @@ class Recording:
     def learner_params_hash(self) -> str:
         """The weights the learner really had when the stream began (its hello_reply);
         the header's hash (the model file the recorder read) if none was recorded."""
-        for e in self.entries:
-            if e.direction == "out":
-                m = e.message()
-                if isinstance(m, P.HelloReply) and m.accepted and m.params_hash:
-                    return m.params_hash
-        return self.header.params_hash
+        reply = first_hello_reply(self.outputs())
+        return reply.params_hash if reply is not None else self.header.params_hash
+
+    def require_frames(self) -> list[P.Frames]:
+        """The inbound frames, with outputs to compare. A recording without either (its
+        recorder never got an answer from a learner, or it was cut short) has nothing
+        to replay: an error, not an empty success."""
+        frames = self.frames()
+        if not frames:
+            raise ProtocolError(f"{self.path}: the recording holds no frames")
+        if not any(isinstance(m, P.Posteriors) for m in self.outputs()):
+            raise ProtocolError(f"{self.path}: the recording holds no posteriors to compare "
+                                "with (cut short before the learner answered?)")
+        return frames
+
+
+def first_hello_reply(messages: list) -> P.HelloReply | None:
+    """The first accepted hello_reply: the learner's starting params_hash and settings."""
+    for m in messages:
+        if isinstance(m, P.HelloReply) and m.accepted and m.params_hash:
+            return m
+    return None
+
+
+def recorded_settings(rec: Recording) -> dict:
+    """The recording learner's settings (backend, lr, detector, ...): the header's
+    (`serve --record`), or, recorded at a frontend, those its hello_reply announced."""
+    rt = rec.header.runtime or {}
+    if not rt:
+        reply = first_hello_reply(rec.outputs())
+        rt = (reply.settings or {}) if reply is not None else {}
+    return dict(rt)
 
 
 def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
@@ -172,17 +210,38 @@ def read_recording(path: str | os.PathLike) -> Recording:
             path = part
         else:
             raise ProtocolError(f"no recording at {path}")
+    if path.is_dir():
+        raise ProtocolError(f"{path} is a folder, not a recording (a recording is one file "
+                            "written by `edgeprop record` or `edgeprop serve --record`)")
     with open(path, "rb") as f:
         it = P.iter_maps(f)
-        header = next(it, None)
+        try:
+            header = next(it, None)
+        except P.WireError:
+            header = None
         if not isinstance(header, P.RecordingHeader):
-            raise ProtocolError(f"{path} is not an edgeprop recording (no header)")
+            raise ProtocolError(f"{path} is not an edgeprop recording ({_not_a_recording(path)})")
         entries = []
-        for m in it:
-            if not isinstance(m, P.RecordEntry):
-                raise ProtocolError(f"{path}: unexpected {m.TYPE!r} map after the header")
-            entries.append(m)
+        try:
+            for m in it:
+                if not isinstance(m, P.RecordEntry):
+                    raise ProtocolError(f"{path}: unexpected {m.TYPE!r} map after the header")
+                entries.append(m)
+        except P.WireError as exc:
+            raise ProtocolError(f"{path}: damaged after entry {len(entries)} "
+                                f"({exc.detail})") from None
     return Recording(header, entries, path)
+
+
+def _not_a_recording(path: Path) -> str:
+    """What a file without a recording header probably is, and what to do instead."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if path.suffix == ".npz":
+        return "a compact regression recording? those are run by `edgeprop regress`"
+    if path.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"):
+        return f"audio; record it first: edgeprop record OUT.rec --file {path}"
+    return "no complete recording header at its start"
 
 
 @dataclass
@@ -215,14 +274,7 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
         raise CheckpointError("recording was made with another frontend config "
                               f"({rec.header.frontend_hash[:12]} vs checkpoint "
                               f"{want[:12]}); replay it with its own model")
-    rt = rec.header.runtime or {}
-    if not rt:  # recorded at a frontend: the learner announced its settings in hello_reply
-        for e in rec.entries:
-            if e.direction == "out":
-                m = e.message()
-                if isinstance(m, P.HelloReply) and m.settings:
-                    rt = m.settings
-                    break
+    rt = recorded_settings(rec)
     pick = lambda given, key, default: given if given is not None else rt.get(key, default)
     core = LearnerCore(checkpoint, backend=pick(backend, "backend", "reference"),
                        detector=pick(detector, "detector", None),
@@ -247,7 +299,12 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
 
 
 def compare_replay(recording: Recording, result: ReplayResult) -> dict:
-    """How a replay's outputs compare with the recorded ones (identical = bitwise)."""
+    """How a replay's outputs compare with the recorded ones (identical = bitwise).
+
+    A recording cut short (a recorder killed, a `.part`) holds fewer outputs than
+    inputs: each stream is compared over the frames whose posteriors it holds, and
+    `frames_recorded` < `frames_replayed` says so.
+    """
     want = recording.posteriors()
     got = result.posteriors
     max_diff = 0.0
@@ -255,14 +312,21 @@ def compare_replay(recording: Recording, result: ReplayResult) -> dict:
     same_shape = set(want) == set(got)
     for s, w in want.items():
         g = got.get(s)
-        if g is None or g.shape != w.shape:
+        if g is None or g.shape[0] < w.shape[0] or g.shape[1:] != w.shape[1:]:
             same_shape = False
             continue
         n += w.shape[0]
         if w.size:
-            max_diff = max(max_diff, float(np.max(np.abs(g.astype(np.float64) - w))))
+            max_diff = max(max_diff, float(np.max(np.abs(g[:w.shape[0]].astype(np.float64) - w))))
+    covered = {}  # stream -> first seq after its recorded posteriors
+    for m in recording.outputs():
+        if isinstance(m, P.Posteriors):
+            covered[m.stream] = max(covered.get(m.stream, 0), m.seq + m.probs.shape[0])
     key = lambda d: (d.stream, d.seq, d.label)
-    det_equal = sorted(map(key, recording.detections())) == sorted(map(key, result.detections))
-    return {"frames_compared": n, "max_abs_diff": max_diff, "same_streams": same_shape,
+    replayed = [d for d in result.detections if d.seq < covered.get(d.stream, 0)]
+    det_equal = sorted(map(key, recording.detections())) == sorted(map(key, replayed))
+    return {"frames_compared": n,
+            "frames_replayed": sum(int(g.shape[0]) for g in got.values()),
+            "max_abs_diff": max_diff, "same_streams": same_shape,
             "detections_equal": det_equal,
             "identical": same_shape and max_diff == 0.0 and det_equal}

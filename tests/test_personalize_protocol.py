@@ -158,7 +158,7 @@ def test_unknown_speaker_is_a_clean_error(shipped, data_dir):
 
 
 def test_bad_settings_are_clean_errors(shipped, data_dir):
-    for flags, words in ((["--lr", "0"], "lr must be > 0"),
+    for flags, words in ((["--lr", "0"], "--lr: 0.0: must be > 0"),
                          (["--learn", "w_bias"], "learn must name"),
                          (["--skip-above", "1.5"], "skip_above must be in")):
         r = _cli("personalize", "--data", str(data_dir), "--speaker", SPEAKERS[0], *flags)

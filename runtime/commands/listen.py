@@ -127,11 +127,15 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
         except KeyboardInterrupt:
             say("listen: interrupted; ending the stream")
         stats = node.finish()
+    except BaseException:
+        if recorder is not None:
+            recorder.abort()  # a failed session leaves no recording (nor its .part)
+        raise
     finally:
         source.close()
         node.close()
         if recorder is not None:
-            recorder.close()
+            recorder.close()  # no-op after abort
     stats["wall_s"] = time.perf_counter() - t0
     stats["source_overruns"] = int(getattr(source, "overruns", 0))
     if recorder is not None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.arg_types import new_file
 from runtime.commands import listen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="recording file to write (atomic: OUT.part until done)")
+    parser.add_argument("out", type=new_file,
+                        help="recording file to write (atomic: OUT.part until done; a failed "
+                             "record leaves OUT as it was)")
     listen.add_arguments(parser)
 
 

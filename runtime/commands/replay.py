@@ -8,7 +8,11 @@ result is compared with the outputs in the recording: `identical` means bitwise-
 posteriors and the same detections.
 
 With --endpoint the inbound messages are sent, in order, to a running learner instead
-(lossless: one DEALER, blocking sends), and its outputs are compared the same way.
+(lossless: one DEALER, blocking sends), and its outputs are compared the same way; a
+learner that does not answer the hello within 10 s is an error, as for `listen`.
+
+A recording with no frames or no outputs is an error; one cut short (a killed
+recorder's `.part`) is compared over the frames it holds outputs for.
 """
 
 from __future__ import annotations
@@ -16,26 +20,37 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgeprop.errors import EdgepropError
+from edgeprop.errors import ConfigError, EdgepropError
+from runtime.arg_types import endpoint, new_file
 from runtime.console import add_output_flags, print_json, say
+from runtime.frontend_node import CONNECT_TIMEOUT_S, no_learner_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recording", help="file written by `edgeprop record` or serve --record")
     parser.add_argument("--model", help="checkpoint (default: the shipped model)")
-    parser.add_argument("--backend", choices=("emulator", "reference"), default="reference",
-                        help="offline replay backend (default reference: the recording's "
-                             "learner may have used either; use the same one for identity)")
+    parser.add_argument("--backend", choices=("emulator", "reference"), default=None,
+                        help="offline replay backend (default: the one the recording's "
+                             "learner ran, else reference; another one gives other outputs)")
     parser.add_argument("--no-learning", action="store_true")
-    parser.add_argument("--endpoint", help="send to a running learner instead of offline")
+    parser.add_argument("--endpoint", type=endpoint,
+                        help="send to a running learner instead of offline")
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--refractory", type=int, default=100)
-    parser.add_argument("--save", help="write the weights after the replay to this checkpoint")
+    parser.add_argument("--save", type=new_file,
+                        help="write the weights after the replay to this checkpoint")
     add_output_flags(parser)
 
 
-def _over_wire(rec, endpoint: str, timeout_s: float = 120.0) -> list:
+def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
+               connect_timeout_s: float = CONNECT_TIMEOUT_S) -> list:
+    """Send the recording's inbound messages to a running learner; return its outputs.
+
+    The handshake is `edgeprop listen`'s (FrontendNode.start): the learner must answer
+    the first hello within connect_timeout_s, else "no reply from a learner". Without
+    it, blocking sends to an endpoint nobody listens on would wait forever.
+    """
     import zmq
 
     from runtime import protocol as P
@@ -44,9 +59,17 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0) -> list:
     frames_dealer = ctx.socket(zmq.DEALER)
     frames_dealer.setsockopt(zmq.LINGER, 0)
     frames_dealer.setsockopt(zmq.SNDHWM, 100)
+    frames_dealer.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a learner gone mid-way
     frames_dealer.connect(endpoint)
     outs: list = []
     open_streams: set[str] = set()
+
+    def take(raw: bytes) -> None:
+        m = P.decode(raw, max_bytes=1 << 24)
+        if isinstance(m, P.HelloReply) and not m.accepted:
+            raise ConfigError(f"learner at {endpoint} rejected stream {m.stream!r}: {m.reason}")
+        outs.append(m)
+
     try:
         for e in rec.entries:
             if e.direction != "in":
@@ -56,23 +79,60 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0) -> list:
                 continue
             if isinstance(msg, P.Hello):
                 open_streams.add(msg.stream)
-            frames_dealer.send(e.payload)  # blocking: lossless
+            try:
+                frames_dealer.send(e.payload)  # blocking: lossless
+            except zmq.Again:
+                raise EdgepropError(f"learner at {endpoint} took no message for {timeout_s:g} "
+                                    "s (did it stop?)") from None
+            if isinstance(msg, P.Hello) and not outs and \
+                    not frames_dealer.poll(int(connect_timeout_s * 1000)):
+                raise no_learner_error(endpoint, connect_timeout_s)
             while frames_dealer.poll(0):
-                outs.append(P.decode(frames_dealer.recv(), max_bytes=1 << 24))
+                take(frames_dealer.recv())
         deadline = time.monotonic() + timeout_s
         ended: set[str] = set()
         while ended < open_streams and time.monotonic() < deadline:
             if frames_dealer.poll(200):
-                m = P.decode(frames_dealer.recv(), max_bytes=1 << 24)
-                outs.append(m)
-                if isinstance(m, P.EndOfStream):
-                    ended.add(m.stream)
+                take(frames_dealer.recv())
+                if isinstance(outs[-1], P.EndOfStream):
+                    ended.add(outs[-1].stream)
         if ended < open_streams:
             raise EdgepropError(f"learner at {endpoint} did not finish the replay in "
                                 f"{timeout_s:g} s")
     finally:
         frames_dealer.close(0)
     return outs
+
+
+def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
+    """Why the replay's learner did not start from the recorded learner's weights, or "".
+
+    Like is compared with like: the params_hash each learner announced in its
+    hello_reply, i.e. of the weights it really infers with. The emulator's are its int8
+    SRAM copy of the checkpoint (firmware_model.precision), so they hash differently
+    from the checkpoint file even when the model is the same.
+    """
+    from runtime.recording import first_hello_reply, header_for
+
+    was, now = first_hello_reply(rec.outputs()), first_hello_reply(result.outputs)
+    if was is None or now is None:  # no learner hash to go by: compare the model files
+        want, have = rec.header.params_hash, header_for(ckpt).params_hash
+        if want and want != have:
+            return (f"the recording was made against model {want[:12]}, this model is "
+                    f"{have[:12]}: outputs will differ")
+        return ""
+    if was.params_hash == now.params_hash:
+        return ""
+    rec_backend = (was.settings or {}).get("backend", "")
+    if rec_backend and rec_backend != replay_backend:
+        return (f"the recording's learner ran the {rec_backend} backend (starting weights "
+                f"{was.params_hash[:12]}), this replay the {replay_backend} backend "
+                f"({now.params_hash[:12]}): outputs will differ (replay with --backend "
+                f"{rec_backend})")
+    return (f"the learner had params {was.params_hash[:12]} when this stream began, this "
+            f"replay started from {now.params_hash[:12]}: outputs will differ (replay with "
+            "a checkpoint of those weights, e.g. the learner.ckpt that serve "
+            "--checkpoint-dir writes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,19 +142,16 @@ def run(args: argparse.Namespace) -> int:
         ReplayResult,
         collect_posteriors,
         compare_replay,
+        first_hello_reply,
         header_for,
         read_recording,
+        recorded_settings,
         replay_recording,
     )
 
     rec = read_recording(args.recording)
+    rec.require_frames()
     ckpt = load_model(args.model)
-    want = rec.learner_params_hash()
-    have = header_for(ckpt).params_hash
-    if want and want != have:
-        say(f"replay: warning: the learner had params {want[:12]} when this stream began, "
-            f"this model is {have[:12]}: outputs will differ (replay with a checkpoint of "
-            "those weights, e.g. from `control checkpoint` or serve --checkpoint-dir)")
     t0 = time.perf_counter()
     if args.endpoint:
         from runtime import protocol as P
@@ -102,8 +159,11 @@ def run(args: argparse.Namespace) -> int:
         outs = _over_wire(rec, args.endpoint)
         result = ReplayResult(collect_posteriors(outs),
                               [m for m in outs if isinstance(m, P.Detection)], None, "", outs)
+        reply = first_hello_reply(outs)
+        backend = (reply.settings or {}).get("backend", "?") if reply is not None else "?"
     else:
-        result = replay_recording(rec, ckpt, backend=args.backend,
+        backend = args.backend or recorded_settings(rec).get("backend", "reference")
+        result = replay_recording(rec, ckpt, backend=backend,
                                   learning=not args.no_learning,
                                   detector={"window": args.window, "threshold": args.threshold,
                                             "refractory": args.refractory})
@@ -111,16 +171,26 @@ def run(args: argparse.Namespace) -> int:
             save_checkpoint(args.save, ckpt.cfg, result.params, frontend=ckpt.frontend,
                             encoder=ckpt.encoder, labels=ckpt.labels,
                             extra={"replayed": str(args.recording)})
+    warning = _model_warning(rec, result, ckpt, backend)
+    if warning:
+        say(f"replay: warning: {warning}")
     cmp = compare_replay(rec, result)
+    started = first_hello_reply(result.outputs)
     out = {"recording": str(rec.path), "entries": len(rec.entries),
-           "recorded_params_hash": want, "model_params_hash": have,
+           "recorded_params_hash": rec.learner_params_hash(),
+           "model_params_hash": header_for(ckpt).params_hash,
+           "replay_params_hash": started.params_hash if started is not None else None,
            "final_params_hash": result.params_hash or None,
-           "frames": cmp["frames_compared"], "detections": len(result.detections),
+           "frames": cmp["frames_compared"], "frames_replayed": cmp["frames_replayed"],
+           "detections": len(result.detections),
            "max_abs_diff": cmp["max_abs_diff"], "detections_equal": cmp["detections_equal"],
            "identical": cmp["identical"], "wall_s": time.perf_counter() - t0,
            "updates": result.stats.get("updates") if result.stats else None}
     if result.params is not None:
         out["final_params_hash"] = params_hash(result.params)
+    if out["frames"] < out["frames_replayed"]:
+        say(f"replay: the recording was cut short: compared the {out['frames']} of "
+            f"{out['frames_replayed']} frames it holds outputs for")
     say(f"replay: {out['frames']} frames, {out['detections']} detections, max |diff| "
         f"{out['max_abs_diff']:.3g}, {'IDENTICAL' if out['identical'] else 'DIFFERENT'} to "
         f"the recording")
