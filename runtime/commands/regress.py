@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from edgeprop.datasets import DEV_DATA, require_data_dir
+from edgeprop.datasets import require_data_dir
 from edgeprop.errors import ConfigError
 from runtime.arg_types import nonneg_int, pos_float
 from runtime.console import add_output_flags, print_json, progress, say
@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-recordings", action="store_true",
                         help="rebuild the recordings from --data, then write their goldens")
     parser.add_argument("--data", default=None,
-                        help=f"Speech Commands folder for --build-recordings "
-                             f"(default {DEV_DATA})")
+                        help="Speech Commands folder for --build-recordings (default "
+                             "../shared/data/speech_commands_dev, or $EDGEPROP_DATA)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="clip choice seed for the build")
     parser.add_argument("--timeout", type=pos_float, default=120.0,
                         help="seconds allowed per recording (default 120)")
