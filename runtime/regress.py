@@ -243,8 +243,10 @@ def load_compact(path: Path) -> StreamRecording:
             labels = z["labels"].astype(np.int64)
             windows = z["windows"].astype(np.int64)
     except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
-        raise ProtocolError(f"{path}: unreadable recording ({type(exc).__name__}: {exc})") \
-            from None
+        # numpy calls any non-array bytes "pickled data" and suggests loading them unsafely:
+        # that advice must not reach a user whose file is merely corrupt or foreign
+        why = "not an array file" if "pickle" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ProtocolError(f"{path}: unreadable recording ({why})") from None
     header = P.RecordingHeader.from_map(meta.pop("header"))
     return StreamRecording(meta["name"], header, frames, labels, windows,
                            float(meta["hop_s"]), meta, path, audio, spans)

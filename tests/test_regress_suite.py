@@ -258,3 +258,11 @@ def test_a_recording_from_edgeprop_record_joins_the_suite(built, data_dir, tmp_p
     assert rc == 0, err
     rc, out, err = edgeprop(*args)
     assert rc == 0 and out["passed"] == 1 and out["recordings"][0]["learned_windows"] == 1, err
+
+
+def test_a_corrupt_npz_is_named_without_numpys_unsafe_advice(tmp_path):
+    bad = tmp_path / "foo.npz"
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(P.ProtocolError, match=r"foo\.npz: unreadable recording") as exc:
+        R.load_compact(bad)
+    assert "allow_pickle" not in str(exc.value)
