@@ -49,41 +49,26 @@ def _number(cast, text: str):
     return value
 
 
-def nonneg_int(text: str) -> int:
-    """An integer >= 0 (seeds, counts that may be zero)."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
-    return value
+def _at_least(cast, low: float, strict: bool):
+    """A type: a number of kind `cast` that is > low (strict) or >= low."""
+    def check(text: str):
+        value = _number(cast, text)
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"{value}: must be {'>' if strict else '>='} {low:g}")
+        return value
+
+    return check
 
 
-def pos_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
-    return value
+nonneg_int = _at_least(int, 0, strict=False)        # seeds, counts that may be zero
+pos_int = _at_least(int, 1, strict=False)           # counts of at least one
+nonneg_float = _at_least(float, 0.0, strict=False)  # finite, >= 0 (gains, seconds, coefs)
+pos_float = _at_least(float, 0.0, strict=True)      # finite, > 0 (learning rates, timeouts)
 
 
 def finite_float(text: str) -> float:
     """Any finite number (no nan, no inf)."""
     return _number(float, text)
-
-
-def nonneg_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
-    return value
-
-
-def pos_float(text: str) -> float:
-    """A finite number > 0."""
-    value = _number(float, text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
-    return value
 
 
 def fraction(text: str) -> float:
