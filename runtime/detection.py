@@ -66,6 +66,24 @@ class DetectorConfig:
         return cls(**d)
 
 
+def add_detector_arguments(parser) -> None:
+    """--window, --threshold, --refractory for every verb that detects (serve, run,
+    replay, demo live), with DetectorConfig's defaults."""
+    d = DetectorConfig()
+    parser.add_argument("--window", type=int, default=d.window,
+                        help=f"detection smoothing, frames (default {d.window})")
+    parser.add_argument("--threshold", type=float, default=d.threshold,
+                        help=f"detection threshold (default {d.threshold:g})")
+    parser.add_argument("--refractory", type=int, default=d.refractory,
+                        help=f"frames after a detection during which none fires "
+                             f"(default {d.refractory})")
+
+
+def detector_settings(args) -> dict:
+    """The detector settings `add_detector_arguments` parsed, as the learner takes them."""
+    return {"window": args.window, "threshold": args.threshold, "refractory": args.refractory}
+
+
 @dataclass(frozen=True)
 class Hit:
     """A detection: frame index (stream seq), its time, class and smoothed score."""

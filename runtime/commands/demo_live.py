@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime.arg_types import pos_float
 from runtime.console import add_output_flags, print_json, say
+from runtime.detection import add_detector_arguments, detector_settings
 
 LEVEL_FLOOR_DBFS = -100.0
 
@@ -41,10 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many seconds (default: until Ctrl-C, or the "
                              "end of --replay)")
     parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator")
-    parser.add_argument("--window", type=int, default=50, help="detection smoothing, frames")
-    parser.add_argument("--threshold", type=float, default=0.6, help="detection threshold")
-    parser.add_argument("--refractory", type=int, default=100,
-                        help="frames after a detection during which none fires")
+    add_detector_arguments(parser)
     parser.add_argument("--no-ui", action="store_true",
                         help="no live panel; print detections as lines (default when stderr "
                              "is not a terminal)")
@@ -148,8 +146,7 @@ def run(args) -> int:
     ckpt = load_model(args.model)
     labels = list(ckpt.labels or [])
     core = LearnerCore(ckpt, backend=args.backend, learning=False,
-                       detector={"window": args.window, "threshold": args.threshold,
-                                 "refractory": args.refractory})
+                       detector=detector_settings(args))
     node = LearnerNode(core, bind="tcp://127.0.0.1:*")
     node.start()
     endpoint = next(iter(node.endpoints.values()))
@@ -237,8 +234,7 @@ def run(args) -> int:
         "level_dbfs_median": float(np.median(levels)) if levels else None,
         "detections": [{k: d[k] for k in ("t", "label", "score")} for d in state.detections],
         "interrupted": interrupted,
-        "detector": {"window": args.window, "threshold": args.threshold,
-                     "refractory": args.refractory},
+        "detector": detector_settings(args),
     }
     say(f"{len(state.detections)} detections: "
         + (", ".join(d["label"] for d in state.detections) or "-")

@@ -23,6 +23,7 @@ import time
 from edgeprop.errors import ConfigError, EdgepropError
 from runtime.arg_types import endpoint, new_file
 from runtime.console import add_output_flags, print_json, say
+from runtime.detection import add_detector_arguments, detector_settings
 from runtime.frontend_node import CONNECT_TIMEOUT_S, no_learner_error
 
 
@@ -35,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-learning", action="store_true")
     parser.add_argument("--endpoint", type=endpoint,
                         help="send to a running learner instead of offline")
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--threshold", type=float, default=0.6)
-    parser.add_argument("--refractory", type=int, default=100)
+    add_detector_arguments(parser)
     parser.add_argument("--save", type=new_file,
                         help="write the weights after the replay to this checkpoint")
     add_output_flags(parser)
@@ -165,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
         backend = args.backend or recorded_settings(rec).get("backend", "reference")
         result = replay_recording(rec, ckpt, backend=backend,
                                   learning=not args.no_learning,
-                                  detector={"window": args.window, "threshold": args.threshold,
-                                            "refractory": args.refractory})
+                                  detector=detector_settings(args))
         if args.save:
             save_checkpoint(args.save, ckpt.cfg, result.params, frontend=ckpt.frontend,
                             encoder=ckpt.encoder, labels=ckpt.labels,

@@ -42,6 +42,7 @@ import numpy as np
 from edgeprop.errors import CheckpointError, EdgepropError
 from runtime.arg_types import nonneg_float, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
+from runtime.detection import add_detector_arguments, detector_settings
 
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
 # latencies above the last edge are counted in the last bin.
@@ -78,12 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(deterministic) or use it when ready (real time under load)")
     parser.add_argument("--apply-delay", type=int, default=100,
                         help="frames until a learned update is used (0: learn inline)")
-    parser.add_argument("--window", type=int, default=50,
-                        help="detection smoothing, frames (default 50)")
-    parser.add_argument("--threshold", type=float, default=0.6,
-                        help="detection threshold (default 0.6)")
-    parser.add_argument("--refractory", type=int, default=100,
-                        help="frames after a detection during which none fires (default 100)")
+    add_detector_arguments(parser)
     parser.add_argument("--inprocess", action="store_true",
                         help="learner in a thread of this process (still over loopback TCP)")
     parser.add_argument("--mode", choices=("replay", "live"), default="replay",
@@ -320,8 +316,7 @@ def run(args: argparse.Namespace) -> int:
         "learner_faults": {k: v for k, v in counts.items() if k in (
             "malformed", "version", "oversized", "shape", "config_mismatch", "seq_gaps",
             "seq_dups", "unknown_stream", "outputs_dropped")},
-        "detector": {"window": args.window, "threshold": args.threshold,
-                     "refractory": args.refractory},
+        "detector": detector_settings(args),
     }
     lat_txt = (f"latency p50 {out['latency_p50_ms']:.2f} ms, p99 {out['latency_p99_ms']:.2f} ms"
                if lat.size else "no latency samples")

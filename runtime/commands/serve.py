@@ -35,6 +35,7 @@ from runtime.arg_types import (
     pos_float,
 )
 from runtime.console import add_output_flags, print_json, say
+from runtime.detection import add_detector_arguments, detector_settings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -73,10 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apply-delay", type=int, default=100,
                         help="frames after a labelled window ends until its update is used "
                              "(learning runs on its own thread meanwhile); 0 = inline")
-    parser.add_argument("--window", type=int, default=50, help="detection smoothing, frames")
-    parser.add_argument("--threshold", type=float, default=0.6, help="detection threshold")
-    parser.add_argument("--refractory", type=int, default=100,
-                        help="frames after a detection during which none fires")
+    add_detector_arguments(parser)
     parser.add_argument("--peer-timeout", type=pos_float, default=10.0,
                         help="close a stream silent for this many seconds")
     parser.add_argument("--record", type=new_file,
@@ -120,8 +118,7 @@ def build_core(args: argparse.Namespace):
         ckpt = resumed
         say(f"{args.name}: resuming from {path} "
             f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
-    detector = {"window": args.window, "threshold": args.threshold,
-                "refractory": args.refractory}
+    detector = detector_settings(args)
     return LearnerCore(ckpt, backend=args.backend, lr=args.lr, detector=detector,
                        learning=not args.no_learning, peer_timeout_s=args.peer_timeout,
                        checkpoint_dir=args.checkpoint_dir,
