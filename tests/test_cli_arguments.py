@@ -102,4 +102,19 @@ def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):
     save_checkpoint(resume_path(tmp_path), cfg, init_params(cfg, 0))
     assert main(["serve", "--checkpoint-dir", str(tmp_path), "--control", ""]) == 2
     err = capsys.readouterr().err
-    assert "holds another model than the shipped model" in err and "6/9/4" in err
+    assert "holds another model than the shipped model" in err
+    assert "n_in=6 (expected 80), n_rec=9 (expected 120), n_out=4 (expected 12)" in err
+
+
+def test_serve_will_not_resume_a_checkpoint_with_other_labels(tmp_path, capsys):
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.shipped import load_shipped
+    from runtime.learner_node import resume_path
+
+    ck = load_shipped()
+    other = [f"word{i}" for i in range(ck.cfg.n_out)]
+    save_checkpoint(resume_path(tmp_path), ck.cfg, ck.params, frontend=ck.frontend,
+                    encoder=ck.encoder, labels=other)
+    assert main(["serve", "--checkpoint-dir", str(tmp_path), "--control", ""]) == 2
+    err = capsys.readouterr().err
+    assert "holds another model than the shipped model: labels ['word0'" in err

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgeprop.errors import ConfigError
+from edgeprop.errors import CheckpointError, ConfigError
 from runtime.arg_types import (
     endpoint,
     new_file,
@@ -107,14 +107,16 @@ def build_core(args: argparse.Namespace):
         from edgeprop.checkpoint import load_checkpoint
 
         path = resume_path(args.checkpoint_dir)
-        resumed = load_checkpoint(path)
-        if (resumed.cfg, resumed.labels) != (ckpt.cfg, ckpt.labels):
-            raise ConfigError(
-                f"{path} holds another model than {args.model or 'the shipped model'} "
-                f"(n_in/n_rec/n_out {resumed.cfg.n_in}/{resumed.cfg.n_rec}/"
-                f"{resumed.cfg.n_out} against {ckpt.cfg.n_in}/{ckpt.cfg.n_rec}/"
-                f"{ckpt.cfg.n_out}, or other constants or labels); pass the --model it "
-                "learned from, or another --checkpoint-dir")
+        fix = "pass the --model it learned from, or another --checkpoint-dir"
+        try:  # load_checkpoint's own model check (expect=) names what differs
+            resumed = load_checkpoint(path, expect=ckpt.cfg)
+        except CheckpointError as exc:
+            raise ConfigError(f"{path} holds another model than "
+                              f"{args.model or 'the shipped model'}: {exc}; {fix}") from None
+        if resumed.labels != ckpt.labels:
+            raise ConfigError(f"{path} holds another model than "
+                              f"{args.model or 'the shipped model'}: labels {resumed.labels} "
+                              f"(expected {ckpt.labels}); {fix}")
         ckpt = resumed
         say(f"{args.name}: resuming from {path} "
             f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
