@@ -66,11 +66,6 @@ nonneg_float = _at_least(float, 0.0, strict=False)  # finite, >= 0 (gains, secon
 pos_float = _at_least(float, 0.0, strict=True)      # finite, > 0 (learning rates, timeouts)
 
 
-def finite_float(text: str) -> float:
-    """Any finite number (no nan, no inf)."""
-    return _number(float, text)
-
-
 def fraction(text: str) -> float:
     """A number in [0, 1)."""
     value = _number(float, text)

@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
-    parser.add_argument("--epochs", type=pos_int, default=None, help="epochs (default 400)")
+    parser.add_argument("--epochs", type=pos_int, default=None, help=f"epochs (default {d.epochs})")
     parser.add_argument("--seed", type=nonneg_int, default=0,
                         help="seed of split, init, order, noise")
     parser.add_argument("--b-th", type=float, default=None,
-                        help="sparse BPTT band |v - A| < B_th (default 0.2)")
+                        help=f"sparse BPTT band |v - A| < B_th (default {d.b_th:g})")
     parser.add_argument("--dense", action="store_true", help="dense BPTT instead of sparse")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>.resume.npz written by an interrupted run")
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=pos_int, default=None,
                         help=f"clips per batch (default {d.batch_size})")
     parser.add_argument("--n-aug", type=nonneg_int, default=None,
-                        help="background-noise copies per training clip (default 16)")
+                        help=f"background-noise copies per training clip (default {d.n_aug})")
     parser.add_argument("--reg-coef", type=nonneg_float, default=None,
                         help=f"firing-rate regulariser (default {d.reg_coef:g})")
     parser.add_argument("--ema", type=fraction, default=None,
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freq-warp", type=float, default=None,
                         help="vocal-tract-length warp of the mel axis, factor U(1-w, 1+w)")
     parser.add_argument("--weight-decay", type=nonneg_float, default=None,
-                        help="L2 on the input and recurrent weights (default 1e-4)")
+                        help=f"L2 on the input and recurrent weights (default {d.weight_decay:g})")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also train the same recipe with dense BPTT (or sparse with "
                              "--dense) and record its accuracy beside this one's")
