@@ -8,6 +8,7 @@ scanner does that); a class with no clips in the folder gets accuracy None.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,30 @@ def encode_batch(ckpt: Checkpoint, feats: np.ndarray) -> np.ndarray:
     return out
 
 
+def model_labels(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's readout labels (KWS_LABELS when it names none), checked.
+
+    Clips are scanned with these labels and each clip's label index picks the output
+    it is scored or trained against, so the labels must be one per output and each
+    once: a repeated name leaves all but one of its outputs without clips, and labels
+    past the last output give clips an index no output answers to.
+    """
+    labels, n_out = list(ckpt.labels or KWS_LABELS), ckpt.cfg.n_out
+    repeated = {lab: n for lab, n in Counter(labels).items() if n > 1}
+    if repeated:
+        names = ", ".join(f"{lab!r} ({n} times)" for lab, n in repeated.items())
+        raise CheckpointError(f"checkpoint labels repeat: {names}; each of its "
+                              f"{n_out} outputs needs a label of its own")
+    if len(labels) != n_out:
+        what = (f"has {len(labels)} labels but {n_out} outputs" if ckpt.labels else
+                f"names no labels, so clips get the {len(labels)} default ones, but it has "
+                f"{n_out} outputs")
+        lost = (f": clips of {', '.join(labels[n_out:])} would have no output"
+                if len(labels) > n_out else "")
+        raise CheckpointError(f"checkpoint {what}{lost}; it needs one label per output")
+    return labels
+
+
 def evaluate_clips(ckpt: Checkpoint, clips: list[Clip], *, cache=None,
                    progress: Callable[[int], None] | None = None,
                    batch: int = 128) -> EvalResult:
@@ -93,10 +118,7 @@ def evaluate_clips(ckpt: Checkpoint, clips: list[Clip], *, cache=None,
     from edgeprop.feature_cache import FeatureCache
     from edgeprop.training import predict_logits
 
-    labels = list(ckpt.labels or KWS_LABELS)
-    if len(labels) != ckpt.cfg.n_out:
-        raise CheckpointError(f"checkpoint has {len(labels)} labels but {ckpt.cfg.n_out} "
-                              f"outputs")
+    labels = model_labels(ckpt)
     fcfg = checkpoint_frontend(ckpt)
     cache = cache or FeatureCache()
     y_true = np.array([c.label_index for c in clips], np.int64)
@@ -112,7 +134,7 @@ def evaluate_clips(ckpt: Checkpoint, clips: list[Clip], *, cache=None,
 
 def scan_for_model(root: str | Path, ckpt: Checkpoint) -> list[Clip]:
     """Clips of a Speech Commands folder, labelled with the checkpoint's label set."""
-    labels = tuple(ckpt.labels or KWS_LABELS)
+    labels = tuple(model_labels(ckpt))
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder")

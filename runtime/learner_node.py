@@ -35,8 +35,10 @@ at most max_pending_updates windows wait for learning (more are skipped, counted
 
 Faults are counters (`stats()`), logged (first few of each kind, then every 100th),
 and never raise out of `handle_bytes`: malformed, version, oversized, unknown_type,
-bad_field, shape, config_mismatch, seq_gaps / frames_missing, seq_dups,
-unknown_stream, peers_timed_out, outputs_dropped.
+bad_field (also frames holding NaN or inf: refused whole, the network never sees
+them), shape, config_mismatch, seq_gaps / frames_missing, seq_dups, unknown_stream,
+peers_timed_out, outputs_dropped, control_errors (a control request refused, e.g. for
+a mistyped argument; the reply says which).
 
 Public API (stable)::
 
@@ -93,6 +95,22 @@ def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "stream"
+
+
+def _nonfinite(f: P.Frames) -> str:
+    """Why `f` must not reach the network (a NaN or inf in its times or f32 values), or
+    "". The wire can carry any float32; a streaming learner cannot use these ones."""
+    span = f"frames {f.seq}-{f.seq + f.n - 1}"
+    if not (math.isfinite(f.t) and math.isfinite(f.hop_s)):
+        return f"{span} refused: t ({f.t}) and hop_s ({f.hop_s}) must be finite numbers"
+    if f.spikes.dtype.kind == "f":
+        bad = ~np.isfinite(f.spikes)
+        if bad.any():
+            i, k, c = (int(x) for x in np.argwhere(bad)[0])
+            return (f"{span} refused: NaN or infinite f32 values ({int(bad.sum())} of "
+                    f"{bad.size}, first at frame {f.seq + i}, substep {k}, channel {c}); only "
+                    "finite values are accepted")
+    return ""
 
 
 @dataclass
@@ -384,6 +402,10 @@ class LearnerCore:
             self._fault("shape", f"frames of shape {list(f.spikes.shape)}, want [n, {want[0]}, "
                                  f"{want[1]}]", f.stream)
             return [P.Notice(f.stream, "shape", f"want [n, {want[0]}, {want[1]}]")]
+        problem = _nonfinite(f)
+        if problem:  # one NaN would poison the stream's state and, learned, the weights
+            self._fault("bad_field", problem, f.stream)
+            return [P.Notice(f.stream, "bad_field", problem)]
         skip = 0
         if sess.next_seq is not None:
             if f.seq > sess.next_seq:
@@ -601,31 +623,52 @@ class LearnerCore:
     # ------------------------------------------------------------ control
 
     def control(self, req: P.ControlRequest) -> P.ControlReply:
+        """Run one command. Its arguments are checked first (`checked_args`), so the
+        `_cmd_*` methods only see values of the documented types; a refused request
+        gets ok=False and an error saying what was wrong, never Python exception text."""
         self.counts["control"] += 1
         try:
-            result = getattr(self, f"_cmd_{req.cmd}")(req.stream, req.args)
+            args = req.checked_args()
+            result = getattr(self, f"_cmd_{req.cmd}")(req.stream, args)
             return P.ControlReply(req.cmd, True, result)
-        except (EdgepropError, KeyError, TypeError, ValueError) as exc:
+        except EdgepropError as exc:  # the request's fault: tell the sender what to fix
             self._fault("control_errors", f"{req.cmd}: {exc}")
-            return P.ControlReply(req.cmd, False, {}, f"{type(exc).__name__}: {exc}")
+            return P.ControlReply(req.cmd, False, {}, str(exc))
+        except Exception as exc:  # a bug, not the sender's fault; still answered
+            self.counts["internal_errors"] += 1
+            log.exception("%s: internal error on control %s (survived)", self.name, req.cmd)
+            return P.ControlReply(req.cmd, False, {}, f"internal error in {req.cmd} "
+                                                      f"({type(exc).__name__}); see the "
+                                                      "learner's log")
 
-    def _label_index(self, label: Any) -> int:
+    def _session(self, stream: str) -> Session:
+        """The open session of `stream`; the error lists the streams that are open."""
+        sess = self.sessions.get(stream)
+        if sess is None:
+            open_ = ", ".join(repr(s) for s in self.sessions) or "none"
+            if not stream:
+                raise ConfigError("no stream given (argument 'stream' or the request's "
+                                  f"stream field); open streams: {open_}")
+            raise ConfigError(f"no open stream {stream!r}; open streams: {open_}")
+        return sess
+
+    def _label_index(self, label: str | int) -> int:
+        labels = self.model.labels
         if isinstance(label, str):
-            if label not in self.model.labels:
-                raise ConfigError(f"unknown label {label!r}; labels are {self.model.labels}")
-            return self.model.labels.index(label)
-        idx = int(label)
-        if not 0 <= idx < self.cfg.n_out:
-            raise ConfigError(f"label index {idx} out of range")
-        return idx
+            if label not in labels:
+                raise ConfigError(f"unknown label {label!r}; labels are {', '.join(labels)}")
+            return labels.index(label)
+        if not 0 <= label < len(labels):
+            raise ConfigError(f"label index {label} is out of range 0-{len(labels) - 1}")
+        return label
 
     def _cmd_teach(self, stream: str, args: dict) -> dict:
         stream = args.get("stream", stream)
-        sess = self.sessions.get(stream)
-        if sess is None:
-            raise ConfigError(f"no open stream {stream!r}")
+        sess = self._session(stream)
         label = self._label_index(args["label"])
-        t0, t1 = float(args["t_start"]), float(args["t_end"])
+        t0, t1 = args["t_start"], args["t_end"]
+        if not t0 < t1:
+            raise ConfigError(f"t_start ({t0:g} s) must be before t_end ({t1:g} s)")
         rows = [r for t, r in sess.history if t0 <= t < t1]
         if not rows:
             have = (f"{sess.history[0][0]:.2f}-{sess.history[-1][0]:.2f} s" if sess.history
@@ -639,7 +682,7 @@ class LearnerCore:
                 "updates": self.updates}
 
     def _cmd_learning(self, stream: str, args: dict) -> dict:
-        self.learning = bool(args["on"])
+        self.learning = args["on"]
         if not self.learning:
             for sess in self.sessions.values():
                 sess.win_id, sess.win_rows = None, []
@@ -653,9 +696,7 @@ class LearnerCore:
 
     def _cmd_reset(self, stream: str, args: dict) -> dict:
         stream = args.get("stream", stream)
-        targets = [self.sessions[stream]] if stream else list(self.sessions.values())
-        if stream and stream not in self.sessions:
-            raise ConfigError(f"no open stream {stream!r}")
+        targets = [self._session(stream)] if stream else list(self.sessions.values())
         for sess in targets:
             sess.state = init_state(self.cfg)
             sess.detector.reset()
@@ -872,7 +913,7 @@ class LearnerNode:
             reply = core.control(req)
         except P.WireError as exc:
             core._fault(exc.kind, f"control socket: {exc.detail}")
-            reply = P.ControlReply("?", False, {}, str(exc))
+            reply = P.ControlReply("?", False, {}, exc.detail)
         except Exception as exc:  # a bug, not the peer's fault: REP must still answer
             core.counts["internal_errors"] += 1
             log.exception("%s: internal error on a control request (survived)", core.name)

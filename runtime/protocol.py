@@ -20,7 +20,8 @@ Public API (stable; the demo and regression suites build on it)::
     EndOfStream(stream, last_seq, reason="done")
     Posteriors(stream, seq, t, probs (n, n_out) float32, t_in_ns=None|list[int], t_out_ns=0)
     Detection(stream, seq, t, label, index, score)
-    ControlRequest(cmd, stream="", args={})     cmd in CONTROL_COMMANDS
+    ControlRequest(cmd, stream="", args={})     cmd in CONTROL_COMMANDS, args per CONTROL_ARGS
+           .checked_args() -> args, each of the type CONTROL_ARGS names (else ProtocolError)
     ControlReply(cmd, ok, result={}, error="")
     Notice(stream, kind, detail)                # learner -> peer: what it refused and why
 
@@ -45,6 +46,7 @@ float32, and messages stay far below the network MTU even in batches of 10.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Union
@@ -64,7 +66,19 @@ NO_LABEL = -1
 MAX_BATCH = 64
 
 ERROR_KINDS = ("malformed", "version", "oversized", "unknown_type", "bad_field", "shape")
-CONTROL_COMMANDS = ("teach", "learning", "checkpoint", "stats", "reset", "ping", "shutdown")
+#: Each control command's arguments: name -> (kind, required). Kinds are checked by
+#: ControlRequest.checked_args; docs/protocol.md lists the same table.
+CONTROL_ARGS: dict[str, dict[str, tuple[str, bool]]] = {
+    "teach": {"stream": ("str", False), "label": ("label", True),
+              "t_start": ("seconds", True), "t_end": ("seconds", True)},
+    "learning": {"on": ("bool", True)},
+    "checkpoint": {"path": ("str", False)},
+    "stats": {},
+    "reset": {"stream": ("str", False)},
+    "ping": {},
+    "shutdown": {},
+}
+CONTROL_COMMANDS = tuple(CONTROL_ARGS)
 
 
 class WireError(ProtocolError):
@@ -107,18 +121,35 @@ def _f32_array(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 # ---------------------------------------------------------------- field helpers
 
+def _is_int(val: Any) -> bool:
+    """An int that is not a bool (bool is an int subclass: True would pass as 1)."""
+    return isinstance(val, int) and not isinstance(val, bool)
+
+
+def _what(val: Any) -> str:
+    """A received value as a user reads it: its (shortened) repr and its wire type."""
+    kinds = {bool: "a bool", int: "an integer", float: "a float", str: "a string",
+             bytes: "bytes", list: "a list", dict: "a map", type(None): "nil"}
+    text = repr(val)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({kinds.get(type(val), type(val).__name__)})"
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               bytes: "bytes", list: "a list", dict: "a map"}
+
+
 def _get(d: dict, key: str, typ: Any, default: Any = ...) -> Any:
     if key not in d:
         if default is ...:
             raise WireError("bad_field", f"missing field {key!r}")
         return default
     val = d[key]
-    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+    if typ is float and _is_int(val):
         val = float(val)
-    if typ is not Any and not isinstance(val, typ):
-        raise WireError("bad_field", f"field {key!r} has type {type(val).__name__}")
-    if typ is int and isinstance(val, bool):
-        raise WireError("bad_field", f"field {key!r} is a bool, expected an int")
+    if typ is not Any and (not isinstance(val, typ) or (typ is int and isinstance(val, bool))):
+        raise WireError("bad_field", f"field {key!r} must be {_TYPE_WORDS.get(typ, typ)}, "
+                                     f"got {_what(val)}")
     return val
 
 
@@ -128,7 +159,7 @@ def _int_list(d: dict, key: str, n: int) -> list[int] | None:
         return None
     if not isinstance(val, list) or len(val) != n:
         raise WireError("shape", f"field {key!r} must be a list of {n} ints")
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in val):
+    if not all(_is_int(x) for x in val):
         raise WireError("bad_field", f"field {key!r} must hold ints")
     return val
 
@@ -362,17 +393,32 @@ class Detection:
                    _get(d, "label", str), _get(d, "index", int), _get(d, "score", float))
 
 
+#: What each argument kind of CONTROL_ARGS accepts, and how an error reply words it.
+_ARG_KINDS: dict[str, tuple[Any, str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "seconds": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+                "a finite number of seconds"),
+    "label": (lambda v: isinstance(v, str) or _is_int(v),
+              "a label name (string) or index (integer)"),
+}
+
+
 @dataclass
 class ControlRequest:
-    """To the learner's control_rep socket. cmd/args:
+    """To the learner's control_rep socket. cmd/args (CONTROL_ARGS):
 
     teach       {stream, label (name or index), t_start, t_end}: learn from a past window
     learning    {on: bool}
-    checkpoint  {}  -> {path, params_hash}
+    checkpoint  {path?}  -> {path, params_hash, updates}
     stats       {}  -> counters
     reset       {stream?}: clear network state (one stream or all)
     ping        {}
     shutdown    {}: checkpoint and stop (what SIGINT does too)
+
+    `from_map` checks only the envelope (cmd, stream, args a map); `checked_args`
+    checks the arguments, so a request with bad ones still decodes and its sender gets
+    a control_reply naming the problem rather than a notice.
     """
 
     TYPE = "control"
@@ -387,8 +433,34 @@ class ControlRequest:
     def from_map(cls, d: dict) -> ControlRequest:
         cmd = _get(d, "cmd", str)
         if cmd not in CONTROL_COMMANDS:
-            raise WireError("bad_field", f"unknown control command {cmd!r}")
+            raise WireError("bad_field", f"unknown control command {cmd!r}; commands are "
+                                         f"{', '.join(CONTROL_COMMANDS)}")
         return cls(cmd, _get(d, "stream", str, ""), _get(d, "args", dict, {}))
+
+    def checked_args(self) -> dict:
+        """args, each present when required and of its CONTROL_ARGS kind (ints given
+        for seconds become floats); anything else raises ProtocolError saying which
+        argument, what it must be and what came."""
+        spec = CONTROL_ARGS.get(self.cmd)
+        if spec is None:
+            raise ProtocolError(f"unknown control command {self.cmd!r}; commands are "
+                                f"{', '.join(CONTROL_COMMANDS)}")
+        for key in self.args:
+            if key not in spec:
+                takes = f"takes {', '.join(spec)}" if spec else "takes no arguments"
+                raise ProtocolError(f"unknown argument {key!r}; {self.cmd} {takes}")
+        args = {}
+        for key, (kind, required) in spec.items():
+            ok, words = _ARG_KINDS[kind]
+            if key not in self.args:
+                if required:
+                    raise ProtocolError(f"argument {key!r} is missing: expected {words}")
+                continue
+            val = self.args[key]
+            if not ok(val):
+                raise ProtocolError(f"argument {key!r} must be {words}, got {_what(val)}")
+            args[key] = float(val) if kind == "seconds" else val
+        return args
 
 
 @dataclass

@@ -20,8 +20,8 @@ Public API (stable)::
         detector, backend); replay_recording uses them unless told otherwise
     read_recording(path) -> Recording
         Recording.header, .entries (list[RecordEntry]), .inputs() / .outputs()
-        (decoded messages), .learner_params_hash() (the weights the learner had at
-        hello), .posteriors() -> {stream: (n, n_out) array},
+        (decoded messages, decoded once per Recording), .learner_params_hash() (the
+        weights the learner had at hello), .posteriors() -> {stream: (n, n_out) array},
         .detections() -> list[Detection], .frames() -> list[Frames],
         .require_frames() (frames, or ProtocolError when there is nothing to replay)
         a folder, a file that is not a recording, or damaged entries: ProtocolError
@@ -129,21 +129,29 @@ class Recording:
     entries: list[P.RecordEntry]
     path: Path | None = None
 
-    def _decoded(self, direction: str) -> list[P.Message]:
-        out = []
-        for e in self.entries:
-            if e.direction == direction:
-                try:
-                    out.append(e.message())
-                except P.WireError:
-                    continue  # a learner-side recording keeps the bad inputs it survived
-        return out
+    # direction -> its entries decoded: a replay asks for the outputs several times
+    # (posteriors, detections, hashes, settings); decode them once. The entries are
+    # taken as read: a Recording is not appended to.
+    _decoded: dict[str, list[P.Message]] = field(default_factory=dict, init=False,
+                                                 repr=False, compare=False)
+
+    def _messages(self, direction: str) -> list[P.Message]:
+        if direction not in self._decoded:
+            out = []
+            for e in self.entries:
+                if e.direction == direction:
+                    try:
+                        out.append(e.message())
+                    except P.WireError:
+                        continue  # a learner-side recording keeps the bad inputs it survived
+            self._decoded[direction] = out
+        return list(self._decoded[direction])  # a copy: the caller may change its list
 
     def inputs(self) -> list[P.Message]:
-        return self._decoded("in")
+        return self._messages("in")
 
     def outputs(self) -> list[P.Message]:
-        return self._decoded("out")
+        return self._messages("out")
 
     def frames(self) -> list[P.Frames]:
         return [m for m in self.inputs() if isinstance(m, P.Frames)]

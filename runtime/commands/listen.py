@@ -10,7 +10,8 @@ It connects to a learner (`edgeprop serve`, default tcp://127.0.0.1:5555), says 
 with the model's frontend-config hash and encoder (from --model, default the shipped
 model), streams spike frames, and prints detections as they arrive. Mic and stdin run
 in live mode (drop the oldest frames when the learner falls behind, counted); file and
-folder replay are lossless (backpressure).
+folder replay are lossless (backpressure). --quiet prints only errors (and, with
+--json, the summary object): no accepted line, detections or summary lines.
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
 
         recorder = RecordingWriter(recorder_path, header_for(ckpt, note="edgeprop record"))
 
+    tell = (lambda *parts: None) if args.quiet else say
+
     def show(msg) -> None:
-        if isinstance(msg, P.Detection) and not args.quiet:
-            say(f"  {msg.t:8.2f} s  {msg.label:<8} p={msg.score:.2f}")
+        if isinstance(msg, P.Detection):
+            tell(f"  {msg.t:8.2f} s  {msg.label:<8} p={msg.score:.2f}")
 
     node = FrontendNode(args.endpoint, fe, encoder_from_dict(model.encoder),
                         stream=args.stream or f"listen-{os.getpid()}",
@@ -119,13 +122,13 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     t0 = time.perf_counter()
     try:
         reply = node.start()
-        say(f"listen: stream {node.stream!r} accepted by {reply.session or 'learner'} "
+        tell(f"listen: stream {node.stream!r} accepted by {reply.session or 'learner'} "
             f"(params {reply.params_hash[:12]}), {node.mode} mode")
         try:
             for blk in source.blocks():
                 node.feed(blk.samples, label=blk.label, window=blk.window, t_in_ns=blk.t_in_ns)
         except KeyboardInterrupt:
-            say("listen: interrupted; ending the stream")
+            tell("listen: interrupted; ending the stream")
         stats = node.finish()
     except BaseException:
         if recorder is not None:
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     if recorder is not None:
         stats["recording"] = str(recorder.path)
     p50, p99 = stats["latency_p50_ms"], stats["latency_p99_ms"]
-    say(f"listen: {stats['frames']} frames, {stats['dropped']} dropped, "
+    tell(f"listen: {stats['frames']} frames, {stats['dropped']} dropped, "
         f"{stats['detections']} detections"
         + (f", latency p50 {p50:.2f} ms p99 {p99:.2f} ms" if p50 is not None else ""))
     if args.json:

@@ -95,11 +95,15 @@ def _features(ck, clips) -> np.ndarray:
 def _profile_inputs(cfg, ck, data: Path | None, n: int, seed: int):
     """n real clips (fixed choice), or seeded random spikes when no data folder exists."""
     if data is not None:
-        from edgeprop.datasets import scan_speech_commands
+        if ck is not None:
+            from edgeprop.evaluation import scan_for_model
 
-        labels = tuple(ck.labels) if ck is not None and ck.labels else None
-        scan = scan_speech_commands(data, labels) if labels else scan_speech_commands(data)
-        clips = sorted(scan.clips, key=lambda c: c.key)
+            clips = scan_for_model(data, ck)  # one label per output, or a one-line error
+        else:
+            from edgeprop.datasets import scan_speech_commands
+
+            clips = scan_speech_commands(data).clips
+        clips = sorted(clips, key=lambda c: c.key)
         pick = np.random.default_rng(seed).choice(len(clips), size=n, replace=False)
         chosen = [clips[i] for i in sorted(pick)]
         return _features(ck, chosen), [c.label_index for c in chosen], f"{n} clips of {data.name}"
@@ -152,7 +156,8 @@ def run_profile(args) -> dict:
 
 
 def run_variants(args) -> dict:
-    from edgeprop.datasets import scan_speech_commands, speaker_split
+    from edgeprop.datasets import speaker_split
+    from edgeprop.evaluation import scan_for_model
     from firmware_model.precision import DEFAULT_PRECISION, VARIANTS
     from firmware_model.variants import accuracy, choose_default, measure_variant
 
@@ -162,9 +167,7 @@ def run_variants(args) -> dict:
     data = _data_dir(args.data)
     if data is None:
         raise DatasetError("--variants needs speech_commands_dev (pass --data)")
-    scan = scan_speech_commands(data, tuple(ck.labels) if ck.labels else None) \
-        if ck.labels else scan_speech_commands(data)
-    train, val = speaker_split(scan.clips, 0.2, seed=args.seed)
+    train, val = speaker_split(scan_for_model(data, ck), 0.2, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     train = [train[i] for i in sorted(rng.choice(len(train), min(args.train_clips, len(train)),
                                                  replace=False))]

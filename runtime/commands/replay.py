@@ -11,6 +11,10 @@ With --endpoint the inbound messages are sent, in order, to a running learner in
 (lossless: one DEALER, blocking sends), and its outputs are compared the same way; a
 learner that does not answer the hello within 10 s is an error, as for `listen`.
 
+The learner settings (backend, detector, learning, ...) are the recorded learner's,
+so a replay reproduces what was recorded; --backend, --no-learning and each of
+--window, --threshold, --refractory replace only the setting it names.
+
 A recording with no frames or no outputs is an error; one cut short (a killed
 recorder's `.part`) is compared over the frames it holds outputs for.
 """
@@ -33,13 +37,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("emulator", "reference"), default=None,
                         help="offline replay backend (default: the one the recording's "
                              "learner ran, else reference; another one gives other outputs)")
-    parser.add_argument("--no-learning", action="store_true")
+    parser.add_argument("--no-learning", action="store_true",
+                        help="replay without learning (default: as the recording's learner)")
     parser.add_argument("--endpoint", type=endpoint,
                         help="send to a running learner instead of offline")
-    add_detector_arguments(parser)
+    add_detector_arguments(_RecordedByDefault(parser))
     parser.add_argument("--save", type=new_file,
                         help="write the weights after the replay to this checkpoint")
     add_output_flags(parser)
+
+
+class _RecordedByDefault:
+    """Adds add_detector_arguments' options to `parser` with default None and help that
+    says so: serve's defaults (window 50, ...) would replace the recording's settings
+    although the user did not ask for them; None lets `_detector` tell given from not."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+    def add_argument(self, *names: str, help: str = "", **kw) -> None:
+        kw["default"] = None
+        self.parser.add_argument(*names, help=help.split(" (default")[0]
+                                 + " (default: the recording's)", **kw)
+
+
+def _detector(args: argparse.Namespace, recorded: dict) -> dict | None:
+    """The recorded detector with the options the user gave put in; None if none given
+    (replay_recording then takes the recorded one as it is)."""
+    given = {k: v for k, v in detector_settings(args).items() if v is not None}
+    return {**(recorded.get("detector") or {}), **given} if given else None
 
 
 def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
@@ -161,10 +187,11 @@ def run(args: argparse.Namespace) -> int:
         reply = first_hello_reply(outs)
         backend = (reply.settings or {}).get("backend", "?") if reply is not None else "?"
     else:
-        backend = args.backend or recorded_settings(rec).get("backend", "reference")
+        recorded = recorded_settings(rec)
+        backend = args.backend or recorded.get("backend", "reference")
         result = replay_recording(rec, ckpt, backend=backend,
-                                  learning=not args.no_learning,
-                                  detector=detector_settings(args))
+                                  learning=False if args.no_learning else None,
+                                  detector=_detector(args, recorded))
         if args.save:
             save_checkpoint(args.save, ckpt.cfg, result.params, frontend=ckpt.frontend,
                             encoder=ckpt.encoder, labels=ckpt.labels,
@@ -183,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
            "detections": len(result.detections),
            "max_abs_diff": cmp["max_abs_diff"], "detections_equal": cmp["detections_equal"],
            "identical": cmp["identical"], "wall_s": time.perf_counter() - t0,
-           "updates": result.stats.get("updates") if result.stats else None}
+           "updates": result.stats.get("updates") if result.stats else None,
+           "detector": (started.settings or {}).get("detector") if started is not None
+           else None}
     if result.params is not None:
         out["final_params_hash"] = params_hash(result.params)
     if out["frames"] < out["frames_replayed"]:
