@@ -131,8 +131,12 @@ def all_digests(data_dir: str | None) -> dict:
 def _digests_one_thread(data_dir: str | None) -> dict:
     """all_digests in a fresh interpreter with single-threaded BLAS, as the documented
     pretrain command runs (OMP_NUM_THREADS=1): the forward's input product x W_in^T sums
-    in a different order with more BLAS threads."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    in a different order with more BLAS threads. OpenBLAS's kernel is pinned to its
+    Haswell (AVX2) one, which x86_64 machines without AVX-512 pick anyway: on an AVX-512
+    CPU OpenBLAS would choose its SkylakeX kernel, whose sums round differently, and
+    every hash here would change although the code did not."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               OPENBLAS_CORETYPE="Haswell")
     res = subprocess.run([sys.executable, __file__] + ([str(data_dir)] if data_dir else []),
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])
