@@ -84,7 +84,10 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, work, data_dir):
     split = work / "split.npz"
     common = ["pretrain", "--data", data_dir, "--out", split, "--cache-dir", work / "cache",
               "--json", *TINY]
-    first = _json(_cli(*common, "--stop-after", "1"))
+    stopped = _cli(*common, "--stop-after", "1")
+    first = _json(stopped)
+    # --quiet: no per-epoch lines, but the one saying how to go on
+    assert "epoch 1/2:" not in stopped.stderr and "--resume" in stopped.stderr
     resume_file = work / "split.npz.resume.npz"
     assert first["stopped_after"] == 1 and resume_file.is_file() and not split.exists()
     second = _json(_cli(*common, "--resume"))

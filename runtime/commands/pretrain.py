@@ -152,6 +152,7 @@ def run(args) -> int:
         say(f"resuming at epoch {state.epoch} from {resume_file}")
 
     extra_common = {"train_config": tcfg.to_dict(), "data_info": data.info}
+    tell = (lambda *parts: None) if args.quiet else say  # per-epoch lines are progress
 
     def on_epoch_start(epoch: int):
         ctx = progress(f"epoch {epoch + 1}/{tcfg.epochs}", data.train_y.shape[0], args.quiet)
@@ -161,7 +162,7 @@ def run(args) -> int:
     def on_epoch_end(rec: dict, st) -> None:
         while bars:
             bars.pop().__exit__(None, None, None)
-        say(f"epoch {rec['epoch'] + 1}/{tcfg.epochs}: loss {rec['loss']:.3f} "
+        tell(f"epoch {rec['epoch'] + 1}/{tcfg.epochs}: loss {rec['loss']:.3f} "
             f"train {rec['train_acc']:.3f} val {rec['val_acc']:.3f} "
             f"active {rec['active_fraction']:.3f} rate {rec['rate']:.3f} "
             f"({rec['seconds']:.1f} s)")
@@ -198,7 +199,7 @@ def run(args) -> int:
         def cmp_end(rec: dict, st) -> None:
             while bars:
                 bars.pop().__exit__(None, None, None)
-            say(f"{name} epoch {rec['epoch'] + 1}/{tcfg.epochs}: train "
+            tell(f"{name} epoch {rec['epoch'] + 1}/{tcfg.epochs}: train "
                 f"{rec['train_acc']:.3f} val {rec['val_acc']:.3f}")
 
         try:
