@@ -51,13 +51,21 @@ class FeatureCache:
         return self.cache_dir / cfg_hash[:16] / name[:2] / f"{name}.npy"
 
     def features(self, clips: list[Clip], cfg: FrontendConfig, *,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """(N, frames per clip, F) float32 for `clips`; `progress(n)` after each n done."""
+                 progress: Callable[[int], None] | None = None,
+                 persist: bool = True) -> np.ndarray:
+        """(N, frames per clip, F) float32 for `clips`; `progress(n)` after each n done.
+
+        persist=False computes every clip and stores nothing: for a frontend config of
+        one user (a personalised normalisation), whose entries no one would read again.
+        """
         n_frames = cfg.sample_rate // cfg.hop
         out = np.zeros((len(clips), n_frames, cfg.n_features), dtype=np.float32)
         cfg_hash = cfg.hash()
-        todo: list[tuple[int, Path]] = []
+        todo: list[tuple[int, Path | None]] = []
         for i, clip in enumerate(clips):
+            if not persist:
+                todo.append((i, None))
+                continue
             entry = self._entry(clip, cfg_hash)
             try:
                 arr = np.load(entry)
@@ -75,7 +83,8 @@ class FeatureCache:
             feats = features(audio, cfg)
             for (i, entry), f in zip(chunk, feats, strict=True):
                 out[i] = f
-                atomic_save_npy(entry, f)
+                if entry is not None:
+                    atomic_save_npy(entry, f)
             self.misses += len(chunk)
             if progress:
                 progress(len(chunk))

@@ -14,7 +14,9 @@ Stages (each a small function below, chained identically by `features` and
               stream), D = delta_lag: causal, no look-ahead, so stream == batch exactly;
               it is the centred slope at frame k - D/2, i.e. delayed by D/2 frames.
     norm      f_k = ([c_k, d_k] - norm_mean) / norm_std      (fixed, fitted on training
-              frames by `fit_normalization`; never statistics of the clip being read)
+              frames by `fit_normalization`; never statistics of the clip being read.
+              A personalised model moves norm_mean toward its user's voice and
+              microphone once, from their adaptation clips: `toward_user`)
 
 The hot path is NumPy (float64 inside, float32 out). The filterbank is built once
 per config and cached.
@@ -278,6 +280,51 @@ def fit_normalization(frames: np.ndarray, cfg: FrontendConfig) -> FrontendConfig
     if f.shape[0] < 2:
         raise ConfigError("need at least 2 frames to fit a normalisation")
     return cfg.with_normalization(f.mean(axis=0), np.maximum(f.std(axis=0), 1e-3))
+
+
+def speech_mean(feats: np.ndarray, cfg: FrontendConfig) -> np.ndarray:
+    """(n_mels,) float64: the mean of the static log-mel channels over speech frames.
+
+    `feats` (N, T, F) are normalised features of `cfg`, one row per 1 s clip. A frame
+    counts as speech when its mean over the n_mels static channels is at or above its
+    clip's median: the louder half of each clip. The quieter half is mostly the room
+    and the microphone's noise floor, which says little about the voice.
+    """
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 3 or f.shape[-1] != cfg.n_features or f.shape[0] == 0:
+        raise ConfigError(f"speech_mean takes (N, T, {cfg.n_features}) features with N >= 1, "
+                          f"got shape {f.shape}")
+    static = f[..., :cfg.n_mels]
+    level = static.mean(axis=-1)
+    speech = level >= np.median(level, axis=1, keepdims=True)
+    return (static * speech[..., None]).sum(axis=(0, 1)) / speech.sum()
+
+
+def toward_user(cfg: FrontendConfig, user_mean: np.ndarray, ref_mean: np.ndarray,
+                fraction: float) -> FrontendConfig:
+    """cfg with its normalisation moved `fraction` of the way to one user's speech mean.
+
+    Speaker (and microphone) mean normalisation: user_mean and ref_mean are
+    `speech_mean`s of the user's clips and of the training set, both in cfg's normalised
+    units. The personalised chain computes f'_k = f_k - fraction (user_mean - ref_mean)
+    on the static channels (deltas of a constant offset are 0), as one changed
+    norm_mean: norm_mean'_k = norm_mean_k + fraction (user_mean_k - ref_mean_k) norm_std_k.
+    fraction 0 gives cfg back unchanged; 1 removes the whole offset of the user's mean.
+    """
+    if not cfg.normalized:
+        raise ConfigError("toward_user needs a normalised frontend config")
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"fraction must be in [0, 1], got {fraction}")
+    user_mean, ref_mean = (np.asarray(m, dtype=np.float64).ravel() for m in (user_mean, ref_mean))
+    if user_mean.shape != (cfg.n_mels,) or ref_mean.shape != (cfg.n_mels,):
+        raise ConfigError(f"user and reference means need {cfg.n_mels} values, got "
+                          f"{user_mean.size} and {ref_mean.size}")
+    if fraction == 0.0:
+        return cfg
+    mean = np.asarray(cfg.norm_mean, dtype=np.float64)
+    std = np.asarray(cfg.norm_std, dtype=np.float64)
+    mean[:cfg.n_mels] += fraction * (user_mean - ref_mean) * std[:cfg.n_mels]
+    return cfg.with_normalization(mean, std)
 
 
 # ---------------------------------------------------------------- stream

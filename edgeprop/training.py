@@ -47,6 +47,7 @@ from edgeprop.frontend import (
     fit_normalization,
     mel_centres,
     normalize,
+    speech_mean,
 )
 from edgeprop.network import DTYPE, KWS_LABELS, ModelConfig, Params, init_params, zero_diagonal
 from edgeprop.optim import Adam
@@ -119,6 +120,10 @@ class KWSData:
     val_x: np.ndarray          # (N_val, T, F)
     val_y: np.ndarray
     info: dict = field(default_factory=dict)
+    # statistics of the clean training features that personalization needs later:
+    # speech_mean (frontend.speech_mean), the reference of frontend.toward_user, and
+    # the hash of the frontend config whose units it is in
+    frontend_stats: dict = field(default_factory=dict)
 
 
 def _aug_cache_path(clips: list[Clip], cfg: FrontendConfig, seed: int, copy: int,
@@ -224,6 +229,8 @@ def prepare_data(
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
     train_x = np.empty((1 + tcfg.n_aug,) + raw_train.shape, DTYPE)
     train_x[0] = normalize(raw_train, fcfg)
+    stats = {"frontend_hash": fcfg.hash(),
+             "speech_mean": speech_mean(train_x[0], fcfg).tolist()}
     val_x = normalize(raw_val, fcfg).astype(DTYPE)
     del raw_train, raw_val
     if tcfg.n_aug:
@@ -245,7 +252,7 @@ def prepare_data(
         "noise_recordings": len(noise) if tcfg.n_aug else 0,
     }
     return KWSData(fcfg, train_x, np.array([c.label_index for c in train]),
-                   val_x, np.array([c.label_index for c in val]), info)
+                   val_x, np.array([c.label_index for c in val]), info, stats)
 
 
 # ---------------------------------------------------------------- model maths

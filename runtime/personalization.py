@@ -63,6 +63,7 @@ from edgeprop.datasets import (
     speaker_split,
 )
 from edgeprop.errors import ConfigError, DatasetError
+from edgeprop.frontend import FrontendConfig, speech_mean, toward_user
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
 
 LAYERS = ("w_in", "w_rec", "w_out")
@@ -103,6 +104,9 @@ class AdaptConfig:
                                    # right (0 = never): the voice is already known
     guard: bool = False            # keep an update only if it does not lower accuracy on
                                    # the adaptation data (shots + rehearsal clips)
+    user_norm: float = 0.5         # move the frontend's normalisation this fraction of the
+                                   # way to the speaker's speech mean (from the shots), before
+                                   # e-prop; 0 = the base frontend (frontend.toward_user)
     precision: str = field(default_factory=_emulator_default_precision)  # emulator storage
     seed: int = 0
 
@@ -122,6 +126,8 @@ class AdaptConfig:
             raise ConfigError(f"skip_above must be in [0, 1], got {self.skip_above}")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if not 0.0 <= self.user_norm <= 1.0:
+            raise ConfigError(f"user_norm must be in [0, 1], got {self.user_norm}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -221,18 +227,32 @@ def pretraining_speakers(ckpt: Checkpoint, clips: list[Clip]) -> set[str] | None
 
 
 class FeatureSource:
-    """Network inputs for clips through the checkpoint's own frontend and encoder."""
+    """Network inputs for clips through the checkpoint's own frontend and encoder, or
+    (`through`) through one user's personalised frontend."""
 
-    def __init__(self, ckpt: Checkpoint, cache=None, data_dir: Path | None = None):
+    def __init__(self, ckpt: Checkpoint, cache=None, data_dir: Path | None = None,
+                 fcfg: FrontendConfig | None = None):
         from edgeprop.evaluation import checkpoint_frontend
         from edgeprop.feature_cache import FeatureCache
 
         self.ckpt = ckpt
-        self.fcfg = checkpoint_frontend(ckpt)
+        self.fcfg = fcfg or checkpoint_frontend(ckpt)
+        # a user's own frontend config is computed, not cached: no one reads it again
+        self.persist = fcfg is None
         self.cache = cache or FeatureCache()
         self.data_dir = data_dir  # its _background_noise_ feeds the noisy copies
         self._augmenter = None
         self._memo: dict[str, np.ndarray] = {}
+
+    def through(self, fcfg: FrontendConfig) -> FeatureSource:
+        """The same clips, encoder and noise through another frontend config."""
+        src = FeatureSource(self.ckpt, self.cache, self.data_dir, fcfg)
+        src._augmenter = self._augmenter
+        return src
+
+    def features(self, clips: list[Clip]) -> np.ndarray:
+        """(N, T, F) normalised features (before the encoder)."""
+        return self.cache.features(clips, self.fcfg, persist=self.persist)
 
     def noisy(self, clips: list[Clip], acfg: AdaptConfig) -> np.ndarray | None:
         """(augment, N, T, n_in): noisy copies of `clips` (None when augment is 0)."""
@@ -258,7 +278,7 @@ class FeatureSource:
 
         todo = [c for c in clips if c.key not in self._memo]
         if todo:
-            x = encode_batch(self.ckpt, self.cache.features(todo, self.fcfg))
+            x = encode_batch(self.ckpt, self.features(todo))
             for c, xi in zip(todo, x, strict=True):
                 self._memo[c.key] = np.ascontiguousarray(xi, dtype=DTYPE)
         if not clips:
@@ -507,6 +527,43 @@ def accuracy_of(ckpt: Checkpoint, params: Params, x: np.ndarray, y: np.ndarray) 
     return float((predict_logits(ckpt.cfg, params, x).argmax(1) == y).mean())
 
 
+# ---------------------------------------------------------------- the user's frontend
+def stored_speech_mean(ckpt: Checkpoint) -> np.ndarray | None:
+    """The training set's speech mean that `edgeprop pretrain` stored with the checkpoint
+    (extra.frontend_stats), if it is in the units of the checkpoint's own frontend."""
+    from edgeprop.evaluation import checkpoint_frontend
+
+    stats = (ckpt.extra or {}).get("frontend_stats") or {}
+    mean = stats.get("speech_mean")
+    if mean is None or stats.get("frontend_hash") != checkpoint_frontend(ckpt).hash():
+        return None
+    return np.asarray(mean, np.float64)
+
+
+def user_frontend(base: FrontendConfig, shot_features: np.ndarray, reference: np.ndarray,
+                  fraction: float) -> FrontendConfig:
+    """The base chain with its normalisation moved toward the user: speaker (and
+    microphone) mean normalisation from the adaptation clips alone.
+
+    shot_features (N, T, F) are the user's shots through `base`; the user's speech mean
+    is compared with the training set's (`reference`), and `fraction` of the offset is
+    taken out by the frontend (frontend.toward_user). Chosen on the tuning models at 0.5
+    (docs/personalization_tuning.md).
+    """
+    return toward_user(base, speech_mean(shot_features, base), reference, fraction)
+
+
+def require_base_frontend(ckpt: Checkpoint) -> None:
+    """Refuse to move a frontend that already moved toward a user: its offset would be
+    measured against a reference in other units and taken out a second time."""
+    info = (ckpt.extra or {}).get("personalized") or {}
+    if info.get("base_frontend_sha256"):
+        raise ConfigError(f"this checkpoint is already personalised for "
+                          f"{info.get('speaker', 'a user')!r} with a moved frontend: "
+                          f"personalise its base ({info.get('base', 'see extra.personalized')}) "
+                          "again, or pass --user-norm 0 to adapt it further as it is")
+
+
 # ---------------------------------------------------------------- the protocol
 @dataclass
 class Session:
@@ -517,6 +574,24 @@ class Session:
     data_dir: Path
     features: FeatureSource
     seen: set[str] | None
+    _reference: np.ndarray | None = field(default=None, repr=False)
+
+    def reference_speech_mean(self) -> np.ndarray:
+        """The training set's speech mean: stored with the checkpoint, or recomputed from
+        the folder's pretraining clips (checkpoints written before it was stored)."""
+        if self._reference is None:
+            require_base_frontend(self.ckpt)
+            ref = stored_speech_mean(self.ckpt)
+            if ref is None and self.seen:
+                train = [c for c in self.clips if c.speaker in self.seen]
+                ref = speech_mean(self.features.features(train), self.features.fcfg)
+            if ref is None:
+                raise ConfigError("this checkpoint stores no speech mean of its training set "
+                                  "(extra.frontend_stats) and its pretraining split is not in "
+                                  f"{self.data_dir}: pass --user-norm 0 to adapt without "
+                                  "moving the frontend's normalisation")
+            self._reference = ref
+        return self._reference
 
     @classmethod
     def open(cls, ckpt: Checkpoint, data_dir: str | Path, cache=None) -> Session:
@@ -548,22 +623,44 @@ def _generic(session: Session, speaker: str, acfg: AdaptConfig) -> tuple[np.ndar
     return session.features.inputs(chosen), np.array([c.label_index for c in chosen])
 
 
+def adapt_speaker(session: Session, speaker: str, shots: list[Clip], acfg: AdaptConfig, *,
+                  backend: str = "reference") -> tuple[AdaptRun, dict, FeatureSource]:
+    """The speaker's frontend (acfg.user_norm), then online e-prop on `shots`.
+
+    Returns the run, adapt_validated's info, and the features the adapted model reads:
+    through the user's chain, or the base one when the skip rule kept the base (then
+    nothing changes, frontend included). The frontend work counts as adaptation time.
+    """
+    t0 = time.perf_counter()
+    fe = session.features
+    if acfg.user_norm:
+        fe = fe.through(user_frontend(fe.fcfg, fe.features(shots),
+                                      session.reference_speech_mean(), acfg.user_norm))
+    x_shot = fe.inputs(shots)
+    y_shot = np.array([c.label_index for c in shots], np.int64)
+    t_frontend = time.perf_counter() - t0
+    x_gen, y_gen = _generic(session, speaker, acfg)
+    run, info = adapt_validated(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
+                                backend=backend, rng=_rng(acfg.seed + 1, speaker),
+                                noisy=partial(fe.noisy, shots, acfg))
+    run.seconds += t_frontend
+    if info.get("skipped"):
+        fe = session.features
+    return run, info, fe
+
+
 def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
                         backend: str = "reference", curve: bool = False) -> dict:
-    """The non-interactive protocol for one speaker; returns a JSON-able result."""
+    """The non-interactive protocol for one speaker; returns a JSON-able result (and, under
+    `_params` and `_frontend`, the adapted weights and frontend config)."""
     split = split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
                           include_unknown=acfg.include_unknown,
                           labels=tuple(session.ckpt.labels or KWS_LABELS))
-    x_test = session.features.inputs(split.test)
     y_test = np.array([c.label_index for c in split.test], np.int64)
-    x_shot = session.features.inputs(split.shots)
-    y_shot = np.array([c.label_index for c in split.shots], np.int64)
-    x_gen, y_gen = _generic(session, speaker, acfg)
-    before = accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)
-    run, vinfo = adapt_validated(session.ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
-                                 backend=backend, rng=_rng(acfg.seed + 1, speaker),
-                                 noisy=partial(session.features.noisy, split.shots, acfg))
-    after = accuracy_of(session.ckpt, run.params, x_test, y_test)
+    before = accuracy_of(session.ckpt, session.ckpt.params, session.features.inputs(split.test),
+                         y_test)
+    run, vinfo, fe = adapt_speaker(session, speaker, split.shots, acfg, backend=backend)
+    after = accuracy_of(session.ckpt, run.params, fe.inputs(split.test), y_test)
     out = vinfo | {
         "speaker": speaker, "before": before, "after": after, "delta": after - before,
         "n_adapt": len(split.shots), "n_test": len(split.test),
@@ -571,12 +668,14 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
         "adapt_seconds": run.seconds,
         "seconds_per_learned_utterance": run.seconds / max(run.n_utterances, 1),
         "seconds_per_adapt_utterance": run.seconds / max(len(split.shots), 1),
+        "frontend_moved": fe is not session.features,
         "seen_in_pretraining": None if session.seen is None else speaker in session.seen,
         "backend": backend,
     }
     if curve:
         out["curve"] = shots_curve(session, speaker, acfg, backend=backend)
     out["_params"] = run.params
+    out["_frontend"] = fe.fcfg
     return out
 
 
@@ -585,11 +684,10 @@ def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
     """Accuracy against adaptation utterances: k = 0..shots per keyword, one fixed test set."""
     full = split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
                          include_unknown=acfg.include_unknown)
-    x_test = session.features.inputs(full.test)
     y_test = np.array([c.label_index for c in full.test], np.int64)
-    x_gen, y_gen = _generic(session, speaker, acfg)
     points = [{"shots": 0, "n_adapt": 0,
-               "accuracy": accuracy_of(session.ckpt, session.ckpt.params, x_test, y_test)}]
+               "accuracy": accuracy_of(session.ckpt, session.ckpt.params,
+                                       session.features.inputs(full.test), y_test)}]
     for k in range(1, acfg.shots + 1):
         seen: dict[str, int] = {}
         shots = []  # the first k shots of each label, in the full run's order
@@ -597,13 +695,11 @@ def shots_curve(session: Session, speaker: str, acfg: AdaptConfig, *,
             if seen.get(c.label, 0) < k:
                 seen[c.label] = seen.get(c.label, 0) + 1
                 shots.append(c)
-        x = session.features.inputs(shots)
-        y = np.array([c.label_index for c in shots], np.int64)
-        run, _ = adapt_validated(session.ckpt, x, y, x_gen, y_gen, replace(acfg, shots=k),
-                                 backend=backend, rng=_rng(acfg.seed + 1, speaker),
-                                 noisy=partial(session.features.noisy, shots, acfg))
+        run, _, fe = adapt_speaker(session, speaker, shots, replace(acfg, shots=k),
+                                   backend=backend)
         points.append({"shots": k, "n_adapt": len(shots),
-                       "accuracy": accuracy_of(session.ckpt, run.params, x_test, y_test)})
+                       "accuracy": accuracy_of(session.ckpt, run.params, fe.inputs(full.test),
+                                               y_test)})
     return points
 
 
@@ -639,6 +735,7 @@ def sweep(session: Session, acfg: AdaptConfig, *, min_clips: int = 30,
     for spk in todo:
         r = personalize_speaker(session, spk, acfg, backend=backend, curve=curve)
         r.pop("_params")
+        r.pop("_frontend")
         results.append(r)
         if on_speaker:
             on_speaker(r)
@@ -692,9 +789,12 @@ def default_personal_path(base_path: Path, speaker: str) -> Path:
 
 def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker: str,
                       acfg: AdaptConfig, *, out: Path | None = None,
-                      result: dict | None = None) -> Path:
-    """Write the adapted weights as a new checkpoint (atomic); refuses to touch the base."""
+                      result: dict | None = None,
+                      frontend: FrontendConfig | None = None) -> Path:
+    """Write the adapted weights (and the user's frontend, when it moved) as a new
+    checkpoint (atomic); refuses to touch the base."""
     from edgeprop.checkpoint import params_hash, save_checkpoint
+    from edgeprop.evaluation import checkpoint_frontend
 
     path = Path(out) if out is not None else default_personal_path(base_path, speaker)
     if path.resolve() == Path(base_path).resolve():
@@ -707,7 +807,11 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
         "base_params_sha256": params_hash(ckpt.params),
         "adapt_config": acfg.to_dict(), **(result or {}),
     }
-    save_checkpoint(path, ckpt.cfg, params, frontend=ckpt.frontend, encoder=ckpt.encoder,
+    fe = ckpt.frontend
+    if frontend is not None and frontend != checkpoint_frontend(ckpt):
+        fe = frontend.to_dict()  # frontend_stats stay in the base chain's units (its hash)
+        extra["personalized"]["base_frontend_sha256"] = checkpoint_frontend(ckpt).hash()
+    save_checkpoint(path, ckpt.cfg, params, frontend=fe, encoder=ckpt.encoder,
                     labels=ckpt.labels, extra=extra)
     return path
 

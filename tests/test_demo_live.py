@@ -184,6 +184,17 @@ def test_microphone_session_adapts_and_leaves_the_base_untouched(shipped_path, d
     assert 0.0 <= res["before"] <= 1.0 and 0.0 <= res["after"] <= 1.0
     assert res["out"] == str(out) and out.is_file()
     assert hashlib.sha256(shipped_path.read_bytes()).hexdigest() == h0
+    # the personalised model carries the user's frontend, and the live demo reads through it
+    from edgeprop.checkpoint import load_checkpoint
+    from edgeprop.shipped import load_shipped
+
+    assert res["frontend_moved"]
+    assert load_checkpoint(out).frontend != load_shipped().frontend
+    demo = subprocess.run(_cmd("demo", "live", "--replay", str(data_dir / takes["left"][1]),
+                               "--model", str(out), "--backend", "reference", "--json"),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert demo.returncode == 0, demo.stderr
+    assert json.loads(demo.stdout)["frames"] > 0
 
 
 def test_virtual_mic_command_stays_open_until_sigterm_then_cleans_up(data_dir):

@@ -129,6 +129,12 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     ck = load_checkpoint(out)
     assert ck.extra["personalized"]["speaker"] == SPEAKERS[1]
     assert not np.array_equal(ck.params.w_out, shipped.params.w_out)
+    # the user's frontend is saved with the weights (the base's stats stay in its units)
+    from edgeprop.evaluation import checkpoint_frontend
+
+    assert ck.frontend != shipped.frontend and res["frontend_moved"]
+    assert ck.extra["personalized"]["base_frontend_sha256"] == \
+        checkpoint_frontend(shipped).hash()
     # asking to overwrite the base is a one-line user error, and the base survives it
     from runtime.cli import main
 

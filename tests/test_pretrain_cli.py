@@ -74,6 +74,9 @@ def test_pretrain_writes_a_complete_checkpoint_and_record(tiny_model):
     assert ck.encoder["name"] == "current"
     fcfg = FrontendConfig.from_dict(ck.frontend)
     assert fcfg.normalized and fcfg.n_features == ck.cfg.n_in
+    # the training set's speech mean, in this frontend's units, for personalization
+    stats = ck.extra["frontend_stats"]
+    assert stats["frontend_hash"] == fcfg.hash() and len(stats["speech_mean"]) == fcfg.n_mels
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["seed"] == 3 and "pretrain" in record["command"]
     assert not (out.parent / (out.name + ".resume.npz")).exists()

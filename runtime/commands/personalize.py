@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
                         help="undo any update that lowers accuracy on the adaptation data "
                              "(shots + rehearsal clips; never the test set)")
+    parser.add_argument("--user-norm", type=float, default=d.user_norm, metavar="FRACTION",
+                        help="before e-prop, move the frontend's normalisation this fraction "
+                             "of the way to the speaker's speech mean, measured on the shots "
+                             "(default %(default)s; 0 = keep the base frontend)")
     parser.add_argument("--precision", default=d.precision,
                         help="emulator storage format (default %(default)s, the chip's "
                              "default; fp32 is bit-exact with --backend reference)")
@@ -111,7 +115,7 @@ def adapt_config(args):
                        silence=args.silence,
                        include_unknown=not args.no_unknown, validate=args.validate,
                        guard=args.guard, skip_above=args.skip_above,
-                       precision=args.precision, seed=args.seed)
+                       user_norm=args.user_norm, precision=args.precision, seed=args.seed)
 
 
 def _noisy_takes(takes: list, room: list, acfg, to_input):
@@ -207,7 +211,7 @@ def _run_dataset(args) -> int:
     else:
         r = P.personalize_speaker(session, args.speaker.lower(), acfg, backend=args.backend,
                                   curve=args.report is not None)
-        params = r.pop("_params")
+        params, frontend = r.pop("_params"), r.pop("_frontend")
         say(f"{r['speaker']}: accuracy {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
             f"on {r['n_test']} held-out clips, adapted on {r['n_adapt']} "
             f"({r['n_learned']} learned utterances, {r['adapt_seconds']:.2f} s, {args.backend})")
@@ -216,7 +220,8 @@ def _run_dataset(args) -> int:
             path = P.save_personalized(ckpt, base_path, params, r["speaker"], acfg,
                                        out=Path(args.out) if args.out else None,
                                        result={k: r[k] for k in ("before", "after", "n_adapt",
-                                                                 "n_test")})
+                                                                 "n_test")},
+                                       frontend=frontend)
             result["out"] = str(path)
             say(f"wrote {path} (base {base_path} untouched)")
     result["seconds"] = time.perf_counter() - t0
@@ -273,9 +278,19 @@ def run_interactive(args) -> int:
                           f"{[lab for lab in labels if not lab.startswith('_')]}")
     acfg = adapt_config(args)
     fcfg = checkpoint_frontend(ckpt)
+    if acfg.user_norm:
+        P.require_base_frontend(ckpt)
+    reference = P.stored_speech_mean(ckpt) if acfg.user_norm else None
+    if acfg.user_norm and reference is None:  # said before anyone speaks, not after
+        raise ConfigError(f"{base_path} stores no speech mean of its training set "
+                          "(extra.frontend_stats; `edgeprop pretrain` writes it): pass "
+                          "--user-norm 0 to adapt without moving the frontend's normalisation")
 
-    def to_input(audio: np.ndarray) -> np.ndarray:
-        return encode_batch(ckpt, features(P.fit_clip(audio)[None], fcfg))[0]
+    def features_of(audio: np.ndarray, chain=fcfg) -> np.ndarray:
+        return features(P.fit_clip(audio)[None], chain)[0]
+
+    def to_input(audio: np.ndarray, chain=fcfg) -> np.ndarray:
+        return encode_batch(ckpt, features_of(audio, chain)[None])[0]
 
     source = MicrophoneSource(device=args.device)
     recorded: dict[str, list[np.ndarray]] = {}
@@ -307,30 +322,36 @@ def run_interactive(args) -> int:
 
     # shots = the first takes, held back = the last --holdout takes of every keyword
     idx = {lab: i for i, lab in enumerate(labels)}
-    shot_x, shot_y, test_x, test_y, shot_audio = [], [], [], [], []
+    shot_audio, shot_y, test_audio, test_y = [], [], [], []
     for word, utts in recorded.items():
         for k, u in enumerate(utts):
             held = k >= args.takes - args.holdout
-            (test_x if held else shot_x).append(to_input(u))
+            (test_audio if held else shot_audio).append(u)
             (test_y if held else shot_y).append(idx[word])
-            if not held:
-                shot_audio.append(u)
-    sil_idx = idx.get("_silence_")
-    gen_x, gen_y = _rehearsal_inputs(ckpt, acfg, to_input)
-    if sil_idx is not None:
-        for s in silence:
-            gen_x.append(to_input(s))
-            gen_y.append(sil_idx)
-    x_shot = np.stack(shot_x)
+    t0 = time.perf_counter()
+    user = fcfg  # the user's frontend (P.user_frontend), from the shots alone
+    if acfg.user_norm:
+        user = P.user_frontend(fcfg, np.stack([features_of(u) for u in shot_audio]),
+                               reference, acfg.user_norm)
+    x_shot = np.stack([to_input(u, user) for u in shot_audio])
+    t_frontend = time.perf_counter() - t0
     y_shot = np.array(shot_y)
+    sil_idx = idx.get("_silence_")
+    gen_x, gen_y = _rehearsal_inputs(ckpt, acfg, to_input)  # other voices: base chain
+    if sil_idx is not None:
+        for s in silence:  # the user's room, heard through the user's chain from now on
+            gen_x.append(to_input(s, user))
+            gen_y.append(sil_idx)
     x_gen = np.stack(gen_x) if gen_x else np.zeros((0,) + x_shot.shape[1:], np.float32)
     y_gen = np.array(gen_y, np.int64)
     say(f"adapting on {len(y_shot)} utterances ({args.backend}) ...")
     run, info = P.adapt_validated(ckpt, x_shot, y_shot, x_gen, y_gen, acfg,
                                   backend=args.backend,
                                   noisy=lambda: _noisy_takes(shot_audio, silence, acfg,
-                                                             to_input))
+                                                             lambda a: to_input(a, user)))
+    run.seconds += t_frontend
     if info.get("skipped"):
+        user = fcfg  # the base is kept whole, its frontend too
         say(f"the base model already recognised at least {acfg.skip_above:.0%} of the takes: "
             "it is kept as it is (--skip-above 0 adapts anyway)")
     result = {"speaker": args.name, "keywords": keywords, "n_adapt": int(len(y_shot)),
@@ -339,17 +360,22 @@ def run_interactive(args) -> int:
               "seconds_per_adapt_utterance": run.seconds / max(len(y_shot), 1),
               "backend": args.backend, "model": str(base_path), "mic_overrun_samples": overruns,
               "adapt_config": acfg.to_dict()}
+    result["frontend_moved"] = user != fcfg
     if test_y:
-        x_test, y_test = np.stack(test_x), np.array(test_y)
-        result["before"] = P.accuracy_of(ckpt, ckpt.params, x_test, y_test)
-        result["after"] = P.accuracy_of(ckpt, run.params, x_test, y_test)
+        y_test = np.array(test_y)
+        result["before"] = P.accuracy_of(ckpt, ckpt.params,
+                                         np.stack([to_input(u) for u in test_audio]), y_test)
+        result["after"] = P.accuracy_of(ckpt, run.params,
+                                        np.stack([to_input(u, user) for u in test_audio]),
+                                        y_test)
         result["n_test"] = int(len(y_test))
         say(f"held-back utterances: accuracy {100 * result['before']:.0f} % before, "
             f"{100 * result['after']:.0f} % after ({len(y_test)} utterances)")
     out = Path(args.out) if args.out else None
     path = P.save_personalized(ckpt, base_path, run.params, args.name, acfg, out=out,
                                result={k: result[k] for k in ("before", "after", "n_adapt",
-                                                              "n_test") if k in result})
+                                                              "n_test") if k in result},
+                               frontend=user)
     result["out"] = str(path)
     say(f"saved the personalised model to {path} (base {base_path} untouched); use it with "
         f"`edgeprop demo live --model {path}`")

@@ -234,7 +234,8 @@ def run(args) -> int:
                     encoder={"name": "current", "n_in": cfg.n_in}, labels=list(KWS_LABELS),
                     extra={k: record[k] for k in ("command", "seed", "method", "val_accuracy",
                                                   "n_val", "seconds", "train_config",
-                                                  "data_info", "comparison")})
+                                                  "data_info", "comparison")}
+                    | {"frontend_stats": data.frontend_stats})
     rec_path = _record_path(out)
     atomic_write_text(rec_path, json.dumps(record, indent=1))
     if resume_file.exists():
