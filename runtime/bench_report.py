@@ -403,8 +403,12 @@ HEADLINES: list[tuple[str, str, str, Any]] = [
     ("profile", "emulator_realtime_factor", ">= 20 (goal 100)", lambda v: v >= 20),
     ("run", "latency_p99_ms", "<= 20 ms", lambda v: v <= 20),
     ("run", "dropped", "0", lambda v: v == 0),
-    ("personalize", "relative_error_reduction", ">= 0.25 (goal 0.40)", lambda v: v >= 0.25),
-    ("personalize", "n_worse_by_more_than_2_points", "0", lambda v: v == 0),
+    # personalize runs one draw of shots (seed 0); a draw moves the result by 10-20
+    # points, so the ten-seed figures in docs/personalization.md are the ones to quote
+    ("personalize", "relative_error_reduction",
+     ">= 0.25 (goal 0.40); seed 0 only, ten seeds: docs/personalization.md",
+     lambda v: v >= 0.25),
+    ("personalize", "n_worse_by_more_than_2_points", "0; seed 0 only", lambda v: v == 0),
     ("personalize", "seconds_per_adapt_utterance", "< 1 s", lambda v: v < 1),
     ("regress", "seconds", "< 120 s", lambda v: v < 120),
     ("regress", "failed", "0", lambda v: v == 0),
