@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprop.checkpoint import save_checkpoint
+from edgeprop.checkpoint import Checkpoint, save_checkpoint
 from edgeprop.encoders import make_encoder
 from edgeprop.frontend import FrontendConfig, features
 from edgeprop.network import KWS_LABELS, ModelConfig, init_params
@@ -25,6 +25,14 @@ def make_checkpoint(path: Path, seed: int = 0, encoder: str = "current") -> Path
     save_checkpoint(path, cfg, init_params(cfg, seed), frontend=fe.to_dict(),
                     encoder=enc.to_dict(), labels=list(KWS_LABELS), extra={"note": "test"})
     return path
+
+
+def small_checkpoint() -> Checkpoint:
+    """An in-memory model (init weights, default frontend, current encoder, KWS labels)
+    for tests that drive a LearnerCore without files."""
+    cfg = ModelConfig()
+    return Checkpoint(cfg, init_params(cfg, seed=3), frontend=FrontendConfig().to_dict(),
+                      encoder=make_encoder("current").to_dict(), labels=list(KWS_LABELS))
 
 
 def _norm(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

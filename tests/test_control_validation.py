@@ -10,25 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zmq
-from runtime_support import raw_dealer, start_learner
+from runtime_support import raw_dealer, small_checkpoint, start_learner
 
-from edgeprop.checkpoint import Checkpoint
-from edgeprop.encoders import make_encoder
-from edgeprop.frontend import FrontendConfig
-from edgeprop.network import KWS_LABELS, ModelConfig, init_params
+from edgeprop.network import KWS_LABELS
 from runtime import protocol as P
 from runtime.learner_node import Model
 
 STREAM = "s"
-
-
-def _checkpoint() -> Checkpoint:
-    cfg = ModelConfig()
-    return Checkpoint(cfg, init_params(cfg, seed=3), frontend=FrontendConfig().to_dict(),
-                      encoder=make_encoder("current").to_dict(), labels=list(KWS_LABELS))
-
-
-CKPT = _checkpoint()
+CKPT = small_checkpoint()
 MODEL = Model.from_checkpoint(CKPT)
 
 

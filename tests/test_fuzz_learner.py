@@ -20,24 +20,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from runtime_support import small_checkpoint
 
-from edgeprop.checkpoint import Checkpoint, params_hash
-from edgeprop.encoders import make_encoder
-from edgeprop.frontend import FrontendConfig
-from edgeprop.network import KWS_LABELS, ModelConfig, init_params
+from edgeprop.checkpoint import params_hash
+from edgeprop.network import KWS_LABELS
 from runtime import protocol as P
 from runtime import regress as R
 from runtime.learner_node import LearnerCore, Model
 
 STREAM = "valid-stream"
-
-
-def small_checkpoint() -> Checkpoint:
-    cfg = ModelConfig()
-    return Checkpoint(cfg, init_params(cfg, seed=3), frontend=FrontendConfig().to_dict(),
-                      encoder=make_encoder("current").to_dict(), labels=list(KWS_LABELS))
-
-
 CKPT = small_checkpoint()
 MODEL = Model.from_checkpoint(CKPT)
 
