@@ -564,6 +564,24 @@ def require_base_frontend(ckpt: Checkpoint) -> None:
                           "again, or pass --user-norm 0 to adapt it further as it is")
 
 
+def training_speech_mean(ckpt: Checkpoint,
+                         recompute: Callable[[], np.ndarray | None] | None = None,
+                         folder: Path | None = None) -> np.ndarray:
+    """The reference of the user's frontend: the training set's speech mean as stored
+    with the checkpoint, else `recompute()` (from the pretraining clips of `folder`, when
+    it holds them); neither, or a frontend that already moved, is a ConfigError."""
+    require_base_frontend(ckpt)
+    ref = stored_speech_mean(ckpt)
+    if ref is None and recompute is not None:
+        ref = recompute()
+    if ref is None:
+        where = "" if folder is None else f" and its pretraining split is not in {folder}"
+        raise ConfigError("this checkpoint stores no speech mean of its training set "
+                          f"(extra.frontend_stats; `edgeprop pretrain` writes it){where}: pass "
+                          "--user-norm 0 to adapt without moving the frontend's normalisation")
+    return ref
+
+
 # ---------------------------------------------------------------- the protocol
 @dataclass
 class Session:
@@ -580,17 +598,13 @@ class Session:
         """The training set's speech mean: stored with the checkpoint, or recomputed from
         the folder's pretraining clips (checkpoints written before it was stored)."""
         if self._reference is None:
-            require_base_frontend(self.ckpt)
-            ref = stored_speech_mean(self.ckpt)
-            if ref is None and self.seen:
+            def recompute() -> np.ndarray | None:
+                if not self.seen:
+                    return None
                 train = [c for c in self.clips if c.speaker in self.seen]
-                ref = speech_mean(self.features.features(train), self.features.fcfg)
-            if ref is None:
-                raise ConfigError("this checkpoint stores no speech mean of its training set "
-                                  "(extra.frontend_stats) and its pretraining split is not in "
-                                  f"{self.data_dir}: pass --user-norm 0 to adapt without "
-                                  "moving the frontend's normalisation")
-            self._reference = ref
+                return speech_mean(self.features.features(train), self.features.fcfg)
+
+            self._reference = training_speech_mean(self.ckpt, recompute, self.data_dir)
         return self._reference
 
     @classmethod

@@ -278,13 +278,8 @@ def run_interactive(args) -> int:
                           f"{[lab for lab in labels if not lab.startswith('_')]}")
     acfg = adapt_config(args)
     fcfg = checkpoint_frontend(ckpt)
-    if acfg.user_norm:
-        P.require_base_frontend(ckpt)
-    reference = P.stored_speech_mean(ckpt) if acfg.user_norm else None
-    if acfg.user_norm and reference is None:  # said before anyone speaks, not after
-        raise ConfigError(f"{base_path} stores no speech mean of its training set "
-                          "(extra.frontend_stats; `edgeprop pretrain` writes it): pass "
-                          "--user-norm 0 to adapt without moving the frontend's normalisation")
+    # checked before anyone speaks, not after
+    reference = P.training_speech_mean(ckpt) if acfg.user_norm else None
 
     def features_of(audio: np.ndarray, chain=fcfg) -> np.ndarray:
         return features(P.fit_clip(audio)[None], chain)[0]
