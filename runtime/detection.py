@@ -66,17 +66,22 @@ class DetectorConfig:
         return cls(**d)
 
 
-def add_detector_arguments(parser) -> None:
+def add_detector_arguments(parser, *, default_from: str | None = None) -> None:
     """--window, --threshold, --refractory for every verb that detects (serve, run,
-    replay, demo live), with DetectorConfig's defaults."""
+    replay, demo live), with DetectorConfig's defaults.
+
+    default_from (replay: "the recording's") says where unset options come from
+    instead: they then default to None, so the caller can tell given from not given.
+    """
     d = DetectorConfig()
-    parser.add_argument("--window", type=int, default=d.window,
-                        help=f"detection smoothing, frames (default {d.window})")
-    parser.add_argument("--threshold", type=float, default=d.threshold,
-                        help=f"detection threshold (default {d.threshold:g})")
-    parser.add_argument("--refractory", type=int, default=d.refractory,
-                        help=f"frames after a detection during which none fires "
-                             f"(default {d.refractory})")
+
+    def option(flag: str, typ: type, value, what: str) -> None:
+        default, said = (None, f": {default_from}") if default_from else (value, f" {value:g}")
+        parser.add_argument(flag, type=typ, default=default, help=f"{what} (default{said})")
+
+    option("--window", int, d.window, "detection smoothing, frames")
+    option("--threshold", float, d.threshold, "detection threshold")
+    option("--refractory", int, d.refractory, "frames after a detection during which none fires")
 
 
 def detector_settings(args) -> dict:

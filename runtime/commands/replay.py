@@ -41,24 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay without learning (default: as the recording's learner)")
     parser.add_argument("--endpoint", type=endpoint,
                         help="send to a running learner instead of offline")
-    add_detector_arguments(_RecordedByDefault(parser))
+    # serve's defaults (window 50, ...) would replace the recording's settings although
+    # the user did not ask for them: unset options stay None (see _detector)
+    add_detector_arguments(parser, default_from="the recording's")
     parser.add_argument("--save", type=new_file,
                         help="write the weights after the replay to this checkpoint")
     add_output_flags(parser)
-
-
-class _RecordedByDefault:
-    """Adds add_detector_arguments' options to `parser` with default None and help that
-    says so: serve's defaults (window 50, ...) would replace the recording's settings
-    although the user did not ask for them; None lets `_detector` tell given from not."""
-
-    def __init__(self, parser: argparse.ArgumentParser):
-        self.parser = parser
-
-    def add_argument(self, *names: str, help: str = "", **kw) -> None:
-        kw["default"] = None
-        self.parser.add_argument(*names, help=help.split(" (default")[0]
-                                 + " (default: the recording's)", **kw)
 
 
 def _detector(args: argparse.Namespace, recorded: dict) -> dict | None:
