@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 #: Default PE clock: the low end of SpiNNaker 2's 150-300 MHz PE range
 #: (shared/DESIGN.md), so real-time at this clock holds at any faster one.
 DEFAULT_CLOCK_MHZ = 150.0
@@ -123,12 +125,18 @@ class StepCost:
 
     def energy_uj(self, budget_us: float | None) -> float:
         """Active energy of every PE, idle energy for the rest of the budget, packets."""
-        active = sum(self.pe_cycles) * ENERGY_PER_CYCLE_PJ * 1e-6
-        idle = 0.0
-        if budget_us is not None:
-            for c in self.pe_cycles:
-                idle_us = max(budget_us - c / self.clock_mhz, 0.0)
-                idle += IDLE_POWER_MW * idle_us * 1e-3  # mW * us = nJ -> uJ
-        net = (self.packets * ENERGY_PER_PACKET_PJ
-               + self.deliveries * ENERGY_PER_DELIVERY_PJ) * 1e-6
-        return active + idle + net
+        return float(energy_uj(self.pe_cycles, self.packets, self.deliveries, self.clock_mhz,
+                               budget_us))
+
+
+def energy_uj(pe_cycles, packets, deliveries, clock_mhz: float, budget_us: float | None):
+    """StepCost's energy; pe_cycles is a sequence over PEs of ints, or of integer arrays
+    over steps (packets and deliveries then arrays too), for many steps at once."""
+    active = sum(pe_cycles) * ENERGY_PER_CYCLE_PJ * 1e-6
+    idle = 0.0
+    if budget_us is not None:
+        for c in pe_cycles:
+            idle_us = np.maximum(budget_us - c / clock_mhz, 0.0)
+            idle += IDLE_POWER_MW * idle_us * 1e-3  # mW * us = nJ -> uJ
+    net = (packets * ENERGY_PER_PACKET_PJ + deliveries * ENERGY_PER_DELIVERY_PJ) * 1e-6
+    return active + idle + net

@@ -55,23 +55,97 @@ def round_fp16(x):  # pragma: no cover - numba
     """float32 -> nearest-even float16 value, kept in float32 (== x.astype(f16) widened).
 
     Normal range: round the 13 dropped mantissa bits to nearest-even on the bit
-    pattern; f16-subnormal range: (x + 0.75) - 0.75 rounds to multiples of 2^-24.
+    pattern; f16-subnormal range: (x + 0.75) - 0.75 rounds to multiples of 2^-24;
+    beyond the f16 range: inf. All three are computed and one selected, without
+    branches, so the eligibility loops vectorise.
     """
     ax = abs(x)
-    if ax < np.float32(6.103515625e-05):
-        return (x + np.float32(0.75)) - np.float32(0.75)
-    if ax >= np.float32(65520.0):
-        return x * np.float32(np.inf) if x == x else x
     b = np.float32(x).view(np.uint32)
     b = np.uint32((b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1)))
                   & np.uint32(0xFFFFE000))
-    return np.uint32(b).view(np.float32)
+    normal = np.uint32(b).view(np.float32)
+    sub = (x + np.float32(0.75)) - np.float32(0.75)
+    big = x * np.float32(np.inf)
+    r = sub if ax < np.float32(6.103515625e-05) else normal
+    return big if ax >= np.float32(65520.0) else r
 
 
 @njit(cache=True, inline="always")
 def _st(x, half):  # pragma: no cover - numba
     """The value a store leaves in SRAM (fp16 traces round, fp32 keep)."""
     return round_fp16(x) if half else x
+
+
+@njit(cache=True, inline="always")
+def _scale_row(row, c, half):  # pragma: no cover - numba
+    """row *= c, stored (the idle row's eps_a decay)."""
+    if half:
+        for i in range(row.size):
+            row[i] = round_fp16(c * row[i])
+    else:
+        for i in range(row.size):
+            row[i] = c * row[i]
+
+
+@njit(cache=True, inline="always")
+def _decay_row(ebar, acc, kappa, mean, half):  # pragma: no cover - numba
+    """An idle row's ebar *= kappa (and, mean loss, acc += ebar), stored."""
+    if mean:
+        if half:
+            for i in range(ebar.size):
+                eb = kappa * ebar[i]
+                ebar[i] = round_fp16(eb)
+                acc[i] = round_fp16(acc[i] + eb)
+        else:
+            for i in range(ebar.size):
+                eb = kappa * ebar[i]
+                ebar[i] = eb
+                acc[i] = acc[i] + eb
+    else:
+        _scale_row(ebar, kappa, half)
+
+
+@njit(cache=True, inline="always")
+def _alif_row(eps_a, eps, eps_prev, e, pc, pp, dec, beta, half):  # pragma: no cover - numba
+    """An active ALIF row: eps_a updated and stored; e = its eligibility (registers)."""
+    if half:
+        for i in range(eps_a.size):
+            ea = pp * eps_prev[i] + dec * eps_a[i]
+            eps_a[i] = round_fp16(ea)
+            e[i] = pc * (eps[i] - beta * ea)
+    else:
+        for i in range(eps_a.size):
+            ea = pp * eps_prev[i] + dec * eps_a[i]
+            eps_a[i] = ea
+            e[i] = pc * (eps[i] - beta * ea)
+
+
+@njit(cache=True, inline="always")
+def _add_row(acc, e, half):  # pragma: no cover - numba
+    """Fused traces: acc += e, stored."""
+    if half:
+        for i in range(acc.size):
+            acc[i] = round_fp16(acc[i] + e[i])
+    else:
+        for i in range(acc.size):
+            acc[i] = acc[i] + e[i]
+
+
+@njit(cache=True, inline="always")
+def _filter_row(ebar, acc, e, kappa, mean, half):  # pragma: no cover - numba
+    """ebar = kappa ebar + e (and, mean loss, acc += ebar), stored."""
+    if half:
+        for i in range(ebar.size):
+            eb = kappa * ebar[i] + e[i]
+            ebar[i] = round_fp16(eb)
+            if mean:
+                acc[i] = round_fp16(acc[i] + eb)
+    else:
+        for i in range(ebar.size):
+            eb = kappa * ebar[i] + e[i]
+            ebar[i] = eb
+            if mean:
+                acc[i] = acc[i] + eb
 
 
 @njit(cache=True, boundscheck=False)
@@ -101,40 +175,26 @@ def pe_step_kernel(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, spk
     for i in range(zin.shape[0]):
         zin[i] = 0
     active = 0
+    e = np.empty(n_pre, np.float32)
     for j in range(n):
         pc = psi[j]
         pp = psi_prev[j]
         if pc == zero and pp == zero:
             if alif:
-                for i in range(n_pre):
-                    eps_a[j, i] = _st(rho * eps_a[j, i], half)
-            if fused:
-                continue
-            if mode == MODE_MEAN:
-                for i in range(n_pre):
-                    eb = kappa * ebar[j, i]
-                    ebar[j, i] = _st(eb, half)
-                    acc[j, i] = _st(acc[j, i] + eb, half)
-            else:
-                for i in range(n_pre):
-                    ebar[j, i] = _st(kappa * ebar[j, i], half)
+                _scale_row(eps_a[j], rho, half)
+            if not fused:
+                _decay_row(ebar[j], acc[j], kappa, mode == MODE_MEAN, half)
             continue
         active += 1
-        dec = rho - beta * pp
-        for i in range(n_pre):
-            if alif:
-                ea = pp * eps_prev[i] + dec * eps_a[j, i]
-                eps_a[j, i] = _st(ea, half)
-                e = pc * (eps[i] - beta * ea)
-            else:
-                e = pc * eps[i]
-            if fused:
-                acc[j, i] = _st(acc[j, i] + e, half)
-                continue
-            eb = kappa * ebar[j, i] + e
-            ebar[j, i] = _st(eb, half)
-            if mode == MODE_MEAN:
-                acc[j, i] = _st(acc[j, i] + eb, half)
+        if alif:
+            _alif_row(eps_a[j], eps, eps_prev, e, pc, pp, rho - beta * pp, beta, half)
+        else:
+            for i in range(n_pre):
+                e[i] = pc * eps[i]
+        if fused:
+            _add_row(acc[j], e, half)
+        else:
+            _filter_row(ebar[j], acc[j], e, kappa, mode == MODE_MEAN, half)
     return n_out, active, n_spk
 
 
@@ -164,6 +224,42 @@ def tick_batch_kernel(x, x_idx, spike_idx, take, x_bufs, zins, w_ins, w_recs, ne
         counts[p, 0] = n_out
         counts[p, 1] = active
         counts[p, 2] = n_rx
+
+
+@njit(cache=True, boundscheck=False)
+def sample_batch_kernel(xs, x_idx, take, r0s, x_bufs, zins, w_ins, w_recs, neurs, pres,
+                        eps_as, ebars, accs, consts, spks, spk_outs, mode, alif, fused, half,
+                        counts, spike_idx, zin_ro, w_out, y, sum_y, zbar, sum_zbar, ro_spk,
+                        ro_counts):  # pragma: no cover - numba
+    """A whole sample's ticks and readout steps in one call (mean loss; same maths).
+
+    Step t is `tick_batch_kernel` with the frame xs[t] and the spikes of step t-1
+    (global ids in spike_idx), then the readout PE's `readout_step_kernel` on the spikes
+    of step t. counts[t] is that tick's per-PE counts, ro_counts[t] the readout's
+    spikes. The last step's spikes end in the receivers' buffers, as delivered packets.
+    """
+    n_prev = 0
+    for t in range(xs.shape[0]):
+        tick_batch_kernel(xs[t], x_idx, spike_idx[:n_prev], take, x_bufs, zins, w_ins, w_recs,
+                          neurs, pres, eps_as, ebars, accs, consts, spks, spk_outs, mode, alif,
+                          fused, half, counts[t])
+        n_s = 0
+        for p in range(len(neurs)):
+            so = spk_outs[p]
+            for k in range(counts[t, p, 0]):
+                spike_idx[n_s] = r0s[p] + so[k]
+                n_s += 1
+        zin_ro[:] = 0.0
+        for k in range(n_s):
+            zin_ro[spike_idx[k]] = 1.0
+        ro_counts[t] = readout_step_kernel(zin_ro, w_out, y, sum_y, zbar, sum_zbar, consts[2],
+                                           ro_spk)
+        n_prev = n_s
+    for p in range(len(zins)):
+        if take[p, 1]:
+            zi = zins[p]
+            for k in range(n_prev):
+                zi[spike_idx[k]] = 1
 
 
 def pe_step_numpy(x, zin, w_in, w_rec, neur, pre, eps_a, ebar, acc, consts, mode, alif, fused):

@@ -26,7 +26,7 @@ from numba.typed import List
 from edgeprop.errors import EdgepropError
 from edgeprop.network import ModelConfig
 from firmware_model import costs
-from firmware_model.kernels import tick_batch_kernel
+from firmware_model.kernels import sample_batch_kernel, tick_batch_kernel
 from firmware_model.precision import get_precision
 from firmware_model.program import PEProgram
 from firmware_model.router import INPUT, SPIKE
@@ -140,6 +140,67 @@ class LocalGroups:
             keys = prog.tick_done(int(c[0]), int(c[1]), int(c[2]))
             out[p] = ((keys, None), prog.take_cycles())
         return out
+
+    def run_sample(self, xs: np.ndarray, x_to: np.ndarray, spikes_to: np.ndarray,
+                   readout_pe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All ticks and readout steps of one mean-loss sample in one numba call.
+
+        The same kernels, packets and cycles as stepping tick by tick, for a mapping
+        whose input frame goes to the PEs in `x_to` and every spike to `spikes_to`
+        (multicast sets, one bool per PE). The PEs' counters are charged as the packets
+        would have charged them; the cycles of the last step's spikes stay unreported,
+        as when they arrive with the end of the sample. Returns the phases' cycles per
+        step and PE, (T, n_pes) for the tick and the readout, and spikes per step (T,).
+        """
+        order = self._order
+        assert order == list(range(len(order))), "PE ids are 0..n-1"
+        T, n_in = xs.shape
+        P = len(order)
+        take = self._take
+        take[:, 0] = x_to
+        take[:, 1] = spikes_to
+        counts = np.zeros((T, P, 3), np.int64)
+        ro_counts = np.zeros(T, np.int64)
+        progs = [self.programs[p] for p in order]
+        ro = progs[readout_pe]
+        r0s = np.array([pr.r0 for pr in progs], np.int64)
+        spike_idx = np.zeros(ro.n_rec, np.uint32)
+        p0 = progs[0]
+        L = self._typed_lists()
+        sample_batch_kernel(xs, np.arange(n_in, dtype=np.uint32), take, r0s, L[0], L[1], L[2],
+                            L[3], L[4], L[5], L[6], L[7], L[8], p0._consts, L[9], L[10], p0.mode,
+                            p0.alif, p0.prec.fused, p0.acc.half, counts, spike_idx, ro._zin_ro,
+                            ro._w_out_c, ro.y, ro.sum_y, ro.zbar, ro.sum_zbar, ro._spk, ro_counts)
+        spikes = counts[:, :, 0].sum(axis=1)
+        before = np.concatenate([[0], spikes[:-1]])  # spikes of step t-1, received at tick t
+        recv = costs.CYCLES["packet_recv"]
+        send = costs.CYCLES["packet_send"]
+        c_tick = np.zeros((T, P), np.int64)
+        c_ro = np.zeros((T, P), np.int64)
+        for p, prog in enumerate(progs):
+            c = counts[:, p]
+            # spikes for the readout PE arrive in its readout phase; for the others they
+            # are charged before their next tick (or with the end of the sample)
+            late = spikes_to[p] and p != readout_pe
+            c_tick[:, p] = (prog.tick_cycles(c[:, 0], c[:, 1], c[:, 2])
+                            + recv * n_in * int(x_to[p]) + recv * before * int(late))
+            pending = recv * int(spikes[-1]) * int(late)
+            cnt = prog.pe.counters
+            carry = cnt.cycles - prog._mark  # charged before, reported with the first tick
+            c_tick[0, p] += carry
+            cnt.packets_received += n_in * T * int(x_to[p]) + int(spikes.sum()) * int(spikes_to[p])
+            cnt.packets_sent += int(c[:, 0].sum())
+            if p == readout_pe:
+                n_out = prog.n_out
+                c_ro[:, p] = (recv * spikes * int(spikes_to[p]) + send * n_out
+                              + prog.readout_cycles(ro_counts))
+                cnt.packets_sent += n_out * T
+                cnt.payload_bytes_sent += 4 * n_out * T
+                prog.stats[0] += float(T)
+            cnt.cycles += int(c_tick[:, p].sum() + c_ro[:, p].sum()) - carry
+            prog._mark = cnt.cycles
+            cnt.cycles += pending
+        return c_tick, c_ro, spikes
 
     def close(self) -> None:
         pass

@@ -298,16 +298,19 @@ class PEProgram:
             self.mode, self.alif, self.prec.fused, self.acc.half)
         return self.tick_done(n_spk, active, n_rx), None
 
-    def tick_done(self, n_spk: int, active: int, n_rx: int) -> np.ndarray:
-        """Charge the tick's cycles and form its spike packets' keys."""
+    def tick_cycles(self, n_spk, active, n_rx):
+        """Cycles of one tick from its counts (ints, or integer arrays over ticks)."""
         C = costs.CYCLES
         n, n_pre, ft = self.n, self.n_pre, self.fmt_t
-        cyc = (self._tick_fixed + (C["rec_add"] + self.fmt_w) * n * n_rx
-               + (self._elig_cyc + 2 * self._n_trace_arrays * ft) * active * n_pre
-               + (C["elig_skip"] + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
-               + C["packet_send"] * n_spk)
+        return (self._tick_fixed + (C["rec_add"] + self.fmt_w) * n * n_rx
+                + (self._elig_cyc + 2 * self._n_trace_arrays * ft) * active * n_pre
+                + (C["elig_skip"] + 2 * self._n_trace_arrays * ft) * (n - active) * n_pre
+                + C["packet_send"] * n_spk)
+
+    def tick_done(self, n_spk: int, active: int, n_rx: int) -> np.ndarray:
+        """Charge the tick's cycles and form its spike packets' keys."""
         counters = self.pe.counters
-        counters.cycles += cyc
+        counters.cycles += self.tick_cycles(n_spk, active, n_rx)
         counters.packets_sent += n_spk
         if n_spk == 0:
             return self.out_keys[:0].copy()
@@ -330,8 +333,7 @@ class PEProgram:
                                     self.sum_zbar, kappa, self._spk)
         self.stats[0] += 1.0
         C = costs.CYCLES
-        cyc = (C["readout_unit"] * self.n_out + C["readout_zbar"] * self.n_rec
-               + (C["readout_add"] + self.fmt_w) * n_spk * self.n_out)
+        cyc = self.readout_cycles(n_spk)
         out = [self._send(self._out_keys, self.y.view(np.uint32).copy())]
         any_l = False
         if self.mode != MODE_MEAN:
@@ -347,6 +349,12 @@ class PEProgram:
         keys = np.concatenate([k for k, _ in out])
         pays = np.concatenate([p for _, p in out])
         return keys, pays, self.y.copy(), bool(any_l)
+
+    def readout_cycles(self, n_spk):
+        """Cycles of the readout's update over n_spk received spikes (int or array)."""
+        C = costs.CYCLES
+        return (C["readout_unit"] * self.n_out + C["readout_zbar"] * self.n_rec
+                + (C["readout_add"] + self.fmt_w) * n_spk * self.n_out)
 
     def cmd_lsig(self) -> None:
         """per_step loss: acc += L ebar with the learning signals just received."""

@@ -183,6 +183,12 @@ class Router:
             out.append((keys[col], payloads[col], kind, idx[col]) if col.any() else empty)
         return out
 
+    def count(self, kind: int, packets, deliveries) -> None:
+        """Add traffic routed elsewhere (a whole sample's, by the emulator's fast path)."""
+        self.packets_routed += int(packets)
+        self.deliveries += int(deliveries)
+        self.by_kind[KIND_NAMES[kind]] += int(packets)
+
     def reset_counters(self) -> None:
         self.packets_routed = 0
         self.deliveries = 0

@@ -182,3 +182,42 @@ def test_load_params_writes_weights_into_the_pes_and_keeps_optimizer_state():
         assert np.array_equal(a, b)
     assert np.array_equal(emu.optimizer_state()["m.0"], m_before)
     assert np.abs(m_before).sum() > 0
+
+
+@pytest.mark.parametrize("precision", ["int8w-v8", "fp32"])
+def test_train_sample_in_one_call_equals_stepping_frame_by_frame(clips, precision):
+    """train_sample's one-kernel path (mean loss) against reset + step() x T + end_sample:
+    the same losses, logits, weights, optimizer state, neuron state, received-spike
+    buffers, per-PE counters and every profile figure."""
+    xs, labels = clips
+    cfg = ModelConfig()
+    p = init_params(cfg, 6)
+    fast = EmulatedLearner(cfg, p.copy(), precision=precision, lr=3e-3)
+    slow = EmulatedLearner(cfg, p.copy(), precision=precision, lr=3e-3)
+    assert fast._sample_routes is not None, "the one-call path is not in use"
+    for i, (x, lab) in enumerate(zip(list(xs) * 2, labels * 2, strict=True)):
+        loss_f, logits_f = fast.train_sample(x, lab)
+        slow.reset()
+        for t in range(x.shape[0]):
+            slow.step(x[t])
+        assert loss_f == slow.end_sample(lab)
+        assert np.array_equal(logits_f, slow.last_logits)
+        if i % 2:
+            fast.apply()
+            slow.apply()
+    for a, b in zip(_arrays(fast.params), _arrays(slow.params), strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(fast.params.w_rec, p.w_rec), "training changed no weight"
+    so, ss = fast.optimizer_state(), slow.optimizer_state()
+    assert all(np.array_equal(so[k], ss[k]) for k in so)
+    for k in ("v", "a", "z", "y"):
+        assert np.array_equal(getattr(fast.state, k), getattr(slow.state, k)), k
+    for pf, ps in zip(fast._exec.programs.values(), slow._exec.programs.values(), strict=True):
+        assert np.array_equal(pf.zin, ps.zin)
+        assert vars(pf.pe.counters) == vars(ps.pe.counters)
+        assert pf._mark == ps._mark
+    prof_f, prof_s = fast.profile(), slow.profile()
+    prof_f.pop("emulator_wall_s_per_step")
+    prof_s.pop("emulator_wall_s_per_step")
+    assert prof_f["packets_by_kind"]["spike"] > 0
+    assert prof_f == prof_s

@@ -76,11 +76,13 @@ def test_fp16_rounding_kernel_equals_numpy_cast():
     a = np.concatenate([rng.standard_normal(20000).astype(np.float32) * s
                         for s in (1e-8, 1e-5, 1e-2, 1.0, 1e3, 6e4)])
     ties = ((rng.integers(0, 1024, 5000) + 0.5) / 1024 + 1).astype(np.float32)
-    a = np.concatenate([a, ties, np.array([0, 2**-25, 3 * 2**-26, 65504, 65519], np.float32)])
+    edges = [0, 2**-25, 3 * 2**-26, 65504, 65519, 65520, -65520, 1e6, -1e6, np.inf, -np.inf,
+             np.nan, 6.103515625e-05, -6.103515625e-05, 6.1e-5]
+    a = np.concatenate([a, -a, ties, np.array(edges, np.float32)])
     b = a.copy()
     round_fp16_array(b)
-    with np.errstate(over="ignore"):  # beyond 65504 both give inf, on purpose
-        assert np.array_equal(b, a.astype(np.float16).astype(np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond 65504 both give inf
+        assert np.array_equal(b, a.astype(np.float16).astype(np.float32), equal_nan=True)
 
 
 @pytest.mark.parametrize("fmt,rel", [("fp16", 1e-3), ("int16", 1e-4), ("int8", 1e-2)])

@@ -23,7 +23,7 @@ from runtime.arg_types import nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s",
-               "emulator_realtime_factor_cpu")
+               "emulator_realtime_factor_cpu", "one_call_speedup")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,18 +125,25 @@ def run_profile(args) -> dict:
     warm = EmulatedLearner(cfg, params.copy(), **opts)  # compiles the kernels, untimed
     warm.train_sample(xs[0][:2], labels[0])
     warm.apply()
+    _stepwise_wall(warm, xs[0][:2], labels[0])  # and the frame-by-frame baseline's
     emu = EmulatedLearner(cfg, params.copy(), multiprocess=args.multiprocess, **opts)
+    # the baseline in the same run: the same samples stepped frame by frame
+    stepwise = EmulatedLearner(cfg, params.copy(), **opts) if emu._sample_routes else None
     try:
         wall = cpu = 0.0
         frames = 0
+        ratios = []
         with progress("training on the emulated chip", len(xs), args.quiet) as advance:
             for x, lab in zip(xs, labels, strict=True):
                 t0, c0 = time.perf_counter(), time.process_time()
                 emu.train_sample(x, lab)
                 emu.apply()
-                wall += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                wall += dt
                 cpu += time.process_time() - c0
                 frames += x.shape[0]
+                if stepwise is not None:
+                    ratios.append(_stepwise_wall(stepwise, x, lab) / dt)
                 advance()
         prof = emu.profile()
     finally:
@@ -151,8 +158,22 @@ def run_profile(args) -> dict:
         "emulator_realtime_factor": audio_s / wall if wall > 0 else None,
         # the same per CPU second of this process: less sensitive to other jobs' load
         "emulator_realtime_factor_cpu": audio_s / cpu if cpu > 0 else None,
+        # train_sample's one-call path against stepping frame by frame (mean loss, single
+        # process): median over the samples of the per-sample wall-time ratio
+        "one_call_speedup": float(np.median(ratios)) if ratios else None,
     })
     return prof
+
+
+def _stepwise_wall(learner, x: np.ndarray, label: int) -> float:
+    """Wall time of one sample through step() frame by frame (+ end_sample, apply)."""
+    t0 = time.perf_counter()
+    learner.reset()
+    for frame in x:
+        learner.step(frame)
+    learner.end_sample(label)
+    learner.apply()
+    return time.perf_counter() - t0
 
 
 def run_variants(args) -> dict:
