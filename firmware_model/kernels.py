@@ -56,8 +56,8 @@ def round_fp16(x):  # pragma: no cover - numba
 
     Normal range: round the 13 dropped mantissa bits to nearest-even on the bit
     pattern; f16-subnormal range: (x + 0.75) - 0.75 rounds to multiples of 2^-24;
-    beyond the f16 range: inf. All three are computed and one selected, without
-    branches, so the eligibility loops vectorise.
+    beyond the f16 range: inf. All three are computed and one selected: no branch in
+    the eligibility loops, which call this on every store.
     """
     ax = abs(x)
     b = np.float32(x).view(np.uint32)
