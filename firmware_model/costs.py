@@ -130,13 +130,13 @@ class StepCost:
 
 
 def energy_uj(pe_cycles, packets, deliveries, clock_mhz: float, budget_us: float | None):
-    """StepCost's energy; pe_cycles is a sequence over PEs of ints, or of integer arrays
-    over steps (packets and deliveries then arrays too), for many steps at once."""
-    active = sum(pe_cycles) * ENERGY_PER_CYCLE_PJ * 1e-6
+    """StepCost's energy. pe_cycles is (n_pes,) cycles, or (T, n_pes) for T steps at once
+    (packets and deliveries then (T,)); the idle energy is summed PE by PE, in order."""
+    cyc = np.asarray(pe_cycles)
+    active = cyc.sum(axis=-1) * ENERGY_PER_CYCLE_PJ * 1e-6
     idle = 0.0
-    if budget_us is not None:
-        for c in pe_cycles:
-            idle_us = np.maximum(budget_us - c / clock_mhz, 0.0)
-            idle += IDLE_POWER_MW * idle_us * 1e-3  # mW * us = nJ -> uJ
+    if budget_us is not None and cyc.shape[-1]:
+        idle_us = np.maximum(budget_us - cyc / clock_mhz, 0.0)
+        idle = np.cumsum(IDLE_POWER_MW * idle_us * 1e-3, axis=-1)[..., -1]  # mW*us = nJ -> uJ
     net = (packets * ENERGY_PER_PACKET_PJ + deliveries * ENERGY_PER_DELIVERY_PJ) * 1e-6
     return active + idle + net

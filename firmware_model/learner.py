@@ -28,7 +28,7 @@ from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
-from firmware_model.mapping import Mapping, map_network
+from firmware_model.mapping import Mapping, emitted_keys, map_network
 from firmware_model.multiproc import LocalGroups, ProcessGroups, build_programs
 from firmware_model.precision import DEFAULT_PRECISION, get_precision
 from firmware_model.router import HOST_ID, INPUT, OUTPUT, SPIKE, key_index, key_kind, make_key
@@ -131,16 +131,13 @@ class EmulatedLearner:
         self._call("load", args)
 
     def _multicast_routes(self):
-        """(input to, spikes to, deliveries per input / spike / output packet) when every
-        input packet goes to one set of PEs, every spike to one set, and outputs only to
-        the host: what `train_sample`'s one-call path needs. None otherwise."""
+        """(input to, spikes to, deliveries per input packet, per spike) when every input
+        packet goes to one set of PEs, every spike to one set, and outputs only to the
+        host: what `train_sample`'s one-call path needs. None otherwise."""
         n_pes, host = self.chip.n_pes, self.router.host
-        ro = self.readout_pe
-        spk_keys = np.concatenate([make_key(SPIKE, p, np.arange(s, e, dtype=np.uint32))
-                                   for p, (s, e) in enumerate(self.mapping.slices)])
-        out_keys = np.asarray(make_key(OUTPUT, ro, np.arange(self.cfg.n_out)), np.uint32)
+        *spikes, inputs, _lsig, outputs = emitted_keys(self.mapping)
         sets = []
-        for keys in (self._in_keys, spk_keys.astype(np.uint32), out_keys):
+        for keys in (inputs, np.concatenate(spikes), outputs):
             dest = self.router.route(keys)
             if not (dest == dest[0]).all():
                 return None
@@ -148,10 +145,17 @@ class EmulatedLearner:
         d_in, d_spk, d_out = sets
         if d_in[host] or d_spk[host] or d_out[:n_pes].any() or not d_out[host]:
             return None
-        return d_in[:n_pes].copy(), d_spk[:n_pes].copy(), int(d_in.sum()), int(d_spk.sum()), 1
+        return d_in[:n_pes].copy(), d_spk[:n_pes].copy(), int(d_in.sum()), int(d_spk.sum())
+
+    @property
+    def trains_in_one_call(self) -> bool:
+        """True when `train_sample` runs the sample's steps in one kernel call (mean
+        loss, single process, multicast input and spikes); else it steps frame by frame."""
+        return self._sample_routes is not None
 
     # ------------------------------------------------------------------ profile counters
     def _reset_profile(self) -> None:
+        self._queued_steps: list[tuple] = []
         self._steps = 0
         self._step_time_sum = 0.0
         self._step_time_max = 0.0
@@ -163,14 +167,34 @@ class EmulatedLearner:
         self.router.reset_counters()
 
     def _close_step(self, phase_cycles: list[np.ndarray], packets: int, deliveries: int) -> None:
-        cost = costs.StepCost([int(c) for c in np.sum(phase_cycles, axis=0)], packets,
-                              deliveries, len(phase_cycles), self.chip.clock_mhz)
-        t_us = sum(int(c.max()) for c in phase_cycles) / self.chip.clock_mhz + \
-            len(phase_cycles) * costs.ROUTE_PHASE_US
-        self._steps += 1
-        self._step_time_sum += t_us
-        self._step_time_max = max(self._step_time_max, t_us)
-        self._step_energy_sum += cost.energy_uj(costs.STEP_BUDGET_US)
+        """Queue one step's cost for the profile; `_close_steps` sums queued steps in
+        batches (one vectorised pass instead of a dozen small NumPy calls per step)."""
+        q = self._queued_steps
+        q.append((sum(phase_cycles), sum(int(c.max()) for c in phase_cycles),
+                  len(phase_cycles), packets, deliveries))
+        if len(q) >= 256:
+            self._flush_steps()
+
+    def _flush_steps(self) -> None:
+        q = self._queued_steps
+        if q:
+            columns = [np.array(v) for v in zip(*q, strict=True)]
+            q.clear()
+            self._close_steps(*columns)
+
+    def _close_steps(self, per_pe: np.ndarray, critical: np.ndarray, phases, packets,
+                     deliveries) -> None:
+        """Add T steps to the profile: per_pe (T, n_pes) cycles of each step, critical (T,)
+        the sum over its phases of the slowest PE's cycles, phases, packets and deliveries
+        per step (scalars or (T,))."""
+        clock = self.chip.clock_mhz
+        t_us = critical / clock + phases * costs.ROUTE_PHASE_US
+        energy = costs.energy_uj(per_pe, packets, deliveries, clock, costs.STEP_BUDGET_US)
+        for tu, e in zip(t_us.tolist(), energy.tolist(), strict=True):
+            self._step_time_sum += tu
+            self._step_energy_sum += e
+        self._step_time_max = max(self._step_time_max, float(t_us.max()))
+        self._steps += t_us.size
 
     # ------------------------------------------------------------------ API
     @property
@@ -292,24 +316,17 @@ class EmulatedLearner:
         dispatch, which dominated the emulator's wall time.
         """
         w0 = time.perf_counter()
-        x_to, spikes_to, d_in, d_spk, d_out = self._sample_routes
+        x_to, spikes_to, d_in, d_spk = self._sample_routes
         c_tick, c_ro, spikes = self._exec.run_sample(xs, x_to, spikes_to, self.readout_pe)
         T = xs.shape[0]
         n_in, n_out = self.cfg.n_in, self.cfg.n_out
+        # outputs go to the host alone: one delivery each
         self.router.count(INPUT, n_in * T, n_in * d_in * T)
         self.router.count(SPIKE, spikes.sum(), spikes.sum() * d_spk)
-        self.router.count(OUTPUT, n_out * T, n_out * d_out * T)
-        clock = self.chip.clock_mhz
-        t_us = (c_tick.max(axis=1) + c_ro.max(axis=1)) / clock + 2 * costs.ROUTE_PHASE_US
-        per_pe = c_tick + c_ro
-        energy = costs.energy_uj(list(per_pe.T), n_in + spikes + n_out,
-                                 n_in * d_in + spikes * d_spk + n_out * d_out, clock,
-                                 costs.STEP_BUDGET_US)
-        for tu, e in zip(t_us.tolist(), energy.tolist(), strict=True):
-            self._step_time_sum += tu
-            self._step_energy_sum += e
-        self._step_time_max = max(self._step_time_max, float(t_us.max()))
-        self._steps += T
+        self.router.count(OUTPUT, n_out * T, n_out * T)
+        self._flush_steps()  # keep the steps in order
+        self._close_steps(c_tick + c_ro, c_tick.max(axis=1) + c_ro.max(axis=1), 2,
+                          n_in + spikes + n_out, n_in * d_in + spikes * d_spk + n_out)
         self._t_sample = T
         self._wall_steps += time.perf_counter() - w0
 
@@ -398,6 +415,7 @@ class EmulatedLearner:
         """Placement, bytes by region per PE and in total, modelled time, energy, traffic."""
         mem = self.memory()
         res, _ = self._call("counters", self._all)
+        self._flush_steps()
         steps = max(self._steps, 1)
         step_us = self._step_time_sum / steps
         step_e = self._step_energy_sum / steps

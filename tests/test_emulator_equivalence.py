@@ -194,7 +194,7 @@ def test_train_sample_in_one_call_equals_stepping_frame_by_frame(clips, precisio
     p = init_params(cfg, 6)
     fast = EmulatedLearner(cfg, p.copy(), precision=precision, lr=3e-3)
     slow = EmulatedLearner(cfg, p.copy(), precision=precision, lr=3e-3)
-    assert fast._sample_routes is not None, "the one-call path is not in use"
+    assert fast.trains_in_one_call, "the one-call path is not in use"
     for i, (x, lab) in enumerate(zip(list(xs) * 2, labels * 2, strict=True)):
         loss_f, logits_f = fast.train_sample(x, lab)
         slow.reset()

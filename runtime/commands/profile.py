@@ -128,7 +128,7 @@ def run_profile(args) -> dict:
     _stepwise_wall(warm, xs[0][:2], labels[0])  # and the frame-by-frame baseline's
     emu = EmulatedLearner(cfg, params.copy(), multiprocess=args.multiprocess, **opts)
     # the baseline in the same run: the same samples stepped frame by frame
-    stepwise = EmulatedLearner(cfg, params.copy(), **opts) if emu._sample_routes else None
+    stepwise = EmulatedLearner(cfg, params.copy(), **opts) if emu.trains_in_one_call else None
     try:
         wall = cpu = 0.0
         frames = 0
