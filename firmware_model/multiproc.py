@@ -21,7 +21,6 @@ import tempfile
 import uuid
 
 import numpy as np
-from numba.typed import List
 
 from edgeprop.errors import EdgepropError
 from edgeprop.network import ModelConfig
@@ -90,15 +89,17 @@ class LocalGroups:
             self._accs = None  # these may swap a PE's accumulator buffer
         return run_group(self.programs, deliveries, cmd, args_by_pe)
 
-    def _typed_lists(self):
-        """numba typed lists of each PE's tick arrays (built once; accumulators on swap)."""
+    def _pe_arrays(self):
+        """Tuples of each PE's tick arrays, one per argument of the batched kernels (built
+        once; the accumulators' on a swap). Tuples, not numba typed Lists: a typed List
+        costs about 3 s of method compiling in every new process."""
         if self._lists is None or self._accs is None:
             arrays = [self.programs[p].tick_arrays() for p in self._order]
             if self._lists is None:
-                self._lists = [List(a[k] for a in arrays) for k in range(11)]
+                self._lists = [tuple(a[k] for a in arrays) for k in range(11)]
             sig = tuple(id(a[8]) for a in arrays)
             if sig != self._accs_sig:
-                self._lists[8] = List(a[8] for a in arrays)
+                self._lists[8] = tuple(a[8] for a in arrays)
                 self._accs_sig = sig
             self._accs = self._lists[8]
         return self._lists
@@ -125,7 +126,7 @@ class LocalGroups:
         n_x = 0 if inp is None else int(inp[0].size)
         n_s = 0 if spk is None else int(spk[0].size)
         p0 = self.programs[self._order[0]]
-        L = self._typed_lists()
+        L = self._pe_arrays()
         tick_batch_kernel(x, x_idx, s_idx, take, L[0], L[1], L[2], L[3], L[4], L[5], L[6],
                           L[7], L[8], p0._consts, L[9], L[10], p0.mode, p0.alif,
                           p0.prec.fused, p0.acc.half, self._counts)
@@ -166,7 +167,7 @@ class LocalGroups:
         r0s = np.array([pr.r0 for pr in progs], np.int64)
         spike_idx = np.zeros(ro.n_rec, np.uint32)
         p0 = progs[0]
-        L = self._typed_lists()
+        L = self._pe_arrays()
         sample_batch_kernel(xs, np.arange(n_in, dtype=np.uint32), take, r0s, L[0], L[1], L[2],
                             L[3], L[4], L[5], L[6], L[7], L[8], p0._consts, L[9], L[10], p0.mode,
                             p0.alif, p0.prec.fused, p0.acc.half, counts, spike_idx, ro._zin_ro,
