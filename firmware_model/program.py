@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 
 from edgeprop.network import ModelConfig
-from edgeprop.optim import ADAM_BETAS, ADAM_EPS, adam_step
 from firmware_model import costs
 from firmware_model.chip import PE, Sram
 from firmware_model.kernels import (
@@ -39,6 +38,7 @@ from firmware_model.kernels import (
     readout_step_kernel,
     round_fp16_array,
 )
+from firmware_model.optimizer_kernel import adam_store
 from firmware_model.precision import Precision, Stored, alloc_stored
 from firmware_model.router import INPUT, LSIG, OUTPUT, SPIKE, make_key
 
@@ -422,13 +422,11 @@ class PEProgram:
 
     def _opt_step(self, w: Stored, g: np.ndarray, m: Stored | None, v: Stored | None,
                   t: int) -> None:
-        p = w.read().copy()
         if self.optimizer == "adam":
-            mm, vv = m.read().copy(), v.read().copy()
-            adam_step(p, g, mm, vv, np.empty_like(p), t, self.lr, *ADAM_BETAS, ADAM_EPS)
-            m.write(mm)
-            v.write(vv)
-        elif self.optimizer == "momentum":
+            adam_store(w, g, m, v, t, self.lr, self.rng)
+            return
+        p = w.read().copy()
+        if self.optimizer == "momentum":
             b = m.read().copy()
             b *= np.float32(0.9)
             b += g

@@ -15,7 +15,8 @@ from firmware_model.kernels import (
     readout_step_numpy,
     round_fp16_array,
 )
-from firmware_model.precision import alloc_stored
+from firmware_model.optimizer_kernel import adam_store, adam_store_numpy, f16_tables
+from firmware_model.precision import VARIANTS, alloc_stored
 
 
 def _consts(cfg):
@@ -105,3 +106,56 @@ def test_stochastic_rounding_is_unbiased_for_small_updates():
     assert abs(mean - x[0, 0]) < 2.0**-16
     st.write(x)  # nearest rounding drops the update entirely
     assert (st.read() == 1.0).all()
+
+
+def _optimizer_state(prec, rng, shape):
+    """w, m, v in the variant's formats, seeded with realistic, varied values."""
+    s = Sram(0)
+    w = alloc_stored(s, "weights", "w", shape, prec.weights)
+    m = alloc_stored(s, "optimizer", "m", shape, prec.opt_m)
+    v = alloc_stored(s, "optimizer", "v", shape, prec.opt_v, round_up=True)
+    w.write((rng.standard_normal(shape) * 0.2).astype(np.float32))
+    m.write((rng.standard_normal(shape) * 1e-3).astype(np.float32))
+    v.write((rng.random(shape) * 1e-6).astype(np.float32) ** 2)
+    return w, m, v
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_adam_store_kernel_equals_numpy_reference(variant):
+    """Every storage variant: same stored bits and scales, same generator state, 6 steps."""
+    prec = VARIANTS[variant]
+    rng = np.random.default_rng(5)
+    shape = (10, 200)
+    state = _optimizer_state(prec, rng, shape)
+    ref = _optimizer_state(prec, np.random.default_rng(5), shape)
+    gens = [np.random.default_rng(6) if prec.stochastic_rounding else None for _ in range(2)]
+    for t in range(1, 7):
+        g = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, -1, (shape[0], 1)))
+        g = g.astype(np.float32)
+        g[0, :5] = [0.0, -0.0, 1e-30, -1e-30, 3.0]  # zeros, f32 subnormal-ish, large
+        adam_store(*state[:1], g, *state[1:], t, 2e-4, gens[0])
+        adam_store_numpy(*ref[:1], g, *ref[1:], t, 2e-4, gens[1])
+        for a, b in zip(state, ref, strict=True):
+            assert a.q.dtype == b.q.dtype and np.array_equal(a.q, b.q), (variant, t, a.fmt)
+            if b.scale is not None:
+                assert np.array_equal(a.scale, b.scale), (variant, t)
+    if gens[0] is not None:
+        assert gens[0].random() == gens[1].random()
+    assert not np.array_equal(state[0].read(), _optimizer_state(
+        prec, np.random.default_rng(5), shape)[0].read())  # the weights did move
+
+
+def test_fp16_bit_helpers_equal_numpy_views():
+    """_f16_bits / _f16_value / _f16_next against NumPy's own fp16, over every pattern."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    vals = bits.view(np.float16).astype(np.float32)
+    got_vals, got_bits, up, down = f16_tables(bits, vals)
+    finite = np.isfinite(vals)
+    assert np.array_equal(got_vals, vals, equal_nan=True)
+    assert np.array_equal(got_bits[~np.isnan(vals)], bits[~np.isnan(vals)])
+    assert np.isnan(got_bits.view(np.float16)[np.isnan(vals)]).all()
+    h = bits.view(np.float16)[finite]
+    with np.errstate(over="ignore"):  # +-65504 step to +-inf, as the helpers' do
+        assert np.array_equal(up[finite].view(np.float16), np.nextafter(h, np.float16(np.inf)))
+        assert np.array_equal(down[finite].view(np.float16),
+                              np.nextafter(h, np.float16(-np.inf)))
