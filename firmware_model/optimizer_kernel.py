@@ -24,6 +24,9 @@ from firmware_model.kernels import round_fp16
 from firmware_model.precision import FP8_BIAS, FP8_BIAS_INV, Stored
 
 FP32, FP16, FIXED, FP8 = range(4)
+# stand-ins the kernel never reads: the scale of a float format, draws of nearest rounding
+_NO_SCALE = np.ones(1, np.float32)
+_NO_DRAWS = np.zeros((1, 1), np.float32)
 
 
 def _code(s: Stored) -> int:
@@ -190,9 +193,6 @@ def _kernel_view(s: Stored) -> tuple[np.ndarray, np.ndarray, int, int]:
     return q, scale, _code(s), int(s.qmax or 0)
 
 
-_NO_SCALE = np.ones(1, np.float32)
-
-
 def adam_store(w: Stored, g: np.ndarray, m: Stored, v: Stored, t: int, lr: float,
                rng: np.random.Generator | None) -> None:
     """One Adam step (step t >= 1) of the stored rows w with float32 gradients g."""
@@ -206,9 +206,6 @@ def adam_store(w: Stored, g: np.ndarray, m: Stored, v: Stored, t: int, lr: float
                       np.ascontiguousarray(g, np.float32), u, stochastic,
                       f(lr / (1.0 - b1**t)), f(np.sqrt(1.0 - b2**t)), f(b1), f(1.0 - b1),
                       f(b2), f(1.0 - b2), f(ADAM_EPS))
-
-
-_NO_DRAWS = np.zeros((1, 1), np.float32)
 
 
 def adam_store_numpy(w: Stored, g: np.ndarray, m: Stored, v: Stored, t: int, lr: float,
