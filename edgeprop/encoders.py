@@ -62,7 +62,7 @@ class Encoder:
         return {"name": self.name, "n_in": self.n_in}
 
     def _check(self, frames: np.ndarray, ndim: int) -> np.ndarray:
-        x = np.asarray(frames, dtype=np.float32)
+        x = np.asarray(frames, dtype=np.float32, order="C")  # kernels take C order
         if x.ndim != ndim or x.shape[-1] != self.n_in:
             want = "(T, F)" if ndim == 2 else "(F,)"
             raise ConfigError(f"{self.name} encoder takes {want} with F={self.n_in}, "
@@ -84,9 +84,14 @@ class CurrentEncoder(Encoder):
 
 
 class DeltaEncoder(Encoder):
+    """Send-on-delta; the arithmetic is `encoder_kernels.delta_kernel` (one numba call
+    per frame or per clip, held bit-equal to its NumPy reference by the tests)."""
+
     name = "delta"
 
     def __init__(self, n_features: int = 80, theta: float = 0.5, substeps: int = 1):
+        from edgeprop.encoder_kernels import delta_kernel  # numba loads slowly: lazily
+
         if theta <= 0 or substeps < 1:
             raise ConfigError("delta encoder needs theta > 0 and substeps >= 1")
         self.n_in = int(n_features)
@@ -94,42 +99,20 @@ class DeltaEncoder(Encoder):
         self.theta = float(theta)
         self.substeps = int(substeps)
         self._theta32 = np.float32(self.theta)
-        self._ladder = np.arange(self.substeps, dtype=np.float32)[:, None]  # (S, 1)
+        self._kernel = delta_kernel
+        self.encode(np.zeros((1, self.n_in), dtype=np.float32))  # compile now, not live
         self.reset()
 
     def reset(self) -> None:
         self._ref = np.zeros(self.n_in, dtype=np.float32)
 
-    def _one(self, x: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = np.clip(np.trunc((x - ref) / np.float32(self.theta)), -self.substeps,
-                    self.substeps).astype(np.float32)
-        ref = (ref + k * np.float32(self.theta)).astype(np.float32)
-        out = np.empty((self.substeps, self.n_out), dtype=np.float32)
-        out[:, : self.n_in] = self._ladder < k
-        out[:, self.n_in:] = self._ladder < -k
-        return out, ref
-
     def encode(self, frames: np.ndarray) -> np.ndarray:
-        x = self._check(frames, 2)
         ref = np.zeros(self.n_in, dtype=np.float32)
-        out = np.empty((x.shape[0] * self.substeps, self.n_out), dtype=np.float32)
-        for t in range(x.shape[0]):  # the reference is a recurrence; loop over time only
-            out[t * self.substeps:(t + 1) * self.substeps], ref = self._one(x[t], ref)
-        return out
+        return self._kernel(self._check(frames, 2), ref, self._theta32, self.substeps)
 
     def step(self, frame: np.ndarray) -> np.ndarray:
         x = self._check(frame, 1)
-        if self.substeps == 1:
-            # Fast path, equal to _one for S = 1: k = +1 iff q >= 1, -1 iff q <= -1.
-            q = (x - self._ref) / self._theta32
-            up = q >= 1.0
-            down = q <= -1.0
-            out = np.concatenate([up, down]).astype(np.float32)[None, :]
-            self._ref = (self._ref + (up.astype(np.float32) - down.astype(np.float32))
-                         * self._theta32).astype(np.float32)
-            return out
-        out, self._ref = self._one(x, self._ref)
-        return out
+        return self._kernel(x[None, :], self._ref, self._theta32, self.substeps)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "n_in": self.n_in, "theta": self.theta,

@@ -42,6 +42,23 @@ def _check_labels(labels: np.ndarray, n_classes: int, shape: tuple[int, ...]) ->
     return labels.astype(np.int64)
 
 
+def mean_ce(ybar: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Cross-entropy of (B, K) float64 mean readouts: (loss, softmax(ybar) - onehot).
+
+    The core of `mean_readout_ce`; sparse BPTT keeps ybar itself and calls it directly.
+    """
+    B, K = ybar.shape
+    labels = _check_labels(labels, K, (B,))
+    if (labels < 0).any():
+        raise ConfigError("mean loss needs a label for every sample (got -1)")
+    logp = _log_softmax(ybar)
+    rows = np.arange(B)
+    loss = -logp[rows, labels].mean()
+    d = np.exp(logp)
+    d[rows, labels] -= 1.0
+    return float(loss), d
+
+
 def mean_readout_ce(y: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Cross-entropy on the time-averaged readout (the paper's KWS loss).
 
@@ -49,16 +66,9 @@ def mean_readout_ce(y: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarra
     where dE/dy[t] = (softmax(ybar) - onehot) / (T B) for every t.
     """
     T, B, K = y.shape
-    labels = _check_labels(labels, K, (B,))
-    if (labels < 0).any():
-        raise ConfigError("mean loss needs a label for every sample (got -1)")
-    ybar = y.astype(np.float64).mean(axis=0)
-    logp = _log_softmax(ybar)
-    loss = -logp[np.arange(B), labels].mean()
-    d = np.exp(logp)
-    d[np.arange(B), labels] -= 1.0
+    loss, d = mean_ce(y.astype(np.float64).mean(axis=0), labels)
     grad = np.broadcast_to(d / (T * B), (T, B, K)).astype(y.dtype)
-    return float(loss), grad
+    return loss, grad
 
 
 def per_step_ce(y: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:

@@ -27,6 +27,7 @@ regulariser (reg_coef, target_rate) pulls firing back toward the target.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -93,9 +94,18 @@ class SparseTrace:
 
 
 def readout_tail(cfg: ModelConfig, T: int) -> np.ndarray:
-    """tail[t] = sum_{s=t}^{T-1} kappa^(s-t): how much z[t] weighs in sum_t y[t]."""
-    k = cfg.kappa
-    return (1.0 - k ** (T - np.arange(T, dtype=np.float64))) / (1.0 - k)
+    """tail[t] = sum_{s=t}^{T-1} kappa^(s-t): how much z[t] weighs in sum_t y[t].
+
+    Read-only and cached: every forward and backward of a training run asks for it.
+    """
+    return _tail(float(cfg.kappa), int(T))
+
+
+@functools.lru_cache(maxsize=32)
+def _tail(k: float, T: int) -> np.ndarray:
+    tail = (1.0 - k ** (T - np.arange(T, dtype=np.float64))) / (1.0 - k)
+    tail.setflags(write=False)
+    return tail
 
 
 def forward(
@@ -215,19 +225,18 @@ def loss_terms(
 ) -> LossTerms:
     """Task loss (edgeprop.losses) + rate regulariser, as factors for the sparse backward."""
     T, B, n = trace.shape
-    w_out = params.w_out.astype(np.float64)
-    g_coef = np.zeros((B, n), np.float64)
     y_adj = np.zeros((0, 0, 0), np.float64)
     d_mean = None
     if loss == "mean":
-        # E depends on y only through ybar: feed ybar as a 1-step readout; the gradient
-        # per step is then dE/dybar / T for every t, so ybar_adj[t] = tail[t] dE/dybar / T.
-        e, g1 = losses.mean_readout_ce(trace.ybar[None].astype(np.float64), labels)
-        d_mean = g1[0] / T
-        g_coef += d_mean @ w_out
+        # E depends on y only through ybar, dE/dybar = (softmax - onehot) / B, and the
+        # gradient per step is dE/dybar / T for every t: ybar_adj[t] = tail[t] dE/dybar / T.
+        e, d = losses.mean_ce(np.asarray(trace.ybar, np.float64), labels)
+        d_mean = d / B / T
+        g_coef = d_mean @ params.w_out.astype(np.float64)
     elif loss == "per_step":
         if trace.y is None:
             raise ConfigError("per_step loss needs forward(..., keep_y=True)")
+        g_coef = np.zeros((B, n), np.float64)
         e, gy = losses.per_step_ce(trace.y, labels)
         y_adj = np.empty((T, B, cfg.n_out), np.float64)
         acc = np.zeros((B, cfg.n_out))

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from edgeprop.datasets import load_clips, scan_speech_commands
+from edgeprop.encoder_kernels import delta_kernel, delta_reference
 from edgeprop.encoders import (
     EXPECTED_SPARSITY,
     encoder_from_dict,
@@ -54,6 +58,37 @@ def test_sparsity_on_real_clips_matches_documented(real_frames):
         measured = sparsity(np.concatenate([enc.encode(f) for f in real_frames]))
         assert abs(measured - EXPECTED_SPARSITY[name]) < 0.05, (name, measured)
         assert enc.expected_sparsity == EXPECTED_SPARSITY[name]
+
+
+def _kernel_and_reference(x: np.ndarray, ref0: np.ndarray, theta: float, substeps: int):
+    outs = []
+    for fn in (delta_kernel, delta_reference):
+        ref = ref0.copy()
+        outs.append((fn(x, ref, np.float32(theta), substeps), ref))
+    return outs
+
+
+@pytest.mark.parametrize("theta,substeps", [(0.5, 1), (0.25, 3), (0.1, 5)])
+def test_delta_kernel_equals_reference_on_real_frames(real_frames, theta, substeps):
+    for frames in real_frames[:20]:
+        (k_out, k_ref), (r_out, r_ref) = _kernel_and_reference(
+            frames, np.zeros(80, np.float32), theta, substeps)
+        np.testing.assert_array_equal(k_out, r_out)
+        np.testing.assert_array_equal(k_ref, r_ref)
+
+
+_values = st.floats(-1e6, 1e6, width=32) | st.sampled_from([np.inf, -np.inf, np.nan, 0.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 7)), elements=_values),
+       theta=st.floats(1e-3, 10.0), substeps=st.integers(1, 4), seed=st.integers(0, 9))
+def test_delta_kernel_equals_reference_on_any_input(x, theta, substeps, seed):
+    """Bit for bit, extremes, infinities and NaN included (NaN: no spikes, NaN reference)."""
+    ref0 = np.random.default_rng(seed).normal(0, 2, x.shape[1]).astype(np.float32)
+    (k_out, k_ref), (r_out, r_ref) = _kernel_and_reference(x, ref0, theta, substeps)
+    np.testing.assert_array_equal(k_out, r_out)
+    np.testing.assert_array_equal(k_ref, r_ref)  # NaNs compare equal here
 
 
 def test_delta_encoder_tracks_signal():
