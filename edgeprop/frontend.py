@@ -341,15 +341,18 @@ class StreamingFrontend:
         self._t = _tables(cfg)
         self._keep = cfg.win - cfg.hop
         self._empty = np.zeros((0, cfg.n_features), dtype=np.float32)
-        # work buffers of the one-frame fast path (the common 10 ms push)
-        t = self._t
+        # work buffers of the one-frame fast path (the common 10 ms push), and their views
+        t, m = self._t, cfg.n_mels
         self._frame = np.zeros(cfg.n_fft)
+        self._frame_win = self._frame[: cfg.win]
         self._spec = np.zeros(cfg.n_fft // 2 + 1, dtype=np.complex128)
         # the used bins' (re, im) pairs as one float64 view, their squares, their power
         self._spec_parts = self._spec.view(np.float64)[2 * t.bin_lo: 2 * t.bin_hi]
-        self._squares = np.zeros(2 * (t.bin_hi - t.bin_lo))
+        squares = np.zeros(2 * (t.bin_hi - t.bin_lo))
+        self._squares, self._re2, self._im2 = squares, squares[0::2], squares[1::2]
         self._power = np.zeros(t.bin_hi - t.bin_lo)
         self._out = np.zeros(cfg.n_features)
+        self._static, self._delta = self._out[:m], self._out[m:]
         self.reset()
 
     def reset(self) -> None:
@@ -391,20 +394,19 @@ class StreamingFrontend:
     def _push_one(self, buf: np.ndarray) -> np.ndarray:
         """Exactly one new frame: the same arithmetic as the batch stages, in order, on
         preallocated buffers (a third of the NumPy calls and allocations; equal bits)."""
-        cfg, t = self.cfg, self._t
-        np.multiply(buf[: cfg.win], t.window, out=self._frame[: cfg.win])
+        cfg, t, out = self.cfg, self._t, self._out
+        np.multiply(buf[: cfg.win], t.window, out=self._frame_win)
         np.fft.rfft(self._frame, out=self._spec)
-        squares = np.square(self._spec_parts, out=self._squares)  # re^2, im^2 interleaved
-        power = np.add(squares[0::2], squares[1::2], out=self._power)
-        out, m = self._out, cfg.n_mels
-        c = np.matmul(power, t.mel_t, out=out[:m])
+        np.square(self._spec_parts, out=self._squares)  # re^2, im^2 interleaved
+        power = np.add(self._re2, self._im2, out=self._power)
+        c = np.matmul(power, t.mel_t, out=self._static)
         c += cfg.log_floor
         np.log(c, out=c)
         self._buf = buf[cfg.hop:]
         self.frames_out += 1
         if cfg.deltas:
             hist = self._hist
-            delta = np.subtract(c, hist[0], out=out[m:])
+            delta = np.subtract(c, hist[0], out=self._delta)
             delta *= 1.0 / cfg.delta_lag
             hist[:-1] = hist[1:]
             hist[-1] = c
