@@ -41,6 +41,7 @@ def delta_kernel(x: np.ndarray, ref: np.ndarray, theta: np.float32,
                  substeps: int) -> np.ndarray:
     """Same contract as `delta_reference`."""
     T, n = x.shape
+    theta = np.float32(theta)  # float32 arithmetic even if a caller passes a float
     S = np.float32(substeps)
     out = np.zeros((T * substeps, 2 * n), dtype=np.float32)
     for t in range(T):
