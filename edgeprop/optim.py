@@ -104,6 +104,8 @@ class _Base:
 #: Adam's defaults, shared with the emulator's PEs (firmware_model.program)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+#: the heavy-ball coefficient of the 'momentum' optimizer, host and emulator alike
+MOMENTUM = 0.9
 
 
 class Adam(_Base):
@@ -163,6 +165,21 @@ def adam_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, tmp: n
     p -= tmp
 
 
+def sgd_step(p: np.ndarray, g: np.ndarray, buf: np.ndarray | None, lr: float,
+             momentum: float) -> None:
+    """One in-place float32 SGD update of p; heavy-ball momentum through `buf` if given.
+
+    The one implementation of the arithmetic, like `adam_step`: `SGD.step` and the
+    emulator's reference (firmware_model.optimizer_kernel) both call it.
+    """
+    if buf is None:
+        p -= DTYPE(lr) * g
+        return
+    buf *= DTYPE(momentum)
+    buf += g
+    p -= DTYPE(lr) * buf
+
+
 class SGD(_Base):
     """SGD with optional (heavy-ball) momentum; state only when momentum > 0."""
 
@@ -188,21 +205,19 @@ class SGD(_Base):
         self.t += 1
         if self.momentum == 0.0:
             for p, g in zip(params, grads, strict=True):
-                p -= DTYPE(self.lr) * np.asarray(g, DTYPE)
+                sgd_step(p, np.asarray(g, DTYPE), None, self.lr, 0.0)
             return
         self._ensure(params)
         for p, g, b in zip(params, grads, self.bufs["buf"], strict=True):
-            b *= DTYPE(self.momentum)
-            b += np.asarray(g, DTYPE)
-            p -= DTYPE(self.lr) * b
+            sgd_step(p, np.asarray(g, DTYPE), b, self.lr, self.momentum)
 
 
 def make_optimizer(name: str, lr: float) -> Adam | SGD:
-    """'adam' or 'sgd' (plain) or 'momentum' (SGD, momentum 0.9)."""
+    """'adam' or 'sgd' (plain) or 'momentum' (SGD, momentum MOMENTUM)."""
     if name == "adam":
         return Adam(lr=lr)
     if name == "sgd":
         return SGD(lr=lr)
     if name == "momentum":
-        return SGD(lr=lr, momentum=0.9)
+        return SGD(lr=lr, momentum=MOMENTUM)
     raise ConfigError(f"optimizer must be 'adam', 'sgd' or 'momentum', got {name!r}")

@@ -26,6 +26,7 @@ from edgeprop.bptt import Grads
 from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
+from edgeprop.optim import MOMENTUM
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, emitted_keys, map_network
@@ -367,7 +368,7 @@ class EmulatedLearner:
             d.update({"b1": 0.9, "b2": 0.999, "eps": 1e-8})
             slots = (("m", "m", "m_out"), ("v", "v", "v_out"))
         elif self.optimizer == "momentum":
-            d["momentum"] = 0.9
+            d["momentum"] = MOMENTUM
             slots = (("buf", "m", "m_out"),)
         else:
             d["momentum"] = 0.0

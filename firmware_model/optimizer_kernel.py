@@ -1,4 +1,4 @@
-"""A PE's Adam step on its stored rows in one numba call, and its NumPy reference.
+"""A PE's optimizer step on its stored rows in one numba call, and its NumPy reference.
 
 The reference, `adam_store_numpy`, is what the firmware model always meant: load w, m
 and v through `Stored.read()`, run `edgeprop.optim.adam_step` (float32), store back
@@ -9,6 +9,8 @@ does the same arithmetic, in the same float32 order, synapse by synapse. The ran
 numbers of stochastic rounding are drawn in NumPy with the same call as the reference,
 so both consume the PE's generator identically and agree bit for bit
 (tests/test_emulator_kernels.py holds the kernel to the reference for every variant).
+SGD and momentum (`sgd_store`, reference `sgd_store_numpy` around
+`edgeprop.optim.sgd_step`) follow the same pattern.
 
 fp16 and fp8 arrays are handed to numba as their uint16 / uint8 bit patterns;
 `_f16_bits` and `_f16_value` convert between those and float32 values.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from edgeprop.optim import ADAM_BETAS, ADAM_EPS, adam_step
+from edgeprop.optim import ADAM_BETAS, ADAM_EPS, adam_step, sgd_step
 from firmware_model.kernels import round_fp16
 from firmware_model.precision import FP8_BIAS, FP8_BIAS_INV, Stored
 
@@ -187,19 +189,44 @@ def adam_store_kernel(wq, ws, w_code, w_qmax, mq, ms, m_code, m_qmax, vq, vs, v_
         _store_row(vq, vs, v_code, 0, r, v_row, u, False, True)
 
 
+@njit(cache=True, boundscheck=False)
+def sgd_store_kernel(wq, ws, w_code, w_qmax, mq, ms, m_code, m_qmax, has_m, g, u, stochastic,
+                     lr, momentum):  # pragma: no cover - numba
+    """edgeprop.optim.sgd_step on stored rows (heavy-ball buffer m if has_m), row by row."""
+    n, k = g.shape
+    p_row = np.empty(k, np.float32)
+    m_row = np.empty(k, np.float32)
+    for r in range(n):
+        for c in range(k):
+            step = g[r, c]
+            if has_m:
+                step = _load(mq, ms, m_code, r, c) * momentum
+                step = step + g[r, c]
+                m_row[c] = step
+            p_row[c] = _load(wq, ws, w_code, r, c) - lr * step
+        if has_m:
+            _store_row(mq, ms, m_code, m_qmax, r, m_row, u, False, False)
+        _store_row(wq, ws, w_code, w_qmax, r, p_row, u, stochastic, False)
+
+
 def _kernel_view(s: Stored) -> tuple[np.ndarray, np.ndarray, int, int]:
     q = s.q.view(np.uint16) if s.fmt == "fp16" else s.q
     scale = s.scale if s.scale is not None else _NO_SCALE
     return q, scale, _code(s), int(s.qmax or 0)
 
 
+def _draws(w: Stored, shape: tuple[int, ...], rng: np.random.Generator | None):
+    """Whether w is stochastically rounded, and the uniform draws Stored.write would take."""
+    if w.q.ndim != 2:
+        raise ValueError("the optimizer kernels update 2-D stored arrays (rows x synapses)")
+    stochastic = rng is not None and w.fmt != "fp32"
+    return stochastic, (rng.random(shape, dtype=np.float32) if stochastic else _NO_DRAWS)
+
+
 def adam_store(w: Stored, g: np.ndarray, m: Stored, v: Stored, t: int, lr: float,
                rng: np.random.Generator | None) -> None:
     """One Adam step (step t >= 1) of the stored rows w with float32 gradients g."""
-    if w.q.ndim != 2:
-        raise ValueError("adam_store updates 2-D stored arrays (rows x synapses)")
-    stochastic = rng is not None and w.fmt != "fp32"
-    u = rng.random(g.shape, dtype=np.float32) if stochastic else _NO_DRAWS
+    stochastic, u = _draws(w, g.shape, rng)
     b1, b2 = ADAM_BETAS
     f = np.float32
     adam_store_kernel(*_kernel_view(w), *_kernel_view(m), *_kernel_view(v)[:3],
@@ -216,4 +243,25 @@ def adam_store_numpy(w: Stored, g: np.ndarray, m: Stored, v: Stored, t: int, lr:
     adam_step(p, g, mm, vv, np.empty_like(p), t, lr, *ADAM_BETAS, ADAM_EPS)
     m.write(mm)
     v.write(vv)
+    w.write(p, rng)
+
+
+def sgd_store(w: Stored, g: np.ndarray, m: Stored | None, lr: float, momentum: float,
+              rng: np.random.Generator | None) -> None:
+    """One SGD step of the stored rows w; heavy-ball momentum through m unless m is None."""
+    stochastic, u = _draws(w, g.shape, rng)
+    f = np.float32
+    m_view = _kernel_view(m) if m is not None else _kernel_view(w)  # not read without m
+    sgd_store_kernel(*_kernel_view(w), *m_view, m is not None,
+                     np.ascontiguousarray(g, np.float32), u, stochastic, f(lr), f(momentum))
+
+
+def sgd_store_numpy(w: Stored, g: np.ndarray, m: Stored | None, lr: float, momentum: float,
+                    rng: np.random.Generator | None) -> None:
+    """The reference: Stored.read, edgeprop.optim.sgd_step, Stored.write."""
+    p = w.read().copy()
+    b = m.read().copy() if m is not None else None
+    sgd_step(p, np.asarray(g, np.float32), b, lr, momentum)
+    if m is not None:
+        m.write(b)
     w.write(p, rng)

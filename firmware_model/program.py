@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeprop.network import ModelConfig
+from edgeprop.optim import MOMENTUM
 from firmware_model import costs
 from firmware_model.chip import PE, Sram
 from firmware_model.kernels import (
@@ -38,7 +39,7 @@ from firmware_model.kernels import (
     readout_step_kernel,
     round_fp16_array,
 )
-from firmware_model.optimizer_kernel import adam_store
+from firmware_model.optimizer_kernel import adam_store, sgd_store
 from firmware_model.precision import Precision, Stored, alloc_stored
 from firmware_model.router import INPUT, LSIG, OUTPUT, SPIKE, make_key
 
@@ -424,17 +425,8 @@ class PEProgram:
                   t: int) -> None:
         if self.optimizer == "adam":
             adam_store(w, g, m, v, t, self.lr, self.rng)
-            return
-        p = w.read().copy()
-        if self.optimizer == "momentum":
-            b = m.read().copy()
-            b *= np.float32(0.9)
-            b += g
-            p -= np.float32(self.lr) * b
-            m.write(b)
-        else:
-            p -= np.float32(self.lr) * g
-        w.write(p, self.rng)
+        else:  # m is the momentum buffer, None for plain SGD
+            sgd_store(w, g, m, self.lr, MOMENTUM, self.rng)
 
     def cmd_apply(self, scale: float) -> None:
         """Optimizer step on this PE's rows (and W_out on the readout PE); zero the grads."""

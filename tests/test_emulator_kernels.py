@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgeprop.network import ModelConfig
+from edgeprop.optim import MOMENTUM
 from firmware_model.chip import Sram
 from firmware_model.kernels import (
     N_NEUR_ROWS,
@@ -15,7 +16,13 @@ from firmware_model.kernels import (
     readout_step_numpy,
     round_fp16_array,
 )
-from firmware_model.optimizer_kernel import adam_store, adam_store_numpy, f16_tables
+from firmware_model.optimizer_kernel import (
+    adam_store,
+    adam_store_numpy,
+    f16_tables,
+    sgd_store,
+    sgd_store_numpy,
+)
 from firmware_model.precision import VARIANTS, alloc_stored
 
 
@@ -143,6 +150,37 @@ def test_adam_store_kernel_equals_numpy_reference(variant):
     if gens[0] is not None:
         assert gens[0].random() == gens[1].random()
     assert not np.array_equal(state[0].read(), w0)  # the weights did move
+
+
+@pytest.mark.parametrize("momentum", [0.0, MOMENTUM])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sgd_store_kernel_equals_numpy_reference(variant, momentum):
+    """Plain SGD and heavy-ball momentum: same stored bits, scales and generator state."""
+    prec = VARIANTS[variant]
+    rng = np.random.default_rng(7)
+    shape = (10, 200)
+    # the momentum buffer lives where Adam's m does (program.py); plain SGD keeps none
+    w, m, _ = _optimizer_state(prec, rng, shape)
+    rw, rm, _ = _optimizer_state(prec, np.random.default_rng(7), shape)
+    if momentum == 0.0:
+        m = rm = None
+    w0 = rw.read().copy()
+    gens = [np.random.default_rng(8) if prec.stochastic_rounding else None for _ in range(2)]
+    for _ in range(6):
+        g = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 0, (shape[0], 1)))
+        g = g.astype(np.float32)
+        g[0, :4] = [0.0, -0.0, 1e-30, 3.0]
+        sgd_store(w, g, m, 1e-2, momentum, gens[0])
+        sgd_store_numpy(rw, g, rm, 1e-2, momentum, gens[1])
+        for a, b in ((w, rw), (m, rm)):
+            if b is None:
+                continue
+            assert a.q.dtype == b.q.dtype and np.array_equal(a.q, b.q), (variant, a.fmt)
+            if b.scale is not None:
+                assert np.array_equal(a.scale, b.scale), variant
+    if gens[0] is not None:
+        assert gens[0].random() == gens[1].random()
+    assert not np.array_equal(rw.read(), w0)  # the weights did move
 
 
 def test_fp16_bit_helpers_equal_numpy_views():
