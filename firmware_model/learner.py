@@ -26,7 +26,7 @@ from edgeprop.bptt import Grads
 from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
-from edgeprop.optim import MOMENTUM
+from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, emitted_keys, map_network
@@ -365,7 +365,7 @@ class EmulatedLearner:
         d: dict = {"kind": kind, "t": float(res[0]["t"]), "lr": self.lr}
         ni = self.cfg.n_in
         if self.optimizer == "adam":
-            d.update({"b1": 0.9, "b2": 0.999, "eps": 1e-8})
+            d.update({"b1": ADAM_BETAS[0], "b2": ADAM_BETAS[1], "eps": ADAM_EPS})
             slots = (("m", "m", "m_out"), ("v", "v", "v_out"))
         elif self.optimizer == "momentum":
             d["momentum"] = MOMENTUM
