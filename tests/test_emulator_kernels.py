@@ -127,6 +127,13 @@ def _optimizer_state(prec, rng, shape):
     return w, m, v
 
 
+def _assert_same_stored(a, b, where) -> None:
+    """Same storage dtype, same stored bits and (fixed point) the same row scales."""
+    assert a.q.dtype == b.q.dtype and np.array_equal(a.q, b.q), where
+    if b.scale is not None:
+        assert np.array_equal(a.scale, b.scale), where
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_adam_store_kernel_equals_numpy_reference(variant):
     """Every storage variant: same stored bits and scales, same generator state, 6 steps."""
@@ -144,9 +151,7 @@ def test_adam_store_kernel_equals_numpy_reference(variant):
         adam_store(*state[:1], g, *state[1:], t, 2e-4, gens[0])
         adam_store_numpy(*ref[:1], g, *ref[1:], t, 2e-4, gens[1])
         for a, b in zip(state, ref, strict=True):
-            assert a.q.dtype == b.q.dtype and np.array_equal(a.q, b.q), (variant, t, a.fmt)
-            if b.scale is not None:
-                assert np.array_equal(a.scale, b.scale), (variant, t)
+            _assert_same_stored(a, b, (variant, t, a.fmt))
     if gens[0] is not None:
         assert gens[0].random() == gens[1].random()
     assert not np.array_equal(state[0].read(), w0)  # the weights did move
@@ -173,11 +178,8 @@ def test_sgd_store_kernel_equals_numpy_reference(variant, momentum):
         sgd_store(w, g, m, 1e-2, momentum, gens[0])
         sgd_store_numpy(rw, g, rm, 1e-2, momentum, gens[1])
         for a, b in ((w, rw), (m, rm)):
-            if b is None:
-                continue
-            assert a.q.dtype == b.q.dtype and np.array_equal(a.q, b.q), (variant, a.fmt)
-            if b.scale is not None:
-                assert np.array_equal(a.scale, b.scale), variant
+            if b is not None:
+                _assert_same_stored(a, b, (variant, a.fmt))
     if gens[0] is not None:
         assert gens[0].random() == gens[1].random()
     assert not np.array_equal(rw.read(), w0)  # the weights did move
