@@ -385,6 +385,33 @@ def plot_personalization(rows: list[dict], path: Path, caption: str) -> None:
     plt.close(fig)
 
 
+def detector_holds(obj: Any) -> list[dict]:
+    """(hold, accuracy, false alarms per stream, delay) rows from `bench detector`."""
+    rows = obj.get("by_hold") if isinstance(obj, dict) else None
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, dict) and _is_num(r.get("hold"))
+            and _is_num(r.get("accuracy")) and _is_num(r.get("false_alarms_per_stream"))]
+
+
+def plot_detector(rows: list[dict], chosen: Any, path: Path, caption: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    h = [r["hold"] for r in rows]
+    ax.plot(h, [100 * r["accuracy"] for r in rows], "o-", color="C0")
+    ax.set_xlabel("hold (frames of 10 ms the top keyword must stay above threshold)")
+    ax.set_ylabel("keyword accuracy (%)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(h, [r["false_alarms_per_stream"] for r in rows], "s--", color="C3")
+    ax2.set_ylabel("false alarms per stream", color="C3")
+    if _is_num(chosen):
+        ax.axvline(chosen, color="grey", ls=":", lw=1)
+    ax.set_title("streaming detection on speakers not seen in pretraining", fontsize=9)
+    fig.text(0.01, -0.06, caption, fontsize=7, wrap=True)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- the report
 
 #: (benchmark, dotted field, target as the issues state it, pass test). Targets are quoted
@@ -512,6 +539,13 @@ def _section(name: str, r: dict, mline: str, img_dir: Path, img_rel: str,
                        "latencies, so the plot shows percentiles, not a histogram._"]
         else:
             plots["latency_histogram"] = "not drawn: no latency fields"
+    elif name == "detector":
+        rows = detector_holds(obj)
+        if rows:
+            add_plot("detector_hold", "detector_hold.png", plot_detector, rows,
+                     (obj.get("detector") or {}).get("hold"))
+        else:
+            plots["detector_hold"] = "not drawn: no by_hold rows"
     elif name == "personalize":
         rows = personalization(obj)
         if rows:

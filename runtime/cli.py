@@ -20,6 +20,8 @@ VERBS: dict[str, object] = {
         "eprop": ("runtime.commands.bench_eprop", "online e-prop speed, memory, exactness"),
         "frontend": ("runtime.commands.bench_frontend", "feature frontend speed and exactness"),
         "sparse-bptt": ("runtime.commands.bench_sparse_bptt", "sparse vs dense BPTT (and torch)"),
+        "detector": ("runtime.commands.bench_detector",
+                     "streaming detection: keyword accuracy, false alarms, by hold"),
         "all": ("runtime.commands.bench_all", "every benchmark; writes docs/BENCHMARKS.md"),
     },
     "data": {

@@ -17,7 +17,7 @@ Two layers:
 
 Per frame (each encoder sub-step is one network step, `edgeprop.network.step`):
     y = readout;  p = softmax(mean of y over the detector window)  -> Posteriors
-    detector (window / threshold / refractory)                      -> Detection
+    detector (window / threshold / hold / refractory)               -> Detection
 Learning: frames whose `labels`/`windows` are set form a labelled window; when the
 window id changes (or the stream ends) the backend learns the window with the mean
 loss from a zero state and applies one update (runtime/backends.py says why).

@@ -196,7 +196,13 @@ def recorded_settings(rec: Recording) -> dict:
     if not rt:
         reply = first_hello_reply(rec.outputs())
         rt = (reply.settings or {}) if reply is not None else {}
-    return dict(rt)
+    rt = dict(rt)
+    det = rt.get("detector")
+    if isinstance(det, dict) and "hold" not in det:
+        # recorded before the detector had a hold: it fired on the first frame above
+        # threshold, which is hold 1 (the default of 20 would change its detections)
+        rt["detector"] = {**det, "hold": 1}
+    return rt
 
 
 def collect_posteriors(messages: list) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from runtime.recording import read_recording
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "runtime" / "assets" / "clips" / "left_42beb5eb_nohash_0.flac"
-DETECTOR = {"window": 20, "threshold": 0.3, "refractory": 30}  # not serve's defaults
+DETECTOR = {"window": 20, "threshold": 0.3, "hold": 5, "refractory": 30}  # not serve's defaults
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -112,14 +112,14 @@ def test_replay_keeps_the_recorded_detector_unless_an_option_is_given(recording)
     strict = _cli("replay", rec, "--threshold", "0.99", "--json", "--quiet")
     assert strict.returncode == 0, strict.stderr[-2000:]
     res = json.loads(strict.stdout)
-    assert res["detector"] == {**recorded, "threshold": 0.99}  # window, refractory as recorded
+    assert res["detector"] == {**recorded, "threshold": 0.99}  # the others as recorded
     assert res["max_abs_diff"] == 0.0 and not res["detections_equal"]
 
 
 def test_replay_help_says_the_detector_defaults_to_the_recordings():
     out = _cli("replay", "--help")
     text = " ".join(out.stdout.split())  # as argparse wraps it or not
-    assert out.returncode == 0 and text.count("(default: the recording's)") == 3
+    assert out.returncode == 0 and text.count("(default: the recording's)") == 4
 
 
 def test_a_recording_decodes_its_messages_once(recording):

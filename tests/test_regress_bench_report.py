@@ -33,6 +33,10 @@ COLLECTED = {
                         "json": {"mean_before": 0.8, "speakers": [
                             {"speaker": f"{i:08x}", "before": 0.7 + 0.01 * i, "after": 0.8}
                             for i in range(5)]}},
+        "detector": {"command": "edgeprop bench detector --json", "status": "ok",
+                     "seconds": 6.0, "json": {"detector": {"hold": 20}, "by_hold": [
+                         {"hold": h, "accuracy": a, "false_alarms_per_stream": f}
+                         for h, a, f in [(1, 0.70, 12.0), (20, 0.75, 6.3), (40, 0.66, 4.7)]]}},
         "eprop": {"command": "edgeprop bench eprop --json", "status": "failed", "seconds": 0.1,
                   "json": None, "error": "exit 2"},
     },
@@ -42,14 +46,15 @@ COLLECTED = {
 def test_report_draws_every_plot_and_states_the_machine(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     plots = bench_report.write_report(COLLECTED, md, tmp_path / "img")
-    for key in ("speedup_vs_bth", "memory_per_pe", "latency_histogram", "personalization"):
+    for key in ("speedup_vs_bth", "memory_per_pe", "latency_histogram", "personalization",
+                "detector_hold"):
         png = Path(plots[key])
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", plots[key]
     text = md.read_text()
     cpu = COLLECTED["machine"]["cpu"]
     # every figure carries the machine and the reproducing command
     figure_lines = [ln for ln in text.splitlines() if ln.startswith("_Figure:")]
-    assert len(figure_lines) == 4
+    assert len(figure_lines) == 5
     assert all(cpu in ln and "Reproduce: `edgeprop" in ln for ln in figure_lines)
     assert "**failed**: exit 2" in text
     assert "percentiles only" in text

@@ -7,10 +7,13 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeprop.errors import AudioError, ConfigError, DeviceError
 from edgeprop.network import KWS_LABELS
 from runtime.detection import Detector, DetectorConfig, Event, score_detections
+from runtime.recording import Recording, recorded_settings
 from runtime.sources import (
     FileSource,
     FolderSource,
@@ -47,13 +50,66 @@ def test_detector_never_fires_on_ignored_classes_or_below_threshold():
     assert hits == []
     with pytest.raises(ConfigError):
         DetectorConfig(threshold=1.5)
+    with pytest.raises(ConfigError, match="hold"):
+        DetectorConfig(hold=0)
+
+
+def test_hold_lets_a_brief_lead_pass_and_fires_the_word_that_stays():
+    """"le-" of left looks like yes for a few frames: with a hold only the word that
+    stays on top above threshold fires, `hold` frames after it got there."""
+    cfg = DetectorConfig(window=1, threshold=0.6, hold=10, refractory=100)
+    yes, left = KWS_LABELS.index("yes"), KWS_LABELS.index("left")
+    ys = np.concatenate([_logits(yes, 6), _logits(left, 40)])
+    _, hits = Detector(KWS_LABELS, cfg).run(ys)
+    assert [(h.label, h.seq) for h in hits] == [("left", 6 + 10 - 1)]
+    _, hits = Detector(KWS_LABELS, DetectorConfig(window=1, hold=1)).run(ys)
+    assert [(h.label, h.seq) for h in hits] == [("yes", 0)]  # without a hold: the lead
+    assert DetectorConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def _fires_without_hold(ys: np.ndarray, cfg: DetectorConfig) -> list[tuple[int, str]]:
+    """The rule before the hold, written out: the top keyword fires at p >= threshold."""
+    fire = np.array([lab not in cfg.ignore for lab in KWS_LABELS])
+    out, last = [], None
+    for t in range(len(ys)):
+        lo = max(0, t - cfg.window + 1)
+        z = ys[lo:t + 1].mean(axis=0)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        k = int(np.argmax(np.where(fire, p, -1.0)))
+        if p[k] >= cfg.threshold and (last is None or t - last >= cfg.refractory):
+            out.append((t, KWS_LABELS[k]))
+            last = t
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.floats(0.2, 0.9),
+       st.integers(0, 30))
+def test_hold_one_is_the_rule_without_a_hold(seed, window, threshold, refractory):
+    cfg = DetectorConfig(window=window, threshold=threshold, hold=1, refractory=refractory)
+    ys = np.random.default_rng(seed).normal(0.0, 3.0, (80, len(KWS_LABELS)))
+    _, hits = Detector(KWS_LABELS, cfg).run(ys)
+    assert [(h.seq, h.label) for h in hits] == _fires_without_hold(ys, cfg)
+
+
+def test_a_recording_from_before_the_hold_replays_with_hold_one():
+    from runtime import protocol as P
+
+    header = P.RecordingHeader(0.0, "", {}, "", {}, "", list(KWS_LABELS), {},
+                               runtime={"detector": {"window": 50, "threshold": 0.6,
+                                                     "refractory": 100}})
+    assert recorded_settings(Recording(header, []))["detector"]["hold"] == 1
+    header.runtime["detector"]["hold"] = 7
+    assert recorded_settings(Recording(header, []))["detector"]["hold"] == 7
 
 
 def test_scoring_counts_hits_and_false_alarms():
     ev = [Event(1.0, 1.6, "yes"), Event(3.0, 3.5, "no"), Event(5.0, 5.5, "_unknown_")]
     s = score_detections(ev, [(1.9, "yes"), (3.2, "go"), (5.2, "up"), (8.0, "yes")],
                          KWS_LABELS[:10])
-    assert s == {"keyword_utterances": 2, "detected": 1, "accuracy": 0.5, "false_alarms": 3}
+    assert s == {"keyword_utterances": 2, "detected": 1, "accuracy": 0.5, "false_alarms": 3,
+                 "median_delay_s": pytest.approx(0.3)}
 
 
 def test_ring_buffer_overwrites_oldest_and_counts_overruns():
@@ -122,3 +178,33 @@ def test_stream_clips_go_through_the_one_audio_loader(tmp_path, data_dir):
     bad.write_bytes(data[: len(data) // 2])  # the header still declares the full length
     with pytest.raises(AudioError, match=r"abcdef12_nohash_0\.wav.*truncated"):
         build_stream(folder_clips(tmp_path, per_label=1))
+
+
+def _bench_detector(*argv: str):
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "detector", *argv,
+                          "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    return res, (json.loads(res.stdout) if res.returncode == 0 else None)
+
+
+def test_bench_detector_scores_streams_of_unseen_speakers_per_hold(data_dir):
+    args = ("--data", str(data_dir), "--streams", "2", "--clips-per-stream", "15",
+            "--holds", "1,20", "--hold", "7")
+    res, out = _bench_detector(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out["speakers"] == "not seen in pretraining" and out["streams"] == 2
+    assert out["utterances"] == 30 and 0 < out["keyword_utterances"] <= 30
+    rows = {r["hold"]: r for r in out["by_hold"]}
+    assert sorted(rows) == [1, 7, 20]  # --hold is always measured
+    for r in rows.values():
+        assert r["accuracy"] == r["detected"] / out["keyword_utterances"]
+        assert r["false_alarms_per_stream"] == r["false_alarms"] / 2
+    assert out["accuracy"] == rows[7]["accuracy"] and out["detector"]["hold"] == 7
+    assert 0.0 <= out["oracle_window_accuracy"] <= 1.0
+    assert _bench_detector(*args)[1] == out  # deterministic for a seed
+    bad, _ = _bench_detector("--data", str(data_dir), "--holds", "0,20")
+    assert bad.returncode == 2 and "every hold must be >= 1 frame" in bad.stderr
+    assert bad.stderr.strip().count("\n") <= 2  # argparse usage + the message, no traceback

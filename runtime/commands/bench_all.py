@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[list[str], bool]] = {
     "sparse-bptt": (["bench", "sparse-bptt", "--json"], True),
     "profile": (["profile", "--json"], False),
     "run": (["run", "--json"], False),
+    "detector": (["bench", "detector", "--data", "{data}", "--json"], False),
     "personalize": (["personalize", "--data", "{data}", "--all-speakers", "--min-clips", "30",
                      "--shots", "2", "--json"], True),
     "regress": (["regress", "--json", "--quiet"], False),
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="leave out the slow ones (sparse-bptt, personalize)")
     parser.add_argument("--data", default=str(default_data_dir() or DEV_DATA),
-                        help="Speech Commands folder for personalize (default ../shared/...)")
+                        help="Speech Commands folder for detector and personalize "
+                             "(default ../shared/...)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds allowed per benchmark (default 1800)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",

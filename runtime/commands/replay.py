@@ -13,7 +13,8 @@ learner that does not answer the hello within 10 s is an error, as for `listen`.
 
 The learner settings (backend, detector, learning, ...) are the recorded learner's,
 so a replay reproduces what was recorded; --backend, --no-learning and each of
---window, --threshold, --refractory replace only the setting it names.
+--window, --threshold, --hold, --refractory replace only the setting it names. A
+recording made before the detector had --hold replays with hold 1, the rule it ran.
 
 A recording with no frames or no outputs is an error; one cut short (a killed
 recorder's `.part`) is compared over the frames it holds outputs for.

@@ -42,7 +42,7 @@ import numpy as np
 from edgeprop.errors import CheckpointError, EdgepropError
 from runtime.arg_types import nonneg_float, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
-from runtime.detection import add_detector_arguments, detector_settings
+from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
 # latencies above the last edge are counted in the last bin.
@@ -134,8 +134,7 @@ class _Learner:
 
             core = LearnerCore(self.ckpt, backend=a.backend, lr=a.lr, learning=not a.no_learning,
                                apply_delay=a.apply_delay, late_updates=a.late_updates,
-                               detector={"window": a.window, "threshold": a.threshold,
-                                         "refractory": a.refractory})
+                               detector=detector_settings(a))
             self.node = LearnerNode(core, bind="tcp://127.0.0.1:*",
                                     control_bind="tcp://127.0.0.1:*")
             self.node.start()
@@ -150,8 +149,7 @@ class _Learner:
         cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(model),
                "--backend", a.backend, "--bind", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--ready-file", str(ready),
-               "--lr", str(a.lr), "--window", str(a.window), "--threshold", str(a.threshold),
-               "--refractory", str(a.refractory), "--log-level", "WARNING",
+               "--lr", str(a.lr), *detector_flags(a), "--log-level", "WARNING",
                "--apply-delay", str(a.apply_delay), "--late-updates", a.late_updates]
         if a.no_learning:
             cmd.append("--no-learning")
@@ -299,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         "accuracy": scores[0]["accuracy"], "false_alarms": scores[0]["false_alarms"],
         "keyword_utterances": scores[0]["keyword_utterances"],
         "detected": scores[0]["detected"],
+        "median_delay_s": scores[0]["median_delay_s"],
         "accuracy_mean_streams": float(np.mean([s["accuracy"] for s in scores])),
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,

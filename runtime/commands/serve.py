@@ -35,7 +35,7 @@ from runtime.arg_types import (
     pos_float,
 )
 from runtime.console import add_output_flags, print_json, say
-from runtime.detection import add_detector_arguments, detector_settings
+from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -179,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
 def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--connect", endpoint,
            "--name", f"worker-{k}", "--backend", args.backend, "--control", "",
-           "--lr", str(args.lr), "--window", str(args.window),
-           "--threshold", str(args.threshold), "--refractory", str(args.refractory),
+           "--lr", str(args.lr), *detector_flags(args),
            "--peer-timeout", str(args.peer_timeout), "--log-level", args.log_level,
            "--checkpoint-every", str(args.checkpoint_every),
            "--apply-delay", str(args.apply_delay), "--late-updates", args.late_updates]

@@ -1,0 +1,176 @@
+"""`edgeprop bench detector`: keyword accuracy and false alarms of the streaming detector.
+
+A clip classifier is scored on 1 s clips with the network reset; the live demo and
+`edgeprop run` see a continuous stream instead, and what the user meets is the detector
+(runtime/detection.py) reading the network's running readout. This measures that, on
+streams built as `edgeprop run` builds them (runtime/stream.py: voiced part of each
+clip, 0.3-0.8 s gaps, kitchen noise under everything) from clips of the speakers the
+model was **not** pretrained on (its recorded speaker split; all speakers when the
+checkpoint records none for this folder):
+
+- per `--holds` value, with the other detector settings as given: keyword accuracy,
+  false alarms (per stream and in total) and the median detection delay after the
+  word's end, all from `score_detections`, as `edgeprop run` scores; the top-level
+  `accuracy`, `false_alarms_per_stream` and `median_delay_ms` are those at `--hold`
+  (default: the detector's default), which is always among them;
+- `oracle_window_accuracy`: the argmax of the readout averaged over the 1 s centred on
+  each utterance, the ceiling of any detector reading this readout with the words'
+  times known.
+
+The readout is the learner's, frame by frame: the checkpoint's frontend and encoder
+(runtime.regress.encode_stream, batch == stream), one `edgeprop.network.step` per
+encoder sub-step with the weights a learner of `--backend` infers with (the emulator's
+int8 copy by default), no learning. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from edgeprop.errors import DatasetError
+from runtime.arg_types import nonneg_float, nonneg_int, pos_int
+from runtime.console import add_output_flags, print_json, progress, say
+from runtime.detection import DEFAULT_IGNORE, DetectorConfig, add_detector_arguments
+
+
+def _holds(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated frame counts, e.g. "
+                                         f"1,10,20") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every hold must be >= 1 frame")
+    return sorted(set(out))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint (default: the shipped model)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
+    parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator",
+                        help="whose inference weights (default emulator: its int8 copy)")
+    parser.add_argument("--streams", type=pos_int, default=10, help="streams (default 10)")
+    parser.add_argument("--clips-per-stream", type=pos_int, default=40,
+                        help="clips per stream (default 40)")
+    parser.add_argument("--holds", type=_holds, default=_holds("1,10,20,30,40"),
+                        help="hold values to compare, frames (default 1,10,20,30,40; "
+                             "--hold is always among them)")
+    parser.add_argument("--noise-gain", type=nonneg_float, default=0.1,
+                        help="background noise under the streams (default 0.1, as run)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="clip draw and gaps")
+    add_detector_arguments(parser)
+    add_output_flags(parser)
+
+
+def _clips(ckpt, data: Path):
+    """Non-silence clips of the speakers the checkpoint was not pretrained on."""
+    from edgeprop.evaluation import scan_for_model
+    from runtime.personalization import pretraining_speakers
+
+    every = scan_for_model(data, ckpt)
+    seen = pretraining_speakers(ckpt, every)  # recomputed from all clips, silence included
+    clips = [c for c in every if c.label != "_silence_"]
+    if seen is None:
+        return clips, "all (the checkpoint records no pretraining split of this folder)"
+    return [c for c in clips if c.speaker not in seen], "not seen in pretraining"
+
+
+def _readout(cfg, params, frames: np.ndarray) -> np.ndarray:
+    """(T, substeps, n_in) frames -> (T, n_out) readout, as the learner steps a stream."""
+    from edgeprop.network import init_state, step
+
+    state = init_state(cfg)
+    ys = np.empty((len(frames), cfg.n_out), np.float64)
+    for i, rows in enumerate(frames):
+        for r in rows:
+            state, y = step(cfg, params, state, r)
+        ys[i] = y
+    return ys
+
+
+def _oracle_hits(ys: np.ndarray, events, hop_s: float) -> int:
+    half = int(round(0.5 / hop_s))
+    hits = 0
+    for e in events:
+        c = int(round((e.t_start + e.t_end) / 2 / hop_s))
+        hits += int(np.argmax(ys[max(0, c - half):c + half].mean(axis=0)) == e.label_index)
+    return hits
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeprop.checkpoint import load_checkpoint, params_hash
+    from edgeprop.datasets import require_data_dir
+    from edgeprop.evaluation import model_labels
+    from edgeprop.shipped import SHIPPED_MODEL, load_shipped
+    from runtime.detection import Detector, Event, score_detections
+    from runtime.learner_node import LearnerCore
+    from runtime.regress import encode_stream
+    from runtime.stream import ClipRef, build_stream
+
+    base = {"window": args.window, "threshold": args.threshold, "refractory": args.refractory}
+    configs = {h: DetectorConfig(**base, hold=h) for h in sorted({*args.holds, args.hold})}
+    ckpt = load_checkpoint(args.model) if args.model is not None else load_shipped()
+    data = require_data_dir(args.data)
+    labels = list(model_labels(ckpt))
+    keywords = [lb for lb in labels if lb not in DEFAULT_IGNORE]
+    pool, who = _clips(ckpt, data)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(pool))
+    n_streams = min(args.streams, len(pool) // args.clips_per_stream)
+    if n_streams == 0:
+        raise DatasetError(f"{data}: only {len(pool)} clips of speakers {who}; one stream "
+                           f"needs {args.clips_per_stream} (--clips-per-stream)")
+    params = LearnerCore(ckpt, backend=args.backend, learning=False).infer_params
+    hop_s = float(ckpt.frontend.get("hop_ms", 10.0)) / 1000.0
+    totals = {h: {"detected": 0, "false_alarms": 0, "delays": []} for h in configs}
+    n_kw = n_events = oracle = 0
+    with progress("streams", n_streams, args.quiet) as adv:
+        for s in range(n_streams):
+            pick = order[s * args.clips_per_stream:(s + 1) * args.clips_per_stream]
+            refs = [ClipRef(pool[i].path, pool[i].label, str(pool[i].path)) for i in pick]
+            stream = build_stream(refs, noise_gain=args.noise_gain, seed=args.seed * 1000 + s)
+            frames, _, _ = encode_stream(stream.audio, [], ckpt)
+            ys = _readout(ckpt.cfg, params, frames)
+            events = [Event(e.t_start, e.t_end, e.label) for e in stream.events]
+            oracle += _oracle_hits(ys, stream.events, hop_s)
+            n_events += len(events)
+            for h, dcfg in configs.items():
+                _, hits = Detector(labels, dcfg).run(ys, hop_s=hop_s)
+                sc = score_detections(events, [(x.t, x.label) for x in hits], keywords)
+                totals[h]["detected"] += sc["detected"]
+                totals[h]["false_alarms"] += sc["false_alarms"]
+                if sc["median_delay_s"] is not None:
+                    totals[h]["delays"].append(sc["median_delay_s"])
+            n_kw += sc["keyword_utterances"]
+            adv()
+    by_hold = [{"hold": h, "accuracy": t["detected"] / n_kw, "detected": t["detected"],
+                "false_alarms": t["false_alarms"],
+                "false_alarms_per_stream": t["false_alarms"] / n_streams,
+                "median_delay_ms": round(1000 * float(np.median(t["delays"])), 1)
+                if t["delays"] else None}
+               for h, t in totals.items()]
+    chosen = next(r for r in by_hold if r["hold"] == args.hold)
+    for r in by_hold:
+        say(f"hold {r['hold']:3d} frames: accuracy {r['accuracy']:.1%} "
+            f"({r['detected']}/{n_kw}), {r['false_alarms']} false alarms, median delay "
+            f"{r['median_delay_ms'] or float('nan'):.0f} ms after the word")
+    say(f"{n_streams} streams of {args.clips_per_stream} clips of speakers {who}; "
+        f"oracle 1 s window accuracy {oracle / n_events:.1%} of {n_events} utterances")
+    if args.json:
+        print_json({
+            "model": str(args.model or SHIPPED_MODEL), "params_hash": params_hash(ckpt.params),
+            "backend": args.backend, "data": str(data), "speakers": who,
+            "streams": n_streams, "clips_per_stream": args.clips_per_stream,
+            "noise_gain": args.noise_gain, "seed": args.seed, "keyword_utterances": n_kw,
+            "utterances": n_events, "oracle_window_accuracy": oracle / n_events,
+            "detector": {**base, "hold": args.hold},
+            "accuracy": chosen["accuracy"],
+            "false_alarms_per_stream": chosen["false_alarms_per_stream"],
+            "median_delay_ms": chosen["median_delay_ms"],
+            "by_hold": by_hold})
+    return 0
