@@ -105,7 +105,7 @@ def _oracle_hits(ys: np.ndarray, events, hop_s: float) -> int:
 def run(args: argparse.Namespace) -> int:
     from edgeprop.checkpoint import load_checkpoint, params_hash
     from edgeprop.datasets import require_data_dir
-    from edgeprop.evaluation import model_labels
+    from edgeprop.evaluation import checkpoint_frontend, model_labels
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
     from runtime.detection import Detector, Event, score_detections
     from runtime.learner_node import LearnerCore
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError(f"{data}: only {len(pool)} clips of speakers {who}; one stream "
                            f"needs {args.clips_per_stream} (--clips-per-stream)")
     params = LearnerCore(ckpt, backend=args.backend, learning=False).infer_params
-    hop_s = float(ckpt.frontend.get("hop_ms", 10.0)) / 1000.0
+    fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
+    hop_s = fcfg.hop / fcfg.sample_rate
     totals = {h: {"detected": 0, "false_alarms": 0, "delays": []} for h in configs}
     n_kw = n_events = oracle = 0
     with progress("streams", n_streams, args.quiet) as adv:
