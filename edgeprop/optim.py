@@ -212,6 +212,11 @@ class SGD(_Base):
             sgd_step(p, np.asarray(g, DTYPE), b, self.lr, self.momentum)
 
 
+#: the `kind` each optimizer name's state carries (what load_state_dict checks), for
+#: stores of the same state elsewhere (the emulator's PEs)
+OPTIMIZER_KINDS = {"adam": Adam._kind, "sgd": SGD._kind, "momentum": SGD._kind}
+
+
 def make_optimizer(name: str, lr: float) -> Adam | SGD:
     """'adam' or 'sgd' (plain) or 'momentum' (SGD, momentum MOMENTUM)."""
     if name == "adam":

@@ -26,7 +26,7 @@ from edgeprop.bptt import Grads
 from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
-from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM
+from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM, OPTIMIZER_KINDS
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, emitted_keys, map_network
@@ -361,8 +361,8 @@ class EmulatedLearner:
     def optimizer_state(self) -> dict:
         """EpropLearner/edgeprop.optim layout: m.i / v.i per matrix (w_in, w_rec, w_out)."""
         res, _ = self._call("opt_state", self._all)
-        kind = {"adam": 1.0, "sgd": 2.0, "momentum": 2.0}[self.optimizer]
-        d: dict = {"kind": kind, "t": float(res[0]["t"]), "lr": self.lr}
+        d: dict = {"kind": OPTIMIZER_KINDS[self.optimizer], "t": float(res[0]["t"]),
+                   "lr": self.lr}
         ni = self.cfg.n_in
         if self.optimizer == "adam":
             d.update({"b1": ADAM_BETAS[0], "b2": ADAM_BETAS[1], "eps": ADAM_EPS})

@@ -65,6 +65,7 @@ from edgeprop.datasets import (
 from edgeprop.errors import ConfigError, DatasetError
 from edgeprop.frontend import FrontendConfig, speech_mean, toward_user
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
+from edgeprop.optim import OPTIMIZER_KINDS
 
 LAYERS = ("w_in", "w_rec", "w_out")
 
@@ -89,7 +90,7 @@ class AdaptConfig:
     shots: int = 2                 # clips per keyword (and of _unknown_) to adapt on
     passes: int = 20               # passes over the shots (replayed from memory)
     lr: float = 2e-4               # 5e-4 until the model was retrained (2026-11-25)
-    optimizer: str = "adam"        # "adam" | "sgd"
+    optimizer: str = "adam"        # "adam" | "sgd" | "momentum" (edgeprop.optim)
     learn: tuple[str, ...] = ("w_in", "w_rec", "w_out")
     update: str = "pass"           # one optimizer step per pass of accumulated e-prop
                                    # gradients ("pass"), or after every utterance
@@ -124,8 +125,9 @@ class AdaptConfig:
             raise ConfigError(f"learn must name some of {LAYERS}, got {self.learn}")
         if not 0.0 <= self.skip_above <= 1.0:
             raise ConfigError(f"skip_above must be in [0, 1], got {self.skip_above}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZER_KINDS:
+            raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZER_KINDS)}, "
+                              f"got {self.optimizer!r}")
         if not 0.0 <= self.user_norm <= 1.0:
             raise ConfigError(f"user_norm must be in [0, 1], got {self.user_norm}")
 

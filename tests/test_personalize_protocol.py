@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeprop.errors import ConfigError
 from runtime import personalization as P
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,3 +306,18 @@ def test_skip_keeps_the_base_for_a_voice_it_already_knows(session):
         else:
             assert run.n_utterances > 0
             assert not np.array_equal(run.params.w_out, ck.params.w_out)
+
+
+def test_momentum_adapts_on_the_emulator_as_on_the_reference(session):
+    # the emulator's momentum SGD (firmware_model sgd_store) at fp32 gives the reference
+    # learner's weights bit for bit, through the whole protocol (passes, rehearsal)
+    acfg = P.AdaptConfig(shots=1, passes=2, rehearsal=2, silence=1, augment=0,
+                         optimizer="momentum", lr=1e-3, precision="fp32")
+    x, y, xg, yg = _adaptation_data(session, SPEAKERS[1], acfg)
+    runs = [P.adapt(session.ckpt, x, y, xg, yg, acfg, backend=b)
+            for b in ("emulator", "reference")]
+    for name in P.LAYERS:
+        assert np.array_equal(getattr(runs[0].params, name), getattr(runs[1].params, name))
+    assert not np.array_equal(runs[0].params.w_in, session.ckpt.params.w_in)
+    with pytest.raises(ConfigError, match="momentum"):
+        P.AdaptConfig(optimizer="nesterov")

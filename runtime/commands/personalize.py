@@ -23,6 +23,7 @@ from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edgeprop.optim import OPTIMIZER_KINDS
     from runtime.personalization import AdaptConfig
 
     d = AdaptConfig()
@@ -43,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=nonneg_int, default=d.seed)
     parser.add_argument("--lr", type=pos_float, default=d.lr,
                         help="learning rate (default %(default)s)")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_KINDS), default=d.optimizer,
+                        help="adam, plain sgd, or sgd with momentum (default %(default)s)")
     parser.add_argument("--passes", type=int, default=d.passes,
                         help="passes over the shots (default %(default)s)")
     parser.add_argument("--update", choices=["pass", "utterance"], default=d.update,
