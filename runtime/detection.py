@@ -194,8 +194,8 @@ def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
     past the word's end). Every detection that does not match a keyword utterance of
     the same label is a *false alarm* (wrong word, an _unknown_ word, noise, or a
     second hit on the same utterance). accuracy = detected correctly / keyword
-    utterances. median_delay_s: median over the correct detections of detection time
-    minus the word's end (negative: before the end); None without any.
+    utterances. delays_s: per correct detection, detection time minus the word's end
+    (negative: before the end); median_delay_s their median, None without any.
     """
     kw = set(keywords)
     targets = [e for e in events if e.label in kw]
@@ -213,5 +213,5 @@ def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
     n = len(targets)
     return {"keyword_utterances": n, "detected": int(sum(matched)),
             "accuracy": (sum(matched) / n) if n else float("nan"),
-            "false_alarms": false_alarms,
+            "false_alarms": false_alarms, "delays_s": delays,
             "median_delay_s": float(np.median(delays)) if delays else None}

@@ -109,7 +109,7 @@ def test_scoring_counts_hits_and_false_alarms():
     s = score_detections(ev, [(1.9, "yes"), (3.2, "go"), (5.2, "up"), (8.0, "yes")],
                          KWS_LABELS[:10])
     assert s == {"keyword_utterances": 2, "detected": 1, "accuracy": 0.5, "false_alarms": 3,
-                 "median_delay_s": pytest.approx(0.3)}
+                 "delays_s": [pytest.approx(0.3)], "median_delay_s": pytest.approx(0.3)}
 
 
 def test_ring_buffer_overwrites_oldest_and_counts_overruns():

@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     if n_streams == 0:
         raise DatasetError(f"{data}: only {len(pool)} clips of speakers {who}; one stream "
                            f"needs {args.clips_per_stream} (--clips-per-stream)")
-    params = LearnerCore(ckpt, backend=args.backend, learning=False).infer_params
+    core = LearnerCore(ckpt, backend=args.backend, learning=False)
+    params = core.infer_params
+    core.close()
     fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
     hop_s = fcfg.hop / fcfg.sample_rate
     totals = {h: {"detected": 0, "false_alarms": 0, "delays": []} for h in configs}
@@ -145,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 sc = score_detections(events, [(x.t, x.label) for x in hits], keywords)
                 totals[h]["detected"] += sc["detected"]
                 totals[h]["false_alarms"] += sc["false_alarms"]
-                if sc["median_delay_s"] is not None:
-                    totals[h]["delays"].append(sc["median_delay_s"])
+                totals[h]["delays"] += sc["delays_s"]
             n_kw += sc["keyword_utterances"]
             adv()
     by_hold = [{"hold": h, "accuracy": t["detected"] / n_kw, "detected": t["detected"],
@@ -157,9 +158,10 @@ def run(args: argparse.Namespace) -> int:
                for h, t in totals.items()]
     chosen = next(r for r in by_hold if r["hold"] == args.hold)
     for r in by_hold:
+        delay = "-" if r["median_delay_ms"] is None else f"{r['median_delay_ms']:.0f}"
         say(f"hold {r['hold']:3d} frames: accuracy {r['accuracy']:.1%} "
             f"({r['detected']}/{n_kw}), {r['false_alarms']} false alarms, median delay "
-            f"{r['median_delay_ms'] or float('nan'):.0f} ms after the word")
+            f"{delay} ms after the word")
     say(f"{n_streams} streams of {args.clips_per_stream} clips of speakers {who}; "
         f"oracle 1 s window accuracy {oracle / n_events:.1%} of {n_events} utterances")
     if args.json:
