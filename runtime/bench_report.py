@@ -395,15 +395,24 @@ def detector_holds(obj: Any) -> list[dict]:
 
 
 def plot_detector(rows: list[dict], chosen: Any, path: Path, caption: str) -> None:
+    """Accuracy (left axis) and false alarms (right) against hold; one line style per
+    pause-reset setting when the rows carry one."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    h = [r["hold"] for r in rows]
-    ax.plot(h, [100 * r["accuracy"] for r in rows], "o-", color="C0")
+    ax2 = ax.twinx()
+    for pr, style in ((True, "-"), (False, ":"), (None, "-")):
+        sel = [r for r in rows if r.get("pause_reset") is pr]
+        if not sel:
+            continue
+        h = [r["hold"] for r in sel]
+        tag = {True: "pause reset", False: "no pause reset", None: None}[pr]
+        ax.plot(h, [100 * r["accuracy"] for r in sel], "o" + style, color="C0", label=tag)
+        ax2.plot(h, [r["false_alarms_per_stream"] for r in sel], "s" + style, color="C3")
     ax.set_xlabel("hold (frames of 10 ms the top keyword must stay above threshold)")
     ax.set_ylabel("keyword accuracy (%)", color="C0")
-    ax2 = ax.twinx()
-    ax2.plot(h, [r["false_alarms_per_stream"] for r in rows], "s--", color="C3")
     ax2.set_ylabel("false alarms per stream", color="C3")
+    if any(r.get("pause_reset") is not None for r in rows):
+        ax.legend(fontsize=7, loc="lower center")
     if _is_num(chosen):
         ax.axvline(chosen, color="grey", ls=":", lw=1)
     ax.set_title("streaming detection on speakers not seen in pretraining", fontsize=9)

@@ -3,12 +3,14 @@
     FrontendNode(endpoint, frontend_cfg, encoder, *, stream="s0", mode="replay",
                  batch=1, personal=False, max_pending=256, live_queue=50,
                  hwm=100, recorder=None, on_output=None, connect_timeout_s=10.0,
-                 heartbeat_s=1.0)
+                 heartbeat_s=1.0, pause_reset=True)
+                                        pause_reset: flag the frames that end a pause
+                                        (edgeprop.pauses) so the learner zeroes the state
         .keep_posteriors = True         set False on long runs (latencies are still kept)
         .start() -> HelloReply          handshake (raises ConfigError when rejected)
         .feed(samples, *, label=-1, window=-1, t_in_ns=None) -> int   frames produced
         .send_spikes(spikes (n, substeps, ch), *, labels=None, windows=None,
-                     t_in_ns=None)      already-encoded frames (benchmarks, replays)
+                     t_in_ns=None, pauses=None)   already-encoded frames (benchmarks, replays)
         .finish(timeout_s=30.0) -> dict  end-of-stream; waits until the learner echoed it
         .close()
         .stats() -> dict                 frames, dropped, latency ms p50/p99, ...
@@ -65,8 +67,10 @@ class FrontendNode:
                  mode: str = "replay", batch: int = 1, personal: bool = False,
                  max_pending: int = 256, live_queue: int = 50, hwm: int = 100,
                  recorder: Any = None, on_output: Callable[[Any], None] | None = None,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, heartbeat_s: float = 1.0):
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, heartbeat_s: float = 1.0,
+                 pause_reset: bool = True):
         from edgeprop.frontend import StreamingFrontend
+        from edgeprop.pauses import PauseDetector
 
         if mode not in ("replay", "live"):
             raise ConfigError(f"mode must be 'replay' or 'live', got {mode!r}")
@@ -87,12 +91,15 @@ class FrontendNode:
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_s = heartbeat_s
         self.frontend = StreamingFrontend(frontend_cfg)
+        # marks the frames that end a pause, so the learner zeroes the state after them
+        self.pauses = PauseDetector(frontend_cfg) if pause_reset else None
         self.enc_dict = encoder.to_dict()
         self.encoder_id = P.encoder_id(self.enc_dict)
         self.binary = encoder.name != "current"
         self.hop_s = frontend_cfg.hop / frontend_cfg.sample_rate
         self.seq = 0
-        self._pending: list = []  # frames waiting to fill a batch: (spikes, label, win, t_in)
+        # frames waiting to fill a batch: (spikes, label, win, t_in, ends a pause)
+        self._pending: list = []
         self._outbox: deque = deque()
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -179,19 +186,21 @@ class FrontendNode:
             spikes = self.encoder.step(f)
             if self.binary:
                 spikes = spikes.astype(np.uint8)
-            self._pending.append((spikes, label, window, t_in))
+            pause = self.pauses is not None and self.pauses.step(f)
+            self._pending.append((spikes, label, window, t_in, pause))
             if len(self._pending) >= self.batch:
                 self._flush_batch()
         self.frames_made += len(feats)
         return len(feats)
 
     def send_spikes(self, spikes: np.ndarray, *, labels: list[int] | None = None,
-                    windows: list[int] | None = None, t_in_ns: list[int] | None = None) -> None:
+                    windows: list[int] | None = None, t_in_ns: list[int] | None = None,
+                    pauses: list[int] | None = None) -> None:
         """Queue already-encoded frames (n, substeps, channels) as one message."""
         n = spikes.shape[0]
         msg = P.Frames(self.stream, self.seq, self.seq * self.hop_s, self.hop_s,
                        self.encoder_id, spikes, labels, windows,
-                       t_in_ns if t_in_ns is not None else [P.now_ns()] * n)
+                       t_in_ns if t_in_ns is not None else [P.now_ns()] * n, pauses)
         self.seq += n
         self.frames_made += n
         self._enqueue(msg)
@@ -205,9 +214,11 @@ class FrontendNode:
         labels = [int(r[1]) for r in rows]
         windows = [int(r[2]) for r in rows]
         has_label = any(lab != P.NO_LABEL for lab in labels)
+        pauses = [int(r[4]) for r in rows]
         msg = P.Frames(self.stream, self.seq, self.seq * self.hop_s, self.hop_s,
                        self.encoder_id, spikes, labels if has_label else None,
-                       windows if has_label else None, [int(r[3]) for r in rows])
+                       windows if has_label else None, [int(r[3]) for r in rows],
+                       pauses if any(pauses) else None)
         self.seq += len(rows)
         self._enqueue(msg)
 

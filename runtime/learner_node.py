@@ -18,6 +18,7 @@ Two layers:
 Per frame (each encoder sub-step is one network step, `edgeprop.network.step`):
     y = readout;  p = softmax(mean of y over the detector window)  -> Posteriors
     detector (window / threshold / hold / refractory)               -> Detection
+    a frame flagged in `pauses` ends a pause: the stream's state is zeroed after it
 Learning: frames whose `labels`/`windows` are set form a labelled window; when the
 window id changes (or the stream ends) the backend learns the window with the mean
 loss from a zero state and applies one update (runtime/backends.py says why).
@@ -433,6 +434,7 @@ class LearnerCore:
         times = f.times()[skip:]
         labels = f.labels[skip:] if f.labels is not None else None
         windows = f.windows[skip:] if f.windows is not None else None
+        pauses = f.pauses[skip:] if f.pauses is not None else None
         hist_len = max(1, int(round(self.history_s / max(f.hop_s, 1e-3))))
         ws = sess.weights or self.shared
         for i in range(n):
@@ -444,6 +446,11 @@ class LearnerCore:
             y = None
             for r in rows:
                 sess.state, y = step(cfg, params, sess.state, r)
+            if pauses is not None and pauses[i]:
+                # a pause ends here: the next word starts from a zeroed state, as every
+                # pretraining clip and every online update does (edgeprop.pauses)
+                sess.state = init_state(cfg)
+                self.counts["pause_resets"] += 1
             probs[i], hit = sess.detector.push(y, seq, float(times[i]))
             if hit is not None:
                 sess.detections += 1

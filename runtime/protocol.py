@@ -14,7 +14,8 @@ Public API (stable; the demo and regression suites build on it)::
     HelloReply(stream, accepted, reason="", params_hash="", frontend_hash="",
                encoder_id="", labels=[], session="", settings={})
     Frames(stream, seq, t, hop_s, encoder_id, spikes (n, substeps, channels) ndarray,
-           labels=None|list[int], windows=None|list[int], t_in_ns=None|list[int])
+           labels=None|list[int], windows=None|list[int], t_in_ns=None|list[int],
+           pauses=None|list[int] (0/1))
            .n  .seqs()  .times()  -- fmt "bits" (0/1 arrays, bit-packed) or "f32"
     Heartbeat(stream, t_ns)
     EndOfStream(stream, last_seq, reason="done")
@@ -246,6 +247,8 @@ class Frames:
     ``windows[i]`` the id of the labelled utterance window the frame belongs to (or
     NO_LABEL). ``t_in_ns[i]`` is time.monotonic_ns() when the audio block that
     completed frame i entered the frontend: the learner echoes it for latency.
+    ``pauses[i]`` is 1 when frame i ends a pause (edgeprop.pauses): the learner zeroes
+    the stream's network state once it has stepped that frame. Absent: no pauses.
     """
 
     TYPE = "frames"
@@ -258,6 +261,7 @@ class Frames:
     labels: list[int] | None = None
     windows: list[int] | None = None
     t_in_ns: list[int] | None = None
+    pauses: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -281,7 +285,7 @@ class Frames:
              "hop_s": float(self.hop_s), "enc": self.encoder_id, "shape": list(s.shape),
              "fmt": fmt, "data": data}
         for key, val in (("labels", self.labels), ("windows", self.windows),
-                         ("t_in_ns", self.t_in_ns)):
+                         ("t_in_ns", self.t_in_ns), ("pauses", self.pauses)):
             if val is not None:
                 m[key] = [int(x) for x in val]
         return m
@@ -303,9 +307,12 @@ class Frames:
         if seq < 0:
             raise WireError("bad_field", f"negative seq {seq}")
         n = shape[0]
+        pauses = _int_list(d, "pauses", n)
+        if pauses is not None and not all(x in (0, 1) for x in pauses):
+            raise WireError("bad_field", "field 'pauses' must hold 0 or 1 per frame")
         return cls(_get(d, "stream", str), seq, _get(d, "t", float), _get(d, "hop_s", float),
                    _get(d, "enc", str), spikes, _int_list(d, "labels", n),
-                   _int_list(d, "windows", n), _int_list(d, "t_in_ns", n))
+                   _int_list(d, "windows", n), _int_list(d, "t_in_ns", n), pauses)
 
 
 @dataclass

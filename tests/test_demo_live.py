@@ -133,16 +133,22 @@ def test_replay_feeds_a_file_as_if_it_were_the_microphone(shipped_path, data_dir
     from edgeprop.evaluation import checkpoint_frontend, encode_batch
     from edgeprop.frontend import features
     from edgeprop.network import init_state, step
+    from edgeprop.pauses import PauseDetector
     from edgeprop.shipped import load_shipped
     from runtime.detection import Detector
 
     ck = load_shipped()
-    x = encode_batch(ck, features(np.concatenate([audio, np.zeros(8000, np.float32)])[None],
-                                  checkpoint_frontend(ck)))[0]
+    fcfg = checkpoint_frontend(ck)
+    feats = features(np.concatenate([audio, np.zeros(8000, np.float32)])[None], fcfg)
+    x = encode_batch(ck, feats)[0]
+    pauses = PauseDetector(fcfg).run(feats[0])
+    assert pauses.any()  # the silence after the word ends a pause
     st, ys = init_state(ck.cfg), []
-    for xt in x:
+    for xt, pause in zip(x, pauses, strict=True):
         st, y = step(ck.cfg, ck.params, st, xt)
         ys.append(y)
+        if pause:  # the learner zeroes the state after a frame that ends a pause
+            st = init_state(ck.cfg)
     _, hits = Detector(list(ck.labels)).run(np.array(ys))
     assert got == [(h.label, round(h.t, 2)) for h in hits]
     assert got and got[0][0] == "right"  # the word itself is spotted first

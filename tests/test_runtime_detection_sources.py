@@ -197,12 +197,15 @@ def test_bench_detector_scores_streams_of_unseen_speakers_per_hold(data_dir):
     assert res.returncode == 0, res.stderr[-2000:]
     assert out["speakers"] == "not seen in pretraining" and out["streams"] == 2
     assert out["utterances"] == 30 and 0 < out["keyword_utterances"] <= 30
-    rows = {r["hold"]: r for r in out["by_hold"]}
-    assert sorted(rows) == [1, 7, 20]  # --hold is always measured
+    rows = {(r["hold"], r["pause_reset"]): r for r in out["by_hold"]}
+    # --hold is always measured; each hold with and without the pause resets
+    assert sorted(rows) == [(h, pr) for h in (1, 7, 20) for pr in (False, True)]
     for r in rows.values():
         assert r["accuracy"] == r["detected"] / out["keyword_utterances"]
         assert r["false_alarms_per_stream"] == r["false_alarms"] / 2
-    assert out["accuracy"] == rows[7]["accuracy"] and out["detector"]["hold"] == 7
+    assert out["accuracy"] == rows[7, True]["accuracy"] and out["detector"]["hold"] == 7
+    assert out["accuracy_without_pause_reset"] == rows[7, False]["accuracy"]
+    assert out["pauses"] > 0
     assert 0.0 <= out["oracle_window_accuracy"] <= 1.0
     assert _bench_detector(*args)[1] == out  # deterministic for a seed
     bad, _ = _bench_detector("--data", str(data_dir), "--holds", "0,20")

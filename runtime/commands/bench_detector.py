@@ -1,4 +1,4 @@
-"""`edgeprop bench detector`: keyword accuracy and false alarms of the streaming detector.
+"""`edgeprop bench detector`: keyword accuracy and false alarms of streaming detection.
 
 A clip classifier is scored on 1 s clips with the network reset; the live demo and
 `edgeprop run` see a continuous stream instead, and what the user meets is the detector
@@ -13,9 +13,13 @@ checkpoint records none for this folder):
   word's end, all from `score_detections`, as `edgeprop run` scores; the top-level
   `accuracy`, `false_alarms_per_stream` and `median_delay_ms` are those at `--hold`
   (default: the detector's default), which is always among them;
-- `oracle_window_accuracy`: the argmax of the readout averaged over the 1 s centred on
-  each utterance, the ceiling of any detector reading this readout with the words'
-  times known.
+- each of them with and without the pause resets (edgeprop.pauses: a frontend flags
+  the frame that ends a pause and the learner zeroes the stream's state after it);
+  the top-level numbers are with them, as a frontend node sends, and
+  `*_without_pause_reset` without;
+- `oracle_window_accuracy`: the argmax of the readout (without pause resets) averaged
+  over the 1 s centred on each utterance, the ceiling of any detector reading that
+  readout with the words' times known.
 
 The readout is the learner's, frame by frame: the checkpoint's frontend and encoder
 (runtime.regress.encode_stream, batch == stream), one `edgeprop.network.step` per
@@ -80,8 +84,9 @@ def _clips(ckpt, data: Path):
     return [c for c in clips if c.speaker not in seen], "not seen in pretraining"
 
 
-def _readout(cfg, params, frames: np.ndarray) -> np.ndarray:
-    """(T, substeps, n_in) frames -> (T, n_out) readout, as the learner steps a stream."""
+def _readout(cfg, params, frames: np.ndarray, pauses: np.ndarray) -> np.ndarray:
+    """(T, substeps, n_in) frames -> (T, n_out) readout, as the learner steps a stream:
+    the state is zeroed after each frame that ends a pause."""
     from edgeprop.network import init_state, step
 
     state = init_state(cfg)
@@ -90,6 +95,8 @@ def _readout(cfg, params, frames: np.ndarray) -> np.ndarray:
         for r in rows:
             state, y = step(cfg, params, state, r)
         ys[i] = y
+        if pauses[i]:
+            state = init_state(cfg)
     return ys
 
 
@@ -106,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.checkpoint import load_checkpoint, params_hash
     from edgeprop.datasets import require_data_dir
     from edgeprop.evaluation import checkpoint_frontend, model_labels
+    from edgeprop.frontend import features
+    from edgeprop.pauses import PauseDetector
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
     from runtime.detection import Detector, Event, score_detections
     from runtime.learner_node import LearnerCore
@@ -130,36 +139,43 @@ def run(args: argparse.Namespace) -> int:
     core.close()
     fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
     hop_s = fcfg.hop / fcfg.sample_rate
-    totals = {h: {"detected": 0, "false_alarms": 0, "delays": []} for h in configs}
-    n_kw = n_events = oracle = 0
+    variants = [(h, pr) for pr in (True, False) for h in configs]  # pr: pause reset
+    totals = {v: {"detected": 0, "false_alarms": 0, "delays": []} for v in variants}
+    n_kw = n_events = oracle = n_pauses = 0
     with progress("streams", n_streams, args.quiet) as adv:
         for s in range(n_streams):
             pick = order[s * args.clips_per_stream:(s + 1) * args.clips_per_stream]
             refs = [ClipRef(pool[i].path, pool[i].label, str(pool[i].path)) for i in pick]
             stream = build_stream(refs, noise_gain=args.noise_gain, seed=args.seed * 1000 + s)
             frames, _, _ = encode_stream(stream.audio, [], ckpt)
-            ys = _readout(ckpt.cfg, params, frames)
+            pauses = PauseDetector(fcfg).run(features(stream.audio, fcfg))
+            ys = {pr: _readout(ckpt.cfg, params, frames, pauses if pr else np.zeros_like(pauses))
+                  for pr in (True, False)}
             events = [Event(e.t_start, e.t_end, e.label) for e in stream.events]
-            oracle += _oracle_hits(ys, stream.events, hop_s)
+            oracle += _oracle_hits(ys[False], stream.events, hop_s)
             n_events += len(events)
-            for h, dcfg in configs.items():
-                _, hits = Detector(labels, dcfg).run(ys, hop_s=hop_s)
+            n_pauses += int(pauses.sum())
+            for h, pr in variants:
+                _, hits = Detector(labels, configs[h]).run(ys[pr], hop_s=hop_s)
                 sc = score_detections(events, [(x.t, x.label) for x in hits], keywords)
-                totals[h]["detected"] += sc["detected"]
-                totals[h]["false_alarms"] += sc["false_alarms"]
-                totals[h]["delays"] += sc["delays_s"]
+                totals[h, pr]["detected"] += sc["detected"]
+                totals[h, pr]["false_alarms"] += sc["false_alarms"]
+                totals[h, pr]["delays"] += sc["delays_s"]
             n_kw += sc["keyword_utterances"]
             adv()
-    by_hold = [{"hold": h, "accuracy": t["detected"] / n_kw, "detected": t["detected"],
+    by_hold = [{"hold": h, "pause_reset": pr, "accuracy": t["detected"] / n_kw,
+                "detected": t["detected"],
                 "false_alarms": t["false_alarms"],
                 "false_alarms_per_stream": t["false_alarms"] / n_streams,
                 "median_delay_ms": round(1000 * float(np.median(t["delays"])), 1)
                 if t["delays"] else None}
-               for h, t in totals.items()]
-    chosen = next(r for r in by_hold if r["hold"] == args.hold)
+               for (h, pr), t in totals.items()]
+    chosen = next(r for r in by_hold if r["hold"] == args.hold and r["pause_reset"])
+    unpaused = next(r for r in by_hold if r["hold"] == args.hold and not r["pause_reset"])
     for r in by_hold:
         delay = "-" if r["median_delay_ms"] is None else f"{r['median_delay_ms']:.0f}"
-        say(f"hold {r['hold']:3d} frames: accuracy {r['accuracy']:.1%} "
+        say(f"{'pause reset' if r['pause_reset'] else 'no reset   '}, "
+            f"hold {r['hold']:3d} frames: accuracy {r['accuracy']:.1%} "
             f"({r['detected']}/{n_kw}), {r['false_alarms']} false alarms, median delay "
             f"{delay} ms after the word")
     say(f"{n_streams} streams of {args.clips_per_stream} clips of speakers {who}; "
@@ -172,8 +188,12 @@ def run(args: argparse.Namespace) -> int:
             "noise_gain": args.noise_gain, "seed": args.seed, "keyword_utterances": n_kw,
             "utterances": n_events, "oracle_window_accuracy": oracle / n_events,
             "detector": {**base, "hold": args.hold},
+            "pauses": n_pauses,
             "accuracy": chosen["accuracy"],
             "false_alarms_per_stream": chosen["false_alarms_per_stream"],
             "median_delay_ms": chosen["median_delay_ms"],
+            "accuracy_without_pause_reset": unpaused["accuracy"],
+            "false_alarms_per_stream_without_pause_reset":
+                unpaused["false_alarms_per_stream"],
             "by_hold": by_hold})
     return 0

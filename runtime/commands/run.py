@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream only the first S seconds (0: all of it)")
     parser.add_argument("--batch", type=pos_int, default=1, help="frames per message (10 ms each)")
     parser.add_argument("--no-learning", action="store_true")
+    parser.add_argument("--no-pause-reset", action="store_true",
+                        help="do not flag pauses: the network state is never zeroed in the "
+                             "stream (the rule before 2026-12-03)")
     parser.add_argument("--lr", type=pos_float, default=1e-4, help="online learning rate (Adam)")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
@@ -201,6 +204,7 @@ class _Learner:
 def run(args: argparse.Namespace) -> int:
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig, StreamingFrontend
+    from edgeprop.pauses import PauseDetector
     from runtime.detection import Event, score_detections
     from runtime.frontend_node import FrontendNode
     from runtime.learner_node import Model
@@ -235,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         before = learner.control(endpoints["control_rep"], "stats")
         for i in range(args.streams):
             node = FrontendNode(endpoints["data_router"], fe, encoder_from_dict(model.encoder),
-                                stream=f"s{i}", mode=args.mode, batch=args.batch)
+                                stream=f"s{i}", mode=args.mode, batch=args.batch,
+                                pause_reset=not args.no_pause_reset)
             node.keep_posteriors = False
             node.start()
             nodes.append(node)
@@ -246,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             pre = np.stack([enc.step(f) for f in feats])
             if enc.name != "current":
                 pre = pre.astype(np.uint8)
+            pre_pauses = (np.zeros(len(feats), bool) if args.no_pause_reset
+                          else PauseDetector(fe).run(feats))
         hop = fe.hop
         block = hop * args.batch
         n_blocks = len(stream.audio) // block
@@ -269,7 +276,9 @@ def run(args: argparse.Namespace) -> int:
             else:
                 for node in nodes:
                     node.send_spikes(pre[sl], labels=[int(x) for x in lab[sl]],
-                                     windows=[int(x) for x in win[sl]])
+                                     windows=[int(x) for x in win[sl]],
+                                     pauses=[int(x) for x in pre_pauses[sl]]
+                                     if pre_pauses[sl].any() else None)
         results = [node.finish(timeout_s=120) for node in nodes]
         wall = time.perf_counter() - t0
         after = learner.control(endpoints["control_rep"], "stats")
@@ -316,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
             "malformed", "version", "oversized", "shape", "config_mismatch", "seq_gaps",
             "seq_dups", "unknown_stream", "outputs_dropped")},
         "detector": detector_settings(args),
+        "pause_reset": not args.no_pause_reset,
+        "pause_resets": counts.get("pause_resets", 0),
     }
     lat_txt = (f"latency p50 {out['latency_p50_ms']:.2f} ms, p99 {out['latency_p99_ms']:.2f} ms"
                if lat.size else "no latency samples")
