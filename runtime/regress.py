@@ -36,7 +36,8 @@ Public API::
     save_compact(rec, path) / load_compact(path) / load_any(path: .npz | .rec)
     list_recordings(folder) ; golden_path(rec_path) ; read_goldens / write_golden
     build_recordings(data_dir, out_dir, checkpoint, seed=0) -> [paths]
-    encode_stream(audio, spans [(start, end, label)], checkpoint) -> frames, labels, windows
+    encode_stream(audio, spans [(start, end, label)], checkpoint)
+        -> frames, labels, windows, pauses
     LoopbackLearner(checkpoint, backend)      learner thread on 127.0.0.1 (context manager)
     stream_over_socket(rec, endpoint, stream, garbage=None) -> posteriors, detections, ...
     replay_over_sockets(rec, checkpoint, backend) -> result ; make_golden ; compare
@@ -112,6 +113,9 @@ class StreamRecording:
     #: so the suite covers the feature chain too
     audio: np.ndarray | None = None
     spans: list | None = None
+    #: (T,) bool: frame i ends a pause (edgeprop.pauses), as a frontend node flags it;
+    #: None for recordings made before the flags existed (replayed without them)
+    pauses: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -136,8 +140,14 @@ class StreamRecording:
                 stream, s, round(s * self.hop_s, 6), self.hop_s, self.header.encoder_id,
                 self.frames[s:e], labels=[int(v) for v in self.labels[s:e]],
                 windows=[int(v) for v in self.windows[s:e]],
-                t_in_ns=[P.now_ns()] * (e - s) if stamp else None))
+                t_in_ns=[P.now_ns()] * (e - s) if stamp else None,
+                pauses=self._pauses(s, e)))
         return out
+
+    def _pauses(self, s: int, e: int) -> list[int] | None:
+        if self.pauses is None or not self.pauses[s:e].any():
+            return None
+        return [int(v) for v in self.pauses[s:e]]
 
     def end(self, stream: str) -> P.EndOfStream:
         return P.EndOfStream(stream, self.n_frames - 1)
@@ -165,10 +175,10 @@ def materialize(rec: StreamRecording, checkpoint: Any) -> StreamRecording:
 
     if rec.audio is None:
         return rec
-    frames, labels, windows = encode_stream(rec.audio, rec.spans or [], checkpoint)
+    frames, labels, windows, pauses = encode_stream(rec.audio, rec.spans or [], checkpoint)
     header = header_for(checkpoint, note=rec.header.note)
     return StreamRecording(rec.name, header, frames, labels, windows, rec.hop_s, rec.meta,
-                           rec.path)
+                           rec.path, pauses=pauses)
 
 
 def _flac_bytes(audio: np.ndarray, sr: int) -> bytes:
@@ -193,6 +203,8 @@ def save_compact(rec: StreamRecording, path: Path) -> Path:
         "labels": rec.labels.astype(np.int8),
         "windows": rec.windows.astype(np.int16),
     }
+    if rec.pauses is not None:
+        arrays["pauses"] = rec.pauses.astype(np.uint8)
     meta = dict(rec.meta)
     meta.update({"format": COMPACT_FORMAT, "name": rec.name, "hop_s": rec.hop_s,
                  "shape": list(rec.frames.shape), "header": rec.header.to_map()})
@@ -242,6 +254,7 @@ def load_compact(path: Path) -> StreamRecording:
                 raise ProtocolError(f"{path}: unknown frame format {meta['fmt']!r}")
             labels = z["labels"].astype(np.int64)
             windows = z["windows"].astype(np.int64)
+            pauses = z["pauses"].astype(bool) if "pauses" in z.files else None
     except (OSError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
         # numpy calls any non-array bytes "pickled data" and suggests loading them unsafely:
         # that advice must not reach a user whose file is merely corrupt or foreign
@@ -249,7 +262,7 @@ def load_compact(path: Path) -> StreamRecording:
         raise ProtocolError(f"{path}: unreadable recording ({why})") from None
     header = P.RecordingHeader.from_map(meta.pop("header"))
     return StreamRecording(meta["name"], header, frames, labels, windows,
-                           float(meta["hop_s"]), meta, path, audio, spans)
+                           float(meta["hop_s"]), meta, path, audio, spans, pauses)
 
 
 def load_protocol_recording(path: Path) -> StreamRecording:
@@ -265,9 +278,11 @@ def load_protocol_recording(path: Path) -> StreamRecording:
                                         else [P.NO_LABEL] * f.n) for f in frames])
     windows = np.concatenate([np.asarray(f.windows if f.windows is not None
                                          else [P.NO_LABEL] * f.n) for f in frames])
+    pauses = np.concatenate([np.asarray(f.pauses if f.pauses is not None else [0] * f.n)
+                             for f in frames]).astype(bool)
     return StreamRecording(Path(path).stem, rec.header, arr, labels.astype(np.int64),
                            windows.astype(np.int64), float(frames[0].hop_s),
-                           {"source": "edgeprop record"}, Path(path))
+                           {"source": "edgeprop record"}, Path(path), pauses=pauses)
 
 
 def load_any(path: Path) -> StreamRecording:
@@ -562,16 +577,17 @@ def _assemble(pieces: list[tuple[np.ndarray, int, float]], gaps: list[float],
 
 
 def encode_stream(audio: np.ndarray, spans: list[tuple[int, int, int]], checkpoint: Any,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Audio -> (frames (T, substeps, channels), labels (T,), windows (T,)).
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Audio -> (frames (T, substeps, channels), labels (T,), windows (T,), pauses (T,)).
 
     The features and the encoder are the checkpoint's own (the chain the frontend node
     runs; batch == stream exactly, edgeprop/frontend.py). Frame k (hop k complete) of a
     clip spanning samples [s, e) is labelled when s // hop <= k < e // hop; each clip
-    is its own label window.
+    is its own label window. `pauses` are the frontend node's flags (edgeprop.pauses).
     """
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig, features
+    from edgeprop.pauses import PauseDetector
 
     fe = checkpoint.frontend if isinstance(checkpoint.frontend, dict) \
         else checkpoint.frontend.to_dict()
@@ -593,7 +609,7 @@ def encode_stream(audio: np.ndarray, spans: list[tuple[int, int, int]], checkpoi
     for w, (s, e, lab) in enumerate(spans):
         labels[s // hop:e // hop] = lab
         windows[s // hop:e // hop] = w
-    return x, labels, windows
+    return x, labels, windows, PauseDetector(fcfg).run(feats)
 
 
 def _pick(clips: list, label: str, k: int, rng: np.random.Generator, used: set) -> list:
@@ -674,7 +690,7 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
         pieces = [(load_clip(c, sr) if c.label == "_silence_" else trim_voiced(load_clip(c, sr)),
                    c.label_index, s) for c, s in zip(plan["clips"], plan["snr"], strict=True)]
         audio, spans = _assemble(pieces, plan["gaps"], bed, sr)
-        frames, lab, win = encode_stream(audio, spans, checkpoint)
+        frames, lab, win, pauses = encode_stream(audio, spans, checkpoint)
         header = header_for(checkpoint, note=note or f"edgeprop regress --build-recordings "
                                                      f"(seed {seed})")
         # a reproducible build: the same data, model and seed give byte-identical files
@@ -686,7 +702,7 @@ def build_recordings(data_dir: Path, out_dir: Path, checkpoint: Any, seed: int =
                 "audio_s": round(len(audio) / sr, 3),
                 "build": "edgeprop regress --build-recordings --data DIR"}
         rec = StreamRecording(plan["name"], header, frames, lab, win,
-                              hop_s=fe.get("hop_ms", 10.0) / 1000.0, meta=meta)
+                              hop_s=fe.get("hop_ms", 10.0) / 1000.0, meta=meta, pauses=pauses)
         written.append(save_compact(rec, Path(out_dir) / f"{plan['name']}.npz"))
         if plan["name"] == "clean_speech":  # the same stream once more, as audio
             name = "clean_speech_audio"

@@ -89,3 +89,15 @@ def test_the_learner_zeroes_the_state_after_a_flagged_frame():
     np.testing.assert_array_equal(flagged[:30], carried[:30])
     assert not np.array_equal(carried[30:], fresh)  # without the flag the state carries
     assert len(KWS_LABELS) == fresh.shape[1]
+
+
+def test_recordings_keep_their_flags_and_send_them(tmp_path):
+    from runtime import regress as R
+
+    rec = R.load_compact(R.RECORDINGS_DIR / "long_stream.npz")
+    assert rec.pauses is not None and rec.pauses.any()  # built with the frontend's flags
+    msgs = rec.frame_messages("s", per_message=7)
+    sent = np.concatenate([m.pauses if m.pauses is not None else [0] * m.n for m in msgs])
+    assert np.array_equal(sent.astype(bool), rec.pauses)
+    again = R.load_compact(R.save_compact(rec, tmp_path / "r.npz"))
+    assert np.array_equal(again.pauses, rec.pauses)

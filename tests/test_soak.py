@@ -116,8 +116,8 @@ def _soak_recording(tmp: Path):
     stream = build_stream(embedded_clips(), seed=1)
     sr = stream.sample_rate
     spans = [(int(e.t_start * sr), int(e.t_end * sr), e.label_index) for e in stream.events]
-    frames, labels, windows = R.encode_stream(stream.audio, spans, ckpt)
-    rec = R.StreamRecording("soak", header_for(ckpt), frames, labels, windows)
+    frames, labels, windows, pauses = R.encode_stream(stream.audio, spans, ckpt)
+    rec = R.StreamRecording("soak", header_for(ckpt), frames, labels, windows, pauses=pauses)
     return model_path, rec
 
 

@@ -113,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.checkpoint import load_checkpoint, params_hash
     from edgeprop.datasets import require_data_dir
     from edgeprop.evaluation import checkpoint_frontend, model_labels
-    from edgeprop.frontend import features
-    from edgeprop.pauses import PauseDetector
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
     from runtime.detection import Detector, Event, score_detections
     from runtime.learner_node import LearnerCore
@@ -147,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
             pick = order[s * args.clips_per_stream:(s + 1) * args.clips_per_stream]
             refs = [ClipRef(pool[i].path, pool[i].label, str(pool[i].path)) for i in pick]
             stream = build_stream(refs, noise_gain=args.noise_gain, seed=args.seed * 1000 + s)
-            frames, _, _ = encode_stream(stream.audio, [], ckpt)
-            pauses = PauseDetector(fcfg).run(features(stream.audio, fcfg))
+            frames, _, _, pauses = encode_stream(stream.audio, [], ckpt)
             ys = {pr: _readout(ckpt.cfg, params, frames, pauses if pr else np.zeros_like(pauses))
                   for pr in (True, False)}
             events = [Event(e.t_start, e.t_end, e.label) for e in stream.events]
