@@ -26,7 +26,8 @@ posteriors/detections/notices, and heartbeats when idle. Between them, the outbo
 - live mode, drop-oldest: the outbox is a deque of at most `live_queue` messages; when
   it is full the OLDEST queued message is dropped (its frames counted in `dropped`),
   because for a live keyword spotter the newest audio matters and a stale backlog only
-  adds latency. The I/O thread sends with NOBLOCK, so frames that do not fit under the
+  adds latency. A dropped message's pause flag moves to the next message's first
+  frame. The I/O thread sends with NOBLOCK, so frames that do not fit under the
   socket's HWM wait in the outbox, where drop-oldest applies. (ZMQ_CONFLATE would keep
   only the last message and silently break the sequence; it is wrong for frames.)
 
@@ -234,6 +235,12 @@ class FrontendNode:
                     old = self._outbox.popleft()
                     if isinstance(old, P.Frames):
                         self.dropped += old.n
+                        if old.pauses is not None and any(old.pauses):
+                            # the pause ended in frames that are never sent: the learner
+                            # zeroes the state after the next frame that is
+                            nxt = next((m for m in self._outbox if isinstance(m, P.Frames)),
+                                       msg)
+                            nxt.pauses = [1] + list(nxt.pauses or [0] * nxt.n)[1:]
             self._outbox.append(msg)
             self._cv.notify_all()
         self._wake()

@@ -101,3 +101,22 @@ def test_recordings_keep_their_flags_and_send_them(tmp_path):
     assert np.array_equal(sent.astype(bool), rec.pauses)
     again = R.load_compact(R.save_compact(rec, tmp_path / "r.npz"))
     assert np.array_equal(again.pauses, rec.pauses)
+
+
+def test_a_live_drop_passes_its_pause_to_the_next_frame_sent():
+    from edgeprop.encoders import make_encoder
+    from edgeprop.frontend import FrontendConfig
+    from runtime.frontend_node import FrontendNode
+
+    fe = FrontendNode("tcp://127.0.0.1:9", FrontendConfig(), make_encoder("current"),
+                      mode="live", live_queue=2)
+    try:
+        x = np.zeros((2, 1, 80), np.float32)
+        msgs = [P.Frames("s0", 2 * i, 0.0, 0.01, fe.encoder_id, x,
+                         pauses=[0, 1] if i == 0 else None) for i in range(3)]
+        for m in msgs:
+            fe._enqueue(m)  # the third drops the first, which ended a pause
+        assert fe.dropped == 2 and list(fe._outbox) == msgs[1:]
+        assert msgs[1].pauses == [1, 0] and msgs[2].pauses is None
+    finally:
+        fe.close()
