@@ -90,6 +90,18 @@ log = logging.getLogger("edgeprop.learner")
 CHECKPOINT_NAME = "learner.ckpt"
 
 
+def step_frame(cfg: ModelConfig, params: Params, state: State, rows: np.ndarray,
+               pause: bool = False) -> tuple[State, np.ndarray]:
+    """One frame as a stream runs it: a network step per encoder sub-step row, the
+    readout of the last. After a frame that ends a pause the state is zeroed, so the
+    next word starts as every pretraining clip and every online update does
+    (edgeprop.pauses). `edgeprop bench detector` steps its streams through this too."""
+    y = None
+    for r in rows:
+        state, y = step(cfg, params, state, r)
+    return (init_state(cfg) if pause else state), y
+
+
 def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / CHECKPOINT_NAME
 
@@ -441,15 +453,10 @@ class LearnerCore:
             seq = f.seq + skip + i
             if self._jobs:
                 self._swap_due(sess.stream, seq)
-            params = ws.infer
             rows = x_all[i]
-            y = None
-            for r in rows:
-                sess.state, y = step(cfg, params, sess.state, r)
-            if pauses is not None and pauses[i]:
-                # a pause ends here: the next word starts from a zeroed state, as every
-                # pretraining clip and every online update does (edgeprop.pauses)
-                sess.state = init_state(cfg)
+            pause = pauses is not None and bool(pauses[i])
+            sess.state, y = step_frame(cfg, ws.infer, sess.state, rows, pause)
+            if pause:
                 self.counts["pause_resets"] += 1
             probs[i], hit = sess.detector.push(y, seq, float(times[i]))
             if hit is not None:

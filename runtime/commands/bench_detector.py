@@ -36,6 +36,7 @@ import numpy as np
 
 from edgeprop.errors import DatasetError
 from runtime.arg_types import nonneg_float, nonneg_int, pos_int
+from runtime.backends import BACKENDS, make_backend
 from runtime.console import add_output_flags, print_json, progress, say
 from runtime.detection import DEFAULT_IGNORE, DetectorConfig, add_detector_arguments
 
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (default: the shipped model)")
     parser.add_argument("--data", type=Path, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
-    parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator",
+    parser.add_argument("--backend", choices=BACKENDS, default="emulator",
                         help="whose inference weights (default emulator: its int8 copy)")
     parser.add_argument("--streams", type=pos_int, default=10, help="streams (default 10)")
     parser.add_argument("--clips-per-stream", type=pos_int, default=40,
@@ -85,18 +86,15 @@ def _clips(ckpt, data: Path):
 
 
 def _readout(cfg, params, frames: np.ndarray, pauses: np.ndarray) -> np.ndarray:
-    """(T, substeps, n_in) frames -> (T, n_out) readout, as the learner steps a stream:
-    the state is zeroed after each frame that ends a pause."""
-    from edgeprop.network import init_state, step
+    """(T, substeps, n_in) frames -> (T, n_out) readout, frame by frame as the learner
+    steps a stream (`step_frame`: the state is zeroed after a frame that ends a pause)."""
+    from edgeprop.network import init_state
+    from runtime.learner_node import step_frame
 
     state = init_state(cfg)
     ys = np.empty((len(frames), cfg.n_out), np.float64)
     for i, rows in enumerate(frames):
-        for r in rows:
-            state, y = step(cfg, params, state, r)
-        ys[i] = y
-        if pauses[i]:
-            state = init_state(cfg)
+        state, ys[i] = step_frame(cfg, params, state, rows, bool(pauses[i]))
     return ys
 
 
@@ -115,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.evaluation import checkpoint_frontend, model_labels
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
     from runtime.detection import Detector, Event, score_detections
-    from runtime.learner_node import LearnerCore
     from runtime.regress import encode_stream
     from runtime.stream import ClipRef, build_stream
 
@@ -132,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if n_streams == 0:
         raise DatasetError(f"{data}: only {len(pool)} clips of speakers {who}; one stream "
                            f"needs {args.clips_per_stream} (--clips-per-stream)")
-    core = LearnerCore(ckpt, backend=args.backend, learning=False)
-    params = core.infer_params
-    core.close()
+    backend = make_backend(args.backend, ckpt.cfg, ckpt.params.copy())
+    params = backend.params  # what a learner of this backend infers with (no learning)
+    backend.close()
     fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
     hop_s = fcfg.hop / fcfg.sample_rate
     variants = [(h, pr) for pr in (True, False) for h in configs]  # pr: pause reset
