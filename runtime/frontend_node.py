@@ -215,11 +215,10 @@ class FrontendNode:
         labels = [int(r[1]) for r in rows]
         windows = [int(r[2]) for r in rows]
         has_label = any(lab != P.NO_LABEL for lab in labels)
-        pauses = [int(r[4]) for r in rows]
         msg = P.Frames(self.stream, self.seq, self.seq * self.hop_s, self.hop_s,
                        self.encoder_id, spikes, labels if has_label else None,
                        windows if has_label else None, [int(r[3]) for r in rows],
-                       pauses if any(pauses) else None)
+                       P.pause_flags(r[4] for r in rows))
         self.seq += len(rows)
         self._enqueue(msg)
 

@@ -676,6 +676,13 @@ def encoder_id(encoder: dict) -> str:
     return f"{encoder.get('name', 'unknown')}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def pause_flags(flags) -> list[int] | None:
+    """The `pauses` field of a `frames` message for per-frame flags: 0/1 ints, or None
+    (the field left out) when no frame of the message ends a pause."""
+    out = [int(bool(v)) for v in flags]
+    return out if any(out) else None
+
+
 def now_ns() -> int:
     """The clock every timestamp on the wire uses: CLOCK_MONOTONIC, shared by all
     processes of one host (so latency across processes on loopback is exact)."""

@@ -141,13 +141,8 @@ class StreamRecording:
                 self.frames[s:e], labels=[int(v) for v in self.labels[s:e]],
                 windows=[int(v) for v in self.windows[s:e]],
                 t_in_ns=[P.now_ns()] * (e - s) if stamp else None,
-                pauses=self._pauses(s, e)))
+                pauses=None if self.pauses is None else P.pause_flags(self.pauses[s:e])))
         return out
-
-    def _pauses(self, s: int, e: int) -> list[int] | None:
-        if self.pauses is None or not self.pauses[s:e].any():
-            return None
-        return [int(v) for v in self.pauses[s:e]]
 
     def end(self, stream: str) -> P.EndOfStream:
         return P.EndOfStream(stream, self.n_frames - 1)

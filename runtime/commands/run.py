@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig, StreamingFrontend
     from edgeprop.pauses import PauseDetector
+    from runtime import protocol as P
     from runtime.detection import Event, score_detections
     from runtime.frontend_node import FrontendNode
     from runtime.learner_node import Model
@@ -277,8 +278,7 @@ def run(args: argparse.Namespace) -> int:
                 for node in nodes:
                     node.send_spikes(pre[sl], labels=[int(x) for x in lab[sl]],
                                      windows=[int(x) for x in win[sl]],
-                                     pauses=[int(x) for x in pre_pauses[sl]]
-                                     if pre_pauses[sl].any() else None)
+                                     pauses=P.pause_flags(pre_pauses[sl]))
         results = [node.finish(timeout_s=120) for node in nodes]
         wall = time.perf_counter() - t0
         after = learner.control(endpoints["control_rep"], "stats")
