@@ -14,6 +14,7 @@ from edgeprop.network import KWS_LABELS
 from edgeprop.pauses import PauseConfig, PauseDetector
 from edgeprop.shipped import load_shipped
 from runtime import protocol as P
+from runtime.commands.bench_detector import _words_with_a_pause_inside
 from runtime.learner_node import LearnerCore, Model
 from runtime.stream import build_stream, embedded_clips
 
@@ -39,6 +40,7 @@ def test_one_flag_per_gap_between_words_never_inside_a_keyword(stream_and_feats)
     # and one after the last word; the one other flag falls inside an _unknown_ word
     # ("four", 0.6 s into its 0.88 s window)
     assert len(t) == len(ev) - 1 + 2
+    assert _words_with_a_pause_inside(ev, flags, 0.01) == 1  # what bench detector counts
 
 
 def test_the_stream_gives_the_flags_of_the_batch(stream_and_feats):

@@ -17,6 +17,8 @@ checkpoint records none for this folder):
   the frame that ends a pause and the learner zeroes the stream's state after it);
   the top-level numbers are with them, as a frontend node sends, and
   `*_without_pause_reset` without;
+- `pauses`, and `words_with_a_pause_inside`: utterances whose voiced part holds a pause
+  flag (a quiet stretch inside the word, where the reset cuts the word in two);
 - `oracle_window_accuracy`: the argmax of the readout (without pause resets) averaged
   over the 1 s centred on each utterance, the ceiling of any detector reading that
   readout with the words' times known.
@@ -107,6 +109,11 @@ def _oracle_hits(ys: np.ndarray, events, hop_s: float) -> int:
     return hits
 
 
+def _words_with_a_pause_inside(events, pauses: np.ndarray, hop_s: float) -> int:
+    t = (np.flatnonzero(pauses) + 1) * hop_s  # the end of each flagged frame
+    return sum(bool(np.any((t > e.t_start) & (t < e.t_end))) for e in events)
+
+
 def run(args: argparse.Namespace) -> int:
     from edgeprop.checkpoint import load_checkpoint, params_hash
     from edgeprop.datasets import require_data_dir
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     hop_s = fcfg.hop / fcfg.sample_rate
     variants = [(h, pr) for pr in (True, False) for h in configs]  # pr: pause reset
     totals = {v: {"detected": 0, "false_alarms": 0, "delays": []} for v in variants}
-    n_kw = n_events = oracle = n_pauses = 0
+    n_kw = n_events = oracle = n_pauses = n_cut = 0
     with progress("streams", n_streams, args.quiet) as adv:
         for s in range(n_streams):
             pick = order[s * args.clips_per_stream:(s + 1) * args.clips_per_stream]
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             oracle += _oracle_hits(ys[False], stream.events, hop_s)
             n_events += len(events)
             n_pauses += int(pauses.sum())
+            n_cut += _words_with_a_pause_inside(stream.events, pauses, hop_s)
             for h, pr in variants:
                 _, hits = Detector(labels, configs[h]).run(ys[pr], hop_s=hop_s)
                 sc = score_detections(events, [(x.t, x.label) for x in hits], keywords)
@@ -173,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
             f"({r['detected']}/{n_kw}), {r['false_alarms']} false alarms, median delay "
             f"{delay} ms after the word")
     say(f"{n_streams} streams of {args.clips_per_stream} clips of speakers {who}; "
-        f"oracle 1 s window accuracy {oracle / n_events:.1%} of {n_events} utterances")
+        f"oracle 1 s window accuracy {oracle / n_events:.1%} of {n_events} utterances; "
+        f"{n_pauses} pauses; {n_cut} utterances with one inside the word")
     if args.json:
         print_json({
             "model": str(args.model or SHIPPED_MODEL), "params_hash": params_hash(ckpt.params),
@@ -182,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             "noise_gain": args.noise_gain, "seed": args.seed, "keyword_utterances": n_kw,
             "utterances": n_events, "oracle_window_accuracy": oracle / n_events,
             "detector": {**base, "hold": args.hold},
-            "pauses": n_pauses,
+            "pauses": n_pauses, "words_with_a_pause_inside": n_cut,
             "accuracy": chosen["accuracy"],
             "false_alarms_per_stream": chosen["false_alarms_per_stream"],
             "median_delay_ms": chosen["median_delay_ms"],
