@@ -13,7 +13,9 @@ Policy for bad input (each names the file or stream; see docs/frontend.md):
 | NaN or inf samples            | AudioError                                              |
 | float samples beyond [-1, 1]  | clipped to [-1, 1] (PCM files cannot exceed it)         |
 | wrong sample rate (file)      | resampled with librosa (soxr_hq), unless resample=False |
-| wrong sample rate (stream)    | AudioError: block-wise resampling would not be seamless |
+| wrong sample rate (stdin)     | AudioError: the sender declares the rate, so send 16 kHz |
+| microphone without 16 kHz     | captured at its own rate, resampled by StreamResampler  |
+|                               |   (seamless: equal to the file path's resampling)       |
 | longer than `max_seconds`     | AudioError (datasets.load_clip crops 1 s clips instead) |
 """
 
@@ -155,3 +157,29 @@ def load_wav(
             f"{max_seconds:g} s"
         )
     return x
+
+
+class StreamResampler:
+    """Block-by-block resampling whose joined output equals `load_wav`'s of the whole.
+
+    Why: many microphones capture only at 44.1 or 48 kHz. Resampling each block on its
+    own would click at every block edge; a stateful soxr stream at the quality
+    librosa.resample uses (soxr HQ) gives the samples a file of the same audio gives,
+    so a 48 kHz microphone and a 48 kHz recording reach the frontend alike (tested).
+    Output comes in bursts (soxr's filter delay: about 30 ms at first, then a few
+    blocks' worth at a time); callers cut it into fixed blocks.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int):
+        import soxr
+
+        if in_rate <= 0 or out_rate <= 0:
+            raise AudioError(f"sample rates must be > 0, got {in_rate} -> {out_rate}")
+        self.in_rate, self.out_rate = int(in_rate), int(out_rate)
+        self._soxr = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32",
+                                         quality="HQ")
+
+    def __call__(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        """Resample the next block (float32 mono); `last=True` flushes the tail."""
+        x = np.ascontiguousarray(block, dtype=np.float32).reshape(-1)
+        return self._soxr.resample_chunk(x, last=last)

@@ -74,6 +74,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def sample_rate(text: str) -> int:
+    """A sample rate in Hz that audio hardware uses (8000-384000)."""
+    rate = _number(int, text)
+    if not 8000 <= rate <= 384000:
+        raise argparse.ArgumentTypeError(f"{text}: a sample rate in Hz, 8000-384000 "
+                                         "(e.g. 16000, 44100, 48000)")
+    return rate
+
+
 def new_file(text: str) -> Path:
     """A file to write: its folder must exist and it must not be a folder itself. Checked
     at the start, not when the file is first written (at shutdown, for a recording)."""

@@ -6,11 +6,15 @@ became available (for latency) and optionally a label and window id (replay of
 labelled clips: the label rides along to the learner).
 
     list_devices() -> list[dict]             input devices (index, name, channels, rate)
-    MicrophoneSource(device=None, sample_rate=16000, block_ms=10, capacity_s=2.0)
+    MicrophoneSource(device=None, sample_rate=16000, block_ms=10, capacity_s=2.0,
+                     capture_rate=None)
         sounddevice InputStream; its callback (PortAudio's thread) writes into a
         bounded RingBuffer; when the reader falls behind, the OLDEST samples are
-        overwritten and counted (`overruns`, samples; `status_overflows`, PortAudio's
-        own input-overflow flags). No input device -> DeviceError suggesting replay.
+        overwritten and counted (`overruns`, samples at 16 kHz; `status_overflows`,
+        PortAudio's own input-overflow flags). No input device -> DeviceError
+        suggesting replay. A device that cannot capture at 16 kHz (many USB
+        microphones: 44.1 / 48 kHz only) is opened at its default rate, or at
+        `capture_rate`, and resampled (edgeprop.audio.StreamResampler).
     FileSource(path, block_ms=10, realtime=False, label=None)
     FolderSource(root, block_ms=10, realtime=False, gap_s=0.5, labelled=True)
         every .wav/.flac under root, sorted, with gap_s of silence between files; a
@@ -26,6 +30,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -137,13 +142,31 @@ def list_devices() -> list[dict]:
     return out
 
 
+def _capture_rate(sd, device, wanted: int) -> int:
+    """`wanted` if the device captures at it, else the device's default rate."""
+    try:
+        sd.check_input_settings(device=device, channels=1, dtype="float32",
+                                samplerate=wanted)
+        return wanted
+    except Exception:  # PortAudioError / ValueError: rate (or device) not supported
+        pass
+    try:
+        rate = int(round(sd.query_devices(device, "input")["default_samplerate"]))
+    except Exception as exc:
+        raise DeviceError(f"cannot query input device {device!r}: {exc}; see "
+                          "`edgeprop listen --list-devices`") from None
+    return rate
+
+
 class MicrophoneSource(Source):
     def __init__(self, device: int | str | None = None, sample_rate: int = SAMPLE_RATE,
-                 block_ms: float = 10.0, capacity_s: float = 2.0):
+                 block_ms: float = 10.0, capacity_s: float = 2.0,
+                 capture_rate: int | None = None):
+        from edgeprop.audio import StreamResampler
+
         sd = _sd()
         self.sample_rate = sample_rate
         self.block = int(round(sample_rate * block_ms / 1000))
-        self.ring = RingBuffer(int(capacity_s * sample_rate))
         self.status_overflows = 0
         inputs = list_devices()
         if not inputs:
@@ -156,18 +179,26 @@ class MicrophoneSource(Source):
             if device not in [d["index"] for d in inputs]:
                 raise DeviceError(f"device {device} is not an input device; inputs: "
                                   + ", ".join(f"{d['index']}: {d['name']}" for d in inputs))
+        self.capture_rate = capture_rate or _capture_rate(sd, device, sample_rate)
+        # PortAudio's block: block_ms of the capture rate (10 ms -> 480 frames at 48 kHz)
+        self.capture_block = int(round(self.capture_rate * block_ms / 1000))
+        self.ring = RingBuffer(int(capacity_s * self.capture_rate))
+        self._resample = (None if self.capture_rate == sample_rate
+                          else StreamResampler(self.capture_rate, sample_rate))
         try:
-            self.stream = sd.InputStream(samplerate=sample_rate, channels=1, dtype="float32",
-                                         blocksize=self.block, device=device,
-                                         callback=self.callback)
+            self.stream = sd.InputStream(samplerate=self.capture_rate, channels=1,
+                                         dtype="float32", blocksize=self.capture_block,
+                                         device=device, callback=self.callback)
             self.stream.start()
         except Exception as exc:
-            raise DeviceError(f"cannot open input device {device!r} at {sample_rate} Hz mono: "
-                              f"{exc}; see `edgeprop listen --list-devices`") from None
+            raise DeviceError(f"cannot open input device {device!r} at {self.capture_rate} "
+                              f"Hz mono: {exc}; see `edgeprop listen --list-devices`"
+                              ) from None
 
     @property
     def overruns(self) -> int:  # type: ignore[override]
-        return self.ring.overruns
+        """Samples lost to a slow reader, counted at the 16 kHz the frontend sees."""
+        return self.ring.overruns * self.sample_rate // self.capture_rate
 
     def callback(self, indata: np.ndarray, frames: int, time_info, status) -> None:
         """PortAudio's thread: copy into the ring, count overflows. Never blocks."""
@@ -176,13 +207,30 @@ class MicrophoneSource(Source):
         self.ring.write(indata[:, 0] if indata.ndim == 2 else indata)
 
     def blocks(self) -> Iterator[Block]:
+        pending = np.zeros(0, np.float32)  # resampled, not yet a whole block
+        arrived: deque[tuple[int, int]] = deque()  # (captured samples so far, when)
+        captured = sent = 0  # capture-rate samples read; 16 kHz samples yielded
         while True:
-            x = self.ring.read(self.block, timeout=2.0)
+            x = self.ring.read(self.capture_block, timeout=2.0)
             if x is None:
                 if not self.stream.active:
                     return
                 continue
-            yield Block(x, time.monotonic_ns())
+            if self._resample is None:
+                yield Block(x, time.monotonic_ns())
+                continue
+            captured += x.size
+            arrived.append((captured, time.monotonic_ns()))
+            pending = np.concatenate([pending, self._resample(x)])
+            while pending.size >= self.block:
+                # soxr keeps output sample k at input time k / rate, so a block is stamped
+                # when its last sample was captured: its latency includes soxr's hold
+                sent += self.block
+                last_in = -(-sent * self.capture_rate // self.sample_rate)
+                while len(arrived) > 1 and arrived[0][0] < last_in:
+                    arrived.popleft()
+                yield Block(pending[:self.block], arrived[0][1])
+                pending = pending[self.block:]
 
     def close(self) -> None:
         try:

@@ -16,14 +16,15 @@ How it works::
 - Pacing comes from the FIFO: the null slave PCM never blocks, so the only thing that
   paces capture is ``read()`` on the FIFO blocking until the writer has written. The file
   plugin fills whatever a short read did not cover with stale buffer contents, so every
-  read must be satisfied in full. PortAudio reads in whole periods (160, 320, 480 or 640
-  frames for a 160-frame block at the usual latencies); the writer therefore writes
-  chunks of ``chunk_frames`` (default 1920 = 12 blocks of 10 ms, a multiple of all of
-  them) exactly on the wall clock. Capture is then paced at the real rate, delivered in
-  bursts of one chunk (120 ms). Use ``chunk_frames=160`` for strict 10 ms pacing when the
-  reader's period is 160 frames (``latency="low"``).
-- Readers must open the device with ``blocksize=160`` (10 ms), the virtual microphone's
-  sample rate and its sample format (``dtype``: ``float32``, what
+  read must be satisfied in full. PortAudio reads in whole periods (1-4 blocks of 10 ms:
+  160, 320, 480 or 640 frames for a 160-frame block at the usual latencies); the writer
+  therefore writes chunks of ``chunk_frames`` (default 12 blocks of 10 ms, 1920 frames at
+  16 kHz and 5760 at 48 kHz, a multiple of all of them) exactly on the wall clock.
+  Capture is then paced at the real rate, delivered in bursts of one chunk (120 ms).
+  Use ``chunk_frames=160`` for strict 10 ms pacing when the reader's period is 160
+  frames (``latency="low"``).
+- Readers must open the device with a 10 ms ``blocksize`` (160 frames at 16 kHz), the
+  virtual microphone's sample rate and its sample format (``dtype``: ``float32``, what
   runtime.sources.MicrophoneSource opens, or ``int16``); the FIFO
   carries raw samples and ALSA does not convert them. Measured here (ALSA 1.2.8,
   PortAudio 19.6): with those settings, 0 sample discontinuities over 3 s at latencies
@@ -94,11 +95,14 @@ class VirtualMicrophone:
     """
 
     def __init__(self, *, name: str = DEFAULT_NAME, samplerate: int = 16000,
-                 dtype: str = "float32", chunk_frames: int = 1920, settle_s: float = 0.3,
+                 dtype: str = "float32", chunk_frames: int | None = None,
+                 settle_s: float = 0.3,
                  noise_dbfs: float | None = None, seed: int = 0,
                  workdir: str | os.PathLike | None = None) -> None:
         if dtype not in ("int16", "float32"):
             raise DeviceError(f"virtual microphone dtype must be int16 or float32, got {dtype!r}")
+        if chunk_frames is None:
+            chunk_frames = 12 * (int(samplerate) // 100)  # 12 blocks of 10 ms
         if chunk_frames < 1 or samplerate < 1:
             raise DeviceError("chunk_frames and samplerate must be >= 1")
         if not os.path.exists(_SYSTEM_ALSA_CONF):
@@ -312,8 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=1.0, help="seconds of silence between files")
     p.add_argument("--dtype", default="float32", choices=["int16", "float32"],
                    help="the reader's sample format (MicrophoneSource: float32)")
+    p.add_argument("--rate", type=int, default=16000,
+                   help="the device's sample rate, Hz (default 16000; e.g. 48000 to try a "
+                        "microphone that the readers resample)")
     a = p.parse_args(argv)
-    with VirtualMicrophone(dtype=a.dtype) as vm:
+    if a.rate < 100:
+        p.error(f"--rate {a.rate}: a sample rate in Hz, e.g. 16000 or 48000")
+    with VirtualMicrophone(dtype=a.dtype, samplerate=a.rate) as vm:
         print(f"export ALSA_CONFIG_PATH={vm.config_path}  # device: {vm.name}", flush=True)
         print(f"# the files play once something records from {vm.name}, e.g. in another "
               f"shell: edgeprop demo live --device {vm.name}", file=sys.stderr, flush=True)

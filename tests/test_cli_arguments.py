@@ -35,6 +35,7 @@ def test_endpoints_zeromq_would_reject_or_silently_wrap(text, why):
     (A.pos_float, ["1e-4"], ["0", "-1", "nan", "inf", "x"]),
     (A.nonneg_float, ["0", "2.5"], ["-0.1", "nan", "-inf"]),
     (A.fraction, ["0", "0.99"], ["1", "-0.5", "nan"]),
+    (A.sample_rate, ["16000", "44100", "48000"], ["0", "4000", "16k", "1e9"]),
 ])
 def test_number_kinds(kind, good, bad):
     for text in good:
@@ -60,6 +61,8 @@ def test_output_paths_are_checked_up_front(tmp_path):
     (["serve", "--bind", "tcp://127.0.0.1:99999"], "port 99999"),
     (["serve", "--control", "tcp://nonsense"], "--control"),
     (["listen", "--block-ms", "0"], "--block-ms"),
+    (["listen", "--mic-rate", "44"], "--mic-rate"),
+    (["personalize", "--mic-rate", "x"], "--mic-rate"),
     (["run", "--lr", "inf"], "--lr"),
     (["run", "--per-label", "0"], "--per-label"),
     (["personalize", "--seed", "-1"], "--seed"),

@@ -44,3 +44,7 @@ def test_bench_frontend_smoke(data_dir):
     assert out["max_abs_err_stream_vs_batch"] <= 1e-6
     assert out["max_abs_err_vs_librosa"] < 1e-4
     assert set(out["encoders"]) == {"current", "delta", "threshold"}
+    for rate in ("44100", "48000"):  # a microphone without 16 kHz, block by block
+        m = out["mic_resampling"][rate]
+        assert m["max_abs_err_vs_whole_file"] == 0.0  # as load_wav resamples a file
+        assert 0 < m["hold_ms_median"] <= m["hold_ms_max"] < 60  # well under the 200 ms hold

@@ -47,10 +47,10 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "runtime.cli", *args]
 
 
-def _load(data_dir: Path, rel: str) -> np.ndarray:
+def _load(data_dir: Path, rel: str, rate: int = 16000) -> np.ndarray:
     from edgeprop.audio import load_wav
 
-    return np.asarray(load_wav(data_dir / rel, 16000), np.float32)
+    return np.asarray(load_wav(data_dir / rel, rate), np.float32)
 
 
 def test_virtual_microphone_delivers_every_sample_in_real_time():
@@ -84,21 +84,56 @@ def test_virtual_microphone_delivers_every_sample_in_real_time():
     assert vm.name not in [d["name"] for d in sd.query_devices()]
 
 
-def test_live_demo_spots_keywords_spoken_into_the_virtual_microphone(shipped_path, data_dir):
+def test_a_microphone_without_16_khz_is_captured_at_its_rate_and_resampled():
+    from runtime.sources import MicrophoneSource
     from runtime.virtual_mic import VirtualMicrophone
 
-    with VirtualMicrophone(dtype="float32") as vm:
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
+    with VirtualMicrophone(samplerate=48000) as vm:
+        src = MicrophoneSource(device=vm.name, capture_rate=48000)
+        assert (src.capture_rate, src.capture_block, src.sample_rate) == (48000, 480, 16000)
+        vm.play(tone)
+        got, stamps, t0 = [], [], time.monotonic()
+        try:
+            for b in src.blocks():
+                got.append(b.samples)
+                stamps.append((b.t_in_ns, time.monotonic_ns()))
+                if time.monotonic() - t0 > 1.8:
+                    break
+        finally:
+            src.close()
+    assert {g.size for g in got} == {160}  # 10 ms blocks at 16 kHz, as from any source
+    # stamped when their last sample was captured: in order, never after they were yielded
+    assert all(a[0] <= b[0] for a, b in zip(stamps, stamps[1:], strict=False))
+    assert all(t_in <= t_out for t_in, t_out in stamps)
+    x = np.concatenate(got)
+    on = np.flatnonzero(np.abs(x) > 0.05)
+    assert abs((on[-1] - on[0]) - 16000) < 40  # 1 s of 48 kHz audio -> 16000 samples
+    seg = x[on[0] + 800:on[-1] - 800]
+    peak = np.argmax(np.abs(np.fft.rfft(seg))) * 16000 / seg.size
+    assert abs(peak - 440) < 2 and abs(seg.std() - 0.3 / np.sqrt(2)) < 0.01
+    assert src.overruns == 0
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_live_demo_spots_keywords_spoken_into_the_virtual_microphone(shipped_path, data_dir,
+                                                                     rate):
+    from runtime.virtual_mic import VirtualMicrophone
+
+    with VirtualMicrophone(dtype="float32", samplerate=rate) as vm:
         from runtime.sources import list_devices
 
         assert vm.name in [d["name"] for d in list_devices()]  # what --list-devices prints
+        # the virtual device takes any rate, so a 48 kHz-only microphone is --mic-rate
+        rate_flag = [] if rate == 16000 else ["--mic-rate", str(rate)]
         proc = subprocess.Popen(_cmd("demo", "live", "--device", vm.name, "--seconds", "9",
-                                     "--json", "--no-ui"), env=vm.env, cwd=REPO,
+                                     "--json", "--no-ui", *rate_flag), env=vm.env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(2.5)  # model load + stream open; the mic plays silence meanwhile
             for _, rel in SPOKEN:
-                vm.play(_load(data_dir, rel))
-                vm.play(np.zeros(8000, np.float32))
+                vm.play(_load(data_dir, rel, rate))
+                vm.play(np.zeros(rate // 2, np.float32))
             out, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
@@ -106,6 +141,7 @@ def test_live_demo_spots_keywords_spoken_into_the_virtual_microphone(shipped_pat
     assert proc.returncode == 0, err
     res = json.loads(out)
     assert res["source"] == "microphone" and res["frames"] > 500
+    assert res["mic_rate"] == rate
     assert res["dropped_frames"] == 0
     assert res["level_dbfs_max"] > -40  # the words were heard, not silence
     got = [d["label"] for d in res["detections"]]

@@ -7,8 +7,10 @@ import wave
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from edgeprop.audio import check_audio, load_wav
+from edgeprop.audio import StreamResampler, check_audio, load_wav
 from edgeprop.errors import AudioError
 
 SR = 16000
@@ -101,6 +103,26 @@ def test_wrong_rate_file_is_resampled_or_rejected(tmp_path):
         load_wav(p, resample=False)
     with pytest.raises(AudioError, match="mic: sample rate 48000 Hz"):
         check_audio(np.zeros(10, dtype=np.float32), 48000, name="mic")
+
+
+@settings(max_examples=30, deadline=None)
+@given(rate=st.sampled_from([22050, 44100, 48000]), seed=st.integers(0, 2**16),
+       most=st.integers(1, 3000))
+def test_block_by_block_resampling_gives_what_a_file_of_the_same_audio_gives(
+        tmp_path_factory, rate, seed, most):
+    # a microphone without 16 kHz is resampled block by block (runtime.sources); the
+    # joined blocks must be the samples load_wav makes of a file holding that audio
+    rng = np.random.default_rng(seed)
+    x = (0.2 * rng.standard_normal(rate // 2)).astype(np.float32)
+    p = tmp_path_factory.mktemp("rs") / "x.wav"
+    sf.write(p, x, rate, subtype="FLOAT")
+    r, out, i = StreamResampler(rate, SR), [], 0
+    while i < x.size:
+        n = int(rng.integers(1, most + 1))
+        out.append(r(x[i:i + n]))
+        i += n
+    out.append(r(np.zeros(0, np.float32), last=True))
+    np.testing.assert_array_equal(np.concatenate(out), load_wav(p))
 
 
 def test_too_long_rejected_with_max_seconds(tmp_path):

@@ -12,6 +12,10 @@ Measures, on real speech_commands_dev clips:
 - max_abs_err_vs_librosa: our un-normalised log-mel against
   log(librosa.feature.melspectrogram + floor) with aligned framing.
 - sparsity per encoder (fraction of zeros) with the frontend normalised on the clips.
+- mic_resampling, for a microphone without 16 kHz (runtime.sources): the clips taken up
+  to 44.1 / 48 kHz, then brought back in 10 ms blocks by StreamResampler: median us per
+  block, how long a sample waits in soxr (ms after its block was captured, median and
+  max) and the largest difference from librosa.resample of the whole (load_wav's path).
 """
 
 from __future__ import annotations
@@ -76,6 +80,38 @@ def _stream_times(audio: np.ndarray, cfg: FrontendConfig, enc_names: list[str | 
                             enc.step(f)
                     out.append(clock() - t0)
     return {name: np.asarray(t, dtype=np.float64) / 1000.0 for name, t in times.items()}
+
+
+def _mic_resampling(audio: np.ndarray, rates: tuple[int, ...]) -> dict[str, dict]:
+    import librosa
+
+    from edgeprop.audio import StreamResampler
+
+    out = {}
+    clock = time.perf_counter_ns
+    for rate in rates:
+        block = rate // 100
+        us, hold, err = [], [], 0.0
+        for clip in audio:
+            x = librosa.resample(clip, orig_sr=16000, target_sr=rate).astype(np.float32)
+            r, got, n_out = StreamResampler(rate, 16000), [], 0
+            for i in range(0, x.size, block):
+                t0 = clock()
+                y = r(x[i:i + block])
+                us.append((clock() - t0) / 1000.0)
+                got.append(y)
+                # output sample k is input time k / 16000 s; it left soxr with this block
+                k = n_out + np.arange(y.size)
+                hold.extend(((i + x[i:i + block].size) / rate - k / 16000) * 1000.0)
+                n_out += y.size
+            got.append(r(np.zeros(0, np.float32), last=True))
+            whole = librosa.resample(x, orig_sr=rate, target_sr=16000)
+            err = max(err, float(np.abs(np.concatenate(got) - whole).max()))
+        out[str(rate)] = {"us_per_10ms_block": float(np.median(us)),
+                          "hold_ms_median": float(np.median(hold)),
+                          "hold_ms_max": float(np.max(hold)),
+                          "max_abs_err_vs_whole_file": err}
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
                        "n_out": enc.n_out, "substeps": enc.substeps,
                        "expected_sparsity": enc.expected_sparsity, "options": enc.to_dict()}
 
+    mic = _mic_resampling(timed, (44100, 48000))
+
     us = stream_by_enc[args.encoder]
     result = {
         "stream_us_per_frame": us,
@@ -159,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "max_abs_err_stream_vs_batch": err_stream,
         "max_abs_err_vs_librosa": err_librosa,
         "encoders": spars,
+        "mic_resampling": mic,
         "n_clips": len(chosen),
         "n_timed_clips": len(timed),
         "repeats": args.repeats,
@@ -170,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
         f"({frontend_only:.1f} frontend only; {10000 / us:.0f}x real time; target 50, goal 20)")
     say(f"batch: {batch_ms:.3f} ms/clip (librosa melspectrogram: {librosa_ms:.3f} ms/clip)")
     say(f"max |stream - batch| = {err_stream:.2e}, max |ours - librosa| = {err_librosa:.2e}")
+    for rate, m in mic.items():
+        say(f"mic at {rate} Hz: {m['us_per_10ms_block']:.1f} us per 10 ms block to 16 kHz, "
+            f"a sample waits {m['hold_ms_median']:.1f} ms (max {m['hold_ms_max']:.1f}), "
+            f"max |blocks - whole file| = {m['max_abs_err_vs_whole_file']:.1e}")
     for name, s in spars.items():
         say(f"  {name:<10} width {s['n_out']:4d}  substeps {s['substeps']}  "
             f"sparsity {s['sparsity']:.3f}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.arg_types import pos_float
+from runtime.commands.listen import add_mic_rate_argument
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
 
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (default: the shipped model)")
     parser.add_argument("--device", default=None, help="input device (index or name)")
     parser.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    add_mic_rate_argument(parser)
     parser.add_argument("--replay", type=Path, default=None,
                         help="feed this audio file as if it were the microphone (real time)")
     parser.add_argument("--seconds", type=pos_float, default=None,
@@ -124,8 +126,11 @@ def _open_source(args):
 
             raise AudioError(f"{args.replay}: no such audio file")
         return FileSource(args.replay, realtime=True), f"replay {args.replay.name}"
-    src = MicrophoneSource(device=args.device)
-    return src, f"microphone {args.device if args.device is not None else '(default)'}"
+    src = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
+    name = f"microphone {args.device if args.device is not None else '(default)'}"
+    if src.capture_rate != src.sample_rate:
+        name += f" ({src.capture_rate} Hz, resampled to {src.sample_rate})"
+    return src, name
 
 
 def run(args) -> int:
@@ -228,6 +233,7 @@ def run(args) -> int:
         "dropped_frames": int(stats.get("dropped", 0)) + overruns // 160,
         "frontend_dropped": stats.get("dropped"), "mic_overrun_samples": overruns,
         "mic_status_overflows": int(getattr(source, "status_overflows", 0) or 0),
+        "mic_rate": getattr(source, "capture_rate", None),
         "latency_p50_ms": stats.get("latency_p50_ms"),
         "latency_p99_ms": stats.get("latency_p99_ms"),
         "level_dbfs_max": max(levels) if levels else None,

@@ -20,7 +20,7 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError
-from runtime.arg_types import endpoint, pos_float, pos_int
+from runtime.arg_types import endpoint, pos_float, pos_int, sample_rate
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="raw mono PCM at 16 kHz on stdin (live mode: for a file piped in, "
                           "add --mode replay, or frames the learner is late for are dropped)")
     parser.add_argument("--list-devices", action="store_true", help="list input devices, exit")
+    add_mic_rate_argument(parser)
     parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
     parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
     parser.add_argument("--label", help="label of --file (rides along: the learner learns it)")
@@ -49,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--personal", action="store_true",
                         help="ask for personalised weights for this stream")
     add_output_flags(parser)
+
+
+def add_mic_rate_argument(parser) -> None:
+    """--mic-rate of the audio commands: the microphone's capture rate."""
+    parser.add_argument("--mic-rate", type=sample_rate, default=None,
+                        help="capture the microphone at this rate, Hz, resampled to 16 kHz "
+                             "(default: 16 kHz if the device offers it, else the device's "
+                             "default rate)")
 
 
 def show_input_devices(as_json: bool, none_hint: str) -> int:
@@ -81,7 +90,8 @@ def _open_source(args: argparse.Namespace, labels: list[str]):
         return sources.FolderSource(args.folder, args.block_ms, args.realtime), "replay"
     if args.stdin:
         return sources.StdinSource(dtype=args.stdin_dtype, block_ms=args.block_ms), "live"
-    return sources.MicrophoneSource(args.device, block_ms=args.block_ms), "live"
+    return sources.MicrophoneSource(args.device, block_ms=args.block_ms,
+                                    capture_rate=args.mic_rate), "live"
 
 
 def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from runtime.arg_types import new_file, nonneg_int, output_folder, pos_float, pos_int
+from runtime.commands.listen import add_mic_rate_argument
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--interactive", action="store_true",
                       help="force the microphone session (even without a terminal)")
     live.add_argument("--device", default=None, help="input device (index or name)")
+    add_mic_rate_argument(live)
     live.add_argument("--takes", type=int, default=4,
                       help="utterances recorded per keyword (default %(default)s)")
     live.add_argument("--holdout", type=int, default=1,
@@ -289,7 +291,7 @@ def run_interactive(args) -> int:
     def to_input(audio: np.ndarray, chain=fcfg) -> np.ndarray:
         return encode_batch(ckpt, features_of(audio, chain)[None])[0]
 
-    source = MicrophoneSource(device=args.device)
+    source = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     recorded: dict[str, list[np.ndarray]] = {}
     silence: list[np.ndarray] = []
     try:
