@@ -196,11 +196,15 @@ def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
     second hit on the same utterance). accuracy = detected correctly / keyword
     utterances. delays_s: per correct detection, detection time minus the word's end
     (negative: before the end); median_delay_s their median, None without any.
+    false_alarm_kinds splits the false alarms by where they fell (same window rule):
+    `repeat` (a keyword's second hit), `wrong_keyword` (on another keyword: the
+    classifier's confusion), `non_keyword` (on an _unknown_ word), `outside_words` (in a
+    gap or the noise: the detector's own).
     """
     kw = set(keywords)
     targets = [e for e in events if e.label in kw]
     matched = [False] * len(targets)
-    false_alarms = 0
+    kinds = dict.fromkeys(("repeat", "wrong_keyword", "non_keyword", "outside_words"), 0)
     delays = []
     for t, label in hits:
         for i, e in enumerate(targets):
@@ -209,9 +213,13 @@ def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
                 delays.append(t - e.t_end)
                 break
         else:
-            false_alarms += 1
+            near = {e.label for e in events if e.t_start <= t <= e.t_end + tolerance_s}
+            kind = ("repeat" if label in near else "wrong_keyword" if near & kw
+                    else "non_keyword" if near else "outside_words")
+            kinds[kind] += 1
     n = len(targets)
     return {"keyword_utterances": n, "detected": int(sum(matched)),
             "accuracy": (sum(matched) / n) if n else float("nan"),
-            "false_alarms": false_alarms, "delays_s": delays,
+            "false_alarms": sum(kinds.values()), "false_alarm_kinds": kinds,
+            "delays_s": delays,
             "median_delay_s": float(np.median(delays)) if delays else None}

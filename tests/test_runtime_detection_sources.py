@@ -109,7 +109,11 @@ def test_scoring_counts_hits_and_false_alarms():
     s = score_detections(ev, [(1.9, "yes"), (3.2, "go"), (5.2, "up"), (8.0, "yes")],
                          KWS_LABELS[:10])
     assert s == {"keyword_utterances": 2, "detected": 1, "accuracy": 0.5, "false_alarms": 3,
+                 "false_alarm_kinds": {"repeat": 0, "wrong_keyword": 1, "non_keyword": 1,
+                                       "outside_words": 1},
                  "delays_s": [pytest.approx(0.3)], "median_delay_s": pytest.approx(0.3)}
+    again = score_detections(ev, [(1.7, "yes"), (1.9, "yes")], KWS_LABELS[:10])
+    assert again["detected"] == 1 and again["false_alarm_kinds"]["repeat"] == 1
 
 
 def test_ring_buffer_overwrites_oldest_and_counts_overruns():
@@ -205,6 +209,7 @@ def test_bench_detector_scores_streams_of_unseen_speakers_per_hold(data_dir):
         assert r["false_alarms_per_stream"] == r["false_alarms"] / 2
     assert out["accuracy"] == rows[7, True]["accuracy"] and out["detector"]["hold"] == 7
     assert out["accuracy_without_pause_reset"] == rows[7, False]["accuracy"]
+    assert sum(out["false_alarm_kinds"].values()) == rows[7, True]["false_alarms"]
     assert out["pauses"] > 0 and 0 <= out["words_with_a_pause_inside"] <= out["utterances"]
     assert 0.0 <= out["oracle_window_accuracy"] <= 1.0
     assert _bench_detector(*args)[1] == out  # deterministic for a seed

@@ -12,7 +12,8 @@ checkpoint records none for this folder):
   false alarms (per stream and in total) and the median detection delay after the
   word's end, all from `score_detections`, as `edgeprop run` scores; the top-level
   `accuracy`, `false_alarms_per_stream` and `median_delay_ms` are those at `--hold`
-  (default: the detector's default), which is always among them;
+  (default: the detector's default), which is always among them, and
+  `false_alarm_kinds` splits its false alarms by where they fell (score_detections);
 - each of them with and without the pause resets (edgeprop.pauses: a frontend flags
   the frame that ends a pause and the learner zeroes the stream's state after it);
   the top-level numbers are with them, as a frontend node sends, and
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
     hop_s = fcfg.hop / fcfg.sample_rate
     variants = [(h, pr) for pr in (True, False) for h in configs]  # pr: pause reset
-    totals = {v: {"detected": 0, "false_alarms": 0, "delays": []} for v in variants}
+    totals = {v: {"detected": 0, "false_alarms": 0, "delays": [], "kinds": {}}
+              for v in variants}
     n_kw = n_events = oracle = n_pauses = n_cut = 0
     with progress("streams", n_streams, args.quiet) as adv:
         for s in range(n_streams):
@@ -163,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
                 totals[h, pr]["detected"] += sc["detected"]
                 totals[h, pr]["false_alarms"] += sc["false_alarms"]
                 totals[h, pr]["delays"] += sc["delays_s"]
+                for k, v in sc["false_alarm_kinds"].items():
+                    totals[h, pr]["kinds"][k] = totals[h, pr]["kinds"].get(k, 0) + v
             n_kw += sc["keyword_utterances"]
             adv()
     by_hold = [{"hold": h, "pause_reset": pr, "accuracy": t["detected"] / n_kw,
@@ -180,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
             f"hold {r['hold']:3d} frames: accuracy {r['accuracy']:.1%} "
             f"({r['detected']}/{n_kw}), {r['false_alarms']} false alarms, median delay "
             f"{delay} ms after the word")
+    kinds = totals[args.hold, True]["kinds"]
+    say(f"false alarms at hold {args.hold} with pause resets: "
+        + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in kinds.items()))
     say(f"{n_streams} streams of {args.clips_per_stream} clips of speakers {who}; "
         f"oracle 1 s window accuracy {oracle / n_events:.1%} of {n_events} utterances; "
         f"{n_pauses} pauses; {n_cut} utterances with one inside the word")
@@ -194,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             "pauses": n_pauses, "words_with_a_pause_inside": n_cut,
             "accuracy": chosen["accuracy"],
             "false_alarms_per_stream": chosen["false_alarms_per_stream"],
+            "false_alarm_kinds": totals[args.hold, True]["kinds"],
             "median_delay_ms": chosen["median_delay_ms"],
             "accuracy_without_pause_reset": unpaused["accuracy"],
             "false_alarms_per_stream_without_pause_reset":

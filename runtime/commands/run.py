@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
         "dropped": int(sum(n.dropped for n in nodes) + counts.get("frames_missing", 0)),
         "detections": int(sum(len(n.detections) for n in nodes)),
         "accuracy": scores[0]["accuracy"], "false_alarms": scores[0]["false_alarms"],
+        "false_alarm_kinds": scores[0]["false_alarm_kinds"],
         "keyword_utterances": scores[0]["keyword_utterances"],
         "detected": scores[0]["detected"],
         "median_delay_s": scores[0]["median_delay_s"],
