@@ -14,7 +14,8 @@ labelled clips: the label rides along to the learner).
         PortAudio's own input-overflow flags). No input device -> DeviceError
         suggesting replay. A device that cannot capture at 16 kHz (many USB
         microphones: 44.1 / 48 kHz only) is opened at its default rate, or at
-        `capture_rate`, and resampled (edgeprop.audio.StreamResampler).
+        `capture_rate`, and resampled (edgeprop.audio.StreamResampler); one that
+        cannot capture mono is opened in stereo (or `capture_channels`) and mixed down.
     FileSource(path, block_ms=10, realtime=False, label=None)
     FolderSource(root, block_ms=10, realtime=False, gap_s=0.5, labelled=True)
         every .wav/.flac under root, sorted, with gap_s of silence between files; a
@@ -142,26 +143,33 @@ def list_devices() -> list[dict]:
     return out
 
 
-def _capture_rate(sd, device, wanted: int) -> int:
-    """`wanted` if the device captures at it, else the device's default rate."""
+def _capture_settings(sd, device, wanted: int, rate: int | None,
+                      channels: int | None) -> tuple[int, int]:
+    """(rate, channels) to open the device with: `wanted` Hz mono if it takes it; else
+    its default rate, and 2 channels (mixed down) for a stereo-only device. An unchecked
+    choice is left to InputStream, whose error names the device and the settings."""
     try:
-        sd.check_input_settings(device=device, channels=1, dtype="float32",
-                                samplerate=wanted)
-        return wanted
-    except Exception:  # PortAudioError / ValueError: rate (or device) not supported
-        pass
-    try:
-        rate = int(round(sd.query_devices(device, "input")["default_samplerate"]))
+        default = int(round(sd.query_devices(device, "input")["default_samplerate"]))
     except Exception as exc:
         raise DeviceError(f"cannot query input device {device!r}: {exc}; see "
                           "`edgeprop listen --list-devices`") from None
-    return rate
+    rates = [rate] if rate else list(dict.fromkeys((wanted, default)))
+    counts = [channels] if channels else [1, 2]
+    for n in counts:
+        for r in rates:
+            try:
+                sd.check_input_settings(device=device, channels=n, dtype="float32",
+                                        samplerate=r)
+                return r, n
+            except Exception:  # PortAudioError / ValueError: not supported
+                continue
+    return rates[-1], counts[0]
 
 
 class MicrophoneSource(Source):
     def __init__(self, device: int | str | None = None, sample_rate: int = SAMPLE_RATE,
                  block_ms: float = 10.0, capacity_s: float = 2.0,
-                 capture_rate: int | None = None):
+                 capture_rate: int | None = None, capture_channels: int | None = None):
         from edgeprop.audio import StreamResampler
 
         sd = _sd()
@@ -179,21 +187,22 @@ class MicrophoneSource(Source):
             if device not in [d["index"] for d in inputs]:
                 raise DeviceError(f"device {device} is not an input device; inputs: "
                                   + ", ".join(f"{d['index']}: {d['name']}" for d in inputs))
-        self.capture_rate = capture_rate or _capture_rate(sd, device, sample_rate)
+        self.capture_rate, self.channels = _capture_settings(
+            sd, device, sample_rate, capture_rate, capture_channels)
         # PortAudio's block: block_ms of the capture rate (10 ms -> 480 frames at 48 kHz)
         self.capture_block = int(round(self.capture_rate * block_ms / 1000))
         self.ring = RingBuffer(int(capacity_s * self.capture_rate))
         self._resample = (None if self.capture_rate == sample_rate
                           else StreamResampler(self.capture_rate, sample_rate))
         try:
-            self.stream = sd.InputStream(samplerate=self.capture_rate, channels=1,
+            self.stream = sd.InputStream(samplerate=self.capture_rate, channels=self.channels,
                                          dtype="float32", blocksize=self.capture_block,
                                          device=device, callback=self.callback)
             self.stream.start()
         except Exception as exc:
             raise DeviceError(f"cannot open input device {device!r} at {self.capture_rate} "
-                              f"Hz mono: {exc}; see `edgeprop listen --list-devices`"
-                              ) from None
+                              f"Hz, {self.channels} channel(s): {exc}; see `edgeprop listen "
+                              "--list-devices`") from None
 
     @property
     def overruns(self) -> int:  # type: ignore[override]
@@ -204,7 +213,7 @@ class MicrophoneSource(Source):
         """PortAudio's thread: copy into the ring, count overflows. Never blocks."""
         if status and getattr(status, "input_overflow", False):
             self.status_overflows += 1
-        self.ring.write(indata[:, 0] if indata.ndim == 2 else indata)
+        self.ring.write(indata[:, 0] if indata.shape[1] == 1 else indata.mean(axis=1))
 
     def blocks(self) -> Iterator[Block]:
         pending = np.zeros(0, np.float32)  # resampled, not yet a whole block

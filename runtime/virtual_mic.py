@@ -24,8 +24,9 @@ How it works::
   Use ``chunk_frames=160`` for strict 10 ms pacing when the reader's period is 160
   frames (``latency="low"``).
 - Readers must open the device with a 10 ms ``blocksize`` (160 frames at 16 kHz), the
-  virtual microphone's sample rate and its sample format (``dtype``: ``float32``, what
-  runtime.sources.MicrophoneSource opens, or ``int16``); the FIFO
+  virtual microphone's sample rate, channel count (``channels``, default 1) and sample
+  format (``dtype``: ``float32``, what runtime.sources.MicrophoneSource opens, or
+  ``int16``); the FIFO
   carries raw samples and ALSA does not convert them. Measured here (ALSA 1.2.8,
   PortAudio 19.6): with those settings, 0 sample discontinuities over 3 s at latencies
   0.01-0.2 s; with ``blocksize=0`` PortAudio picks periods that do not divide a chunk
@@ -96,21 +97,22 @@ class VirtualMicrophone:
 
     def __init__(self, *, name: str = DEFAULT_NAME, samplerate: int = 16000,
                  dtype: str = "float32", chunk_frames: int | None = None,
-                 settle_s: float = 0.3,
+                 channels: int = 1, settle_s: float = 0.3,
                  noise_dbfs: float | None = None, seed: int = 0,
                  workdir: str | os.PathLike | None = None) -> None:
         if dtype not in ("int16", "float32"):
             raise DeviceError(f"virtual microphone dtype must be int16 or float32, got {dtype!r}")
         if chunk_frames is None:
             chunk_frames = 12 * (int(samplerate) // 100)  # 12 blocks of 10 ms
-        if chunk_frames < 1 or samplerate < 1:
-            raise DeviceError("chunk_frames and samplerate must be >= 1")
+        if chunk_frames < 1 or samplerate < 1 or channels < 1:
+            raise DeviceError("chunk_frames, samplerate and channels must be >= 1")
         if not os.path.exists(_SYSTEM_ALSA_CONF):
             raise DeviceError(f"{_SYSTEM_ALSA_CONF} not found: install libasound2 / alsa-utils")
         self.name = name
         self.samplerate = int(samplerate)
         self.dtype = dtype
         self.chunk_frames = int(chunk_frames)
+        self.channels = int(channels)  # every channel carries the same audio
         self.settle_s = float(settle_s)
         self.noise_dbfs = noise_dbfs
         self._rng = np.random.default_rng(seed)
@@ -247,6 +249,7 @@ class VirtualMicrophone:
         return out
 
     def _encode(self, x: np.ndarray) -> bytes:
+        x = np.repeat(x, self.channels)  # interleaved frames: the sample once per channel
         if self.dtype == "int16":
             return np.round(x * 32767.0).astype("<i2").tobytes()
         return x.astype("<f4").tobytes()

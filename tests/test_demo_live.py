@@ -84,14 +84,15 @@ def test_virtual_microphone_delivers_every_sample_in_real_time():
     assert vm.name not in [d["name"] for d in sd.query_devices()]
 
 
-def test_a_microphone_without_16_khz_is_captured_at_its_rate_and_resampled():
+def test_a_48_khz_stereo_microphone_reaches_the_frontend_as_16_khz_mono():
     from runtime.sources import MicrophoneSource
     from runtime.virtual_mic import VirtualMicrophone
 
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000)).astype(np.float32)
-    with VirtualMicrophone(samplerate=48000) as vm:
-        src = MicrophoneSource(device=vm.name, capture_rate=48000)
+    with VirtualMicrophone(samplerate=48000, channels=2) as vm:
+        src = MicrophoneSource(device=vm.name, capture_rate=48000, capture_channels=2)
         assert (src.capture_rate, src.capture_block, src.sample_rate) == (48000, 480, 16000)
+        assert src.channels == 2
         vm.play(tone)
         got, stamps, t0 = [], [], time.monotonic()
         try:

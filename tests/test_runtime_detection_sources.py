@@ -216,3 +216,34 @@ def test_bench_detector_scores_streams_of_unseen_speakers_per_hold(data_dir):
     bad, _ = _bench_detector("--data", str(data_dir), "--holds", "0,20")
     assert bad.returncode == 2 and "every hold must be >= 1 frame" in bad.stderr
     assert bad.stderr.strip().count("\n") <= 2  # argparse usage + the message, no traceback
+
+
+class _Device:
+    """What PortAudio says of one input device. No device on this machine refuses 16 kHz
+    or mono (the virtual microphone's ALSA null plugin takes any), so the choice between
+    settings is checked against devices described here; tests/test_demo_live.py opens
+    the virtual microphone at 48 kHz stereo for real."""
+
+    def __init__(self, rates, channels, default_rate):
+        self.rates, self.channels, self.default = rates, channels, default_rate
+
+    def query_devices(self, device, kind):
+        return {"default_samplerate": float(self.default)}
+
+    def check_input_settings(self, device, channels, dtype, samplerate):
+        if samplerate not in self.rates or channels not in self.channels:
+            raise ValueError("Invalid sample rate or number of channels")
+
+
+@pytest.mark.parametrize("rates, channels, default, forced, want", [
+    ((16000, 48000), (1, 2), 48000, (None, None), (16000, 1)),  # takes 16 kHz mono
+    ((44100, 48000), (1, 2), 44100, (None, None), (44100, 1)),  # USB mic: 44.1 kHz only
+    ((48000,), (2,), 48000, (None, None), (48000, 2)),          # stereo-only codec
+    ((16000,), (1, 2), 16000, (48000, None), (48000, 1)),       # --mic-rate is obeyed
+    ((8000,), (4,), 8000, (None, None), (8000, 1)),             # nothing fits: InputStream
+])                                                              # says why, naming them
+def test_capture_settings_fall_back_to_the_device_rate_then_stereo(rates, channels, default,
+                                                                    forced, want):
+    from runtime.sources import _capture_settings
+
+    assert _capture_settings(_Device(rates, channels, default), None, 16000, *forced) == want
