@@ -7,7 +7,7 @@ labelled clips: the label rides along to the learner).
 
     list_devices() -> list[dict]             input devices (index, name, channels, rate)
     MicrophoneSource(device=None, sample_rate=16000, block_ms=10, capacity_s=2.0,
-                     capture_rate=None)
+                     capture_rate=None, capture_channels=None)
         sounddevice InputStream; its callback (PortAudio's thread) writes into a
         bounded RingBuffer; when the reader falls behind, the OLDEST samples are
         overwritten and counted (`overruns`, samples at 16 kHz; `status_overflows`,
