@@ -166,6 +166,11 @@ def _capture_settings(sd, device, wanted: int, rate: int | None,
     return rates[-1], counts[0]
 
 
+def capture_settings(device: int | str | None = None) -> tuple[int, int]:
+    """(rate, channels) MicrophoneSource opens this device with (--list-devices)."""
+    return _capture_settings(_sd(), device, SAMPLE_RATE, None, None)
+
+
 class MicrophoneSource(Source):
     def __init__(self, device: int | str | None = None, sample_rate: int = SAMPLE_RATE,
                  block_ms: float = 10.0, capacity_s: float = 2.0,

@@ -116,6 +116,18 @@ def test_a_48_khz_stereo_microphone_reaches_the_frontend_as_16_khz_mono():
     assert src.overruns == 0
 
 
+def test_list_devices_says_how_each_input_will_be_captured():
+    from runtime.virtual_mic import VirtualMicrophone
+
+    with VirtualMicrophone() as vm:
+        res = subprocess.run(_cmd("demo", "live", "--list-devices", "--json"), env=vm.env,
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    dev = next(d for d in json.loads(res.stdout)["devices"] if d["name"] == vm.name)
+    assert (dev["capture_rate"], dev["capture_channels"]) == (16000, 1)  # it takes 16 kHz
+    assert f"{vm.name}  (" in res.stderr and "captured as 16 kHz mono" in res.stderr
+
+
 @pytest.mark.parametrize("rate", [16000, 48000])
 def test_live_demo_spots_keywords_spoken_into_the_virtual_microphone(shipped_path, data_dir,
                                                                      rate):

@@ -63,12 +63,15 @@ def add_mic_rate_argument(parser) -> None:
 def show_input_devices(as_json: bool, none_hint: str) -> int:
     """--list-devices of the audio commands: one line per input device on stderr
     (none_hint if there is none), {"devices": [...]} on stdout with --json. Returns 0."""
-    from runtime.sources import list_devices
+    from runtime.sources import capture_settings, list_devices
 
     devs = list_devices()
     for d in devs:
+        d["capture_rate"], d["capture_channels"] = capture_settings(d["index"])
+        how = ("16 kHz mono" if (d["capture_rate"], d["capture_channels"]) == (16000, 1)
+               else f"{d['capture_rate']} Hz x{d['capture_channels']}, resampled to 16 kHz mono")
         say(f"  {d['index']:>3}  {d['name']}  ({d['channels']} ch, "
-            f"{d['default_samplerate']:.0f} Hz)")
+            f"{d['default_samplerate']:.0f} Hz; captured as {how})")
     if not devs:
         say(none_hint)
     if as_json:
