@@ -894,6 +894,11 @@ class Endpointer:
             return -90.0
         return float(np.percentile(self._hist[-300:], 20))
 
+    @property
+    def in_utterance(self) -> bool:
+        """An utterance has started and not yet ended."""
+        return self._cur is not None
+
     def push(self, samples: np.ndarray) -> list[np.ndarray]:
         """Feed audio; returns the utterances completed by it (usually none)."""
         self._buf = np.concatenate([self._buf, np.asarray(samples, np.float32).reshape(-1)])

@@ -208,6 +208,46 @@ def test_endpointer_cuts_one_utterance_per_word(data_dir):
     assert all(P.fit_clip(u).shape == (16000,) for u in utts)
 
 
+def _paced_wav(tmp_path, parts, noise=0.002):
+    """A real WAV of `parts` (16 kHz arrays) over a faint noise, replayed in real time."""
+    import soundfile as sf
+
+    from runtime.sources import FileSource
+
+    x = np.concatenate(parts)
+    x = x + noise * np.random.default_rng(0).standard_normal(x.size)
+    sf.write(tmp_path / "mic.wav", x.astype(np.float32), 16000, subtype="FLOAT")
+    return FileSource(tmp_path / "mic.wav", block_ms=10, realtime=True)
+
+
+def test_a_take_not_heard_in_time_is_prompted_again(data_dir, tmp_path):
+    from edgeprop.audio import load_wav
+    from runtime.commands.personalize import _record_utterances
+
+    word = load_wav(data_dir / "left/837a0f64_nohash_0.wav")
+    # the user answers 1.6 s late: past one 1 s timeout, not a word's worth of silence
+    src = _paced_wav(tmp_path, [np.zeros(int(1.6 * 16000), np.float32), word,
+                                np.zeros(8000, np.float32)])
+    prompts = []
+    utts, _ = _record_utterances(src, P.Endpointer(), 1, 1.0,
+                                 lambda k, missed: prompts.append((k, missed)))
+    assert len(utts) == 1 and prompts == [(0, 0), (0, 1)]  # asked again, then heard
+
+
+def test_a_muted_microphone_ends_the_take_with_its_level(data_dir, tmp_path):
+    from edgeprop.audio import load_wav
+    from runtime.commands.personalize import _record_utterances
+
+    quiet = 0.001 * load_wav(data_dir / "left/837a0f64_nohash_0.wav")  # about -70 dBFS
+    src = _paced_wav(tmp_path, [np.zeros(8000, np.float32), quiet,
+                                np.zeros(16000, np.float32)], noise=0.0)
+    prompts = []
+    utts, loudest = _record_utterances(src, P.Endpointer(), 1, 0.5,
+                                       lambda k, missed: prompts.append(missed), tries=3)
+    assert utts == [] and prompts == [0, 1, 2]  # three prompts, then it gives up
+    assert -90 < loudest < P.Endpointer().min_level  # heard, but below a word's level
+
+
 def _adaptation_data(session, speaker, acfg):
     sp = P.split_speaker(session.clips, speaker, acfg.shots, seed=acfg.seed)
     x = session.features.inputs(sp.shots)

@@ -243,21 +243,39 @@ def _run_dataset(args) -> int:
 
 
 # ---------------------------------------------------------------- interactive session
-def _record_utterances(source, endpointer, want: int, timeout_s: float, prompt) -> list:
-    """Read the microphone until `want` utterances were heard (or the timeout per one)."""
+TRIES = 3  # prompts per take before the session gives up on the microphone
+
+
+def _record_utterances(source, endpointer, want: int, timeout_s: float, prompt,
+                       tries: int = TRIES) -> tuple[list, float]:
+    """Read the microphone until `want` utterances were heard. A take not heard within
+    `timeout_s` is prompted again, up to `tries` times, so one slow answer does not end
+    a session (and lose its takes). Returns (utterances, loudest 10 ms level in dBFS
+    while waiting for the last one): too few utterances and a low level mean a muted
+    or quiet microphone, which the caller says."""
+    from runtime.personalization import frame_db
+
     got: list = []
-    prompt(len(got))
+    missed, loudest = 0, -120.0
+    prompt(len(got), missed)
     deadline = time.monotonic() + timeout_s
     for block in source.blocks():
+        levels = frame_db(block.samples)
+        loudest = max(loudest, float(levels.max())) if levels.size else loudest
         for utt in endpointer.push(block.samples):
             got.append(utt)
             if len(got) >= want:
-                return got
-            prompt(len(got))
+                return got, loudest
+            missed, loudest = 0, -120.0
+            prompt(len(got), missed)
             deadline = time.monotonic() + timeout_s
-        if time.monotonic() > deadline:
-            break
-    return got
+        if time.monotonic() > deadline and not endpointer.in_utterance:
+            missed += 1
+            if missed >= tries:
+                break
+            prompt(len(got), missed)
+            deadline = time.monotonic() + timeout_s
+    return got, loudest
 
 
 def run_interactive(args) -> int:
@@ -306,14 +324,23 @@ def run_interactive(args) -> int:
         silence.append(np.concatenate(quiet))
         say(f"noise floor {ep.floor_db:.1f} dBFS")
         for word in keywords:
-            def prompt(k: int, word: str = word) -> None:
-                say(f'say "{word}"  ({k + 1}/{args.takes})')
+            def prompt(k: int, missed: int, word: str = word) -> None:
+                again = (f"   (nothing heard in {args.timeout:g} s; try {missed + 1} of "
+                         f"{TRIES})" if missed else "")
+                say(f'say "{word}"  ({k + 1}/{args.takes}){again}')
 
-            utts = _record_utterances(source, ep, args.takes, args.timeout, prompt)
+            utts, loudest = _record_utterances(source, ep, args.takes, args.timeout, prompt)
             if len(utts) < args.takes:
-                raise DeviceError(f'heard only {len(utts)} of {args.takes} takes of "{word}" '
-                                  f"within {args.timeout:g} s each; check the microphone "
-                                  f"(edgeprop demo live --list-devices)")
+                need = max(ep.floor_db + ep.start_db, ep.min_level)
+                raise DeviceError(
+                    f'heard only {len(utts)} of {args.takes} takes of "{word}" ({TRIES} '
+                    f"prompts of {args.timeout:g} s for the next one); the loudest sound "
+                    f"then was {loudest:.0f} dBFS and a word must reach {need:.0f} dBFS "
+                    f"(noise floor {ep.floor_db:.0f} dBFS): "
+                    + ("raise the microphone's gain, or speak closer" if loudest < need
+                       else "sounds were heard, but none was a word (100 ms to 2 s, then "
+                            "a pause)")
+                    + "; devices: edgeprop demo live --list-devices")
             recorded[word] = utts
     finally:
         source.close()
