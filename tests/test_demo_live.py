@@ -99,7 +99,7 @@ def test_a_48_khz_stereo_microphone_reaches_the_frontend_as_16_khz_mono():
             for b in src.blocks():
                 got.append(b.samples)
                 stamps.append((b.t_in_ns, time.monotonic_ns()))
-                if time.monotonic() - t0 > 1.8:
+                if time.monotonic() - t0 > 2.5:  # settle 0.3 s + 1 s tone + slack
                     break
         finally:
             src.close()

@@ -225,11 +225,12 @@ def test_a_take_not_heard_in_time_is_prompted_again(data_dir, tmp_path):
     from runtime.commands.personalize import _record_utterances
 
     word = load_wav(data_dir / "left/837a0f64_nohash_0.wav")
-    # the user answers 1.6 s late: past one 1 s timeout, not a word's worth of silence
-    src = _paced_wav(tmp_path, [np.zeros(int(1.6 * 16000), np.float32), word,
+    # the user answers 1.7 s late: past one 1.5 s timeout (the word starts 0.1 s into its
+    # clip, over a second before the second one runs out: slack for a loaded machine)
+    src = _paced_wav(tmp_path, [np.zeros(int(1.7 * 16000), np.float32), word,
                                 np.zeros(8000, np.float32)])
     prompts = []
-    utts, _ = _record_utterances(src, P.Endpointer(), 1, 1.0,
+    utts, _ = _record_utterances(src, P.Endpointer(), 1, 1.5,
                                  lambda k, missed: prompts.append((k, missed)))
     assert len(utts) == 1 and prompts == [(0, 0), (0, 1)]  # asked again, then heard
 
