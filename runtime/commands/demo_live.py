@@ -128,8 +128,8 @@ def _open_source(args):
         return FileSource(args.replay, realtime=True), f"replay {args.replay.name}"
     src = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     name = f"microphone {args.device if args.device is not None else '(default)'}"
-    if src.capture_rate != src.sample_rate:
-        name += f" ({src.capture_rate} Hz, resampled to {src.sample_rate})"
+    if (src.capture_rate, src.channels) != (src.sample_rate, 1):
+        name += f" ({src.capture_rate} Hz x{src.channels}, resampled to 16 kHz mono)"
     return src, name
 
 
@@ -234,6 +234,7 @@ def run(args) -> int:
         "frontend_dropped": stats.get("dropped"), "mic_overrun_samples": overruns,
         "mic_status_overflows": int(getattr(source, "status_overflows", 0) or 0),
         "mic_rate": getattr(source, "capture_rate", None),
+        "mic_channels": getattr(source, "channels", None),
         "latency_p50_ms": stats.get("latency_p50_ms"),
         "latency_p99_ms": stats.get("latency_p99_ms"),
         "level_dbfs_max": max(levels) if levels else None,
