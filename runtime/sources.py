@@ -151,8 +151,9 @@ def _capture_settings(sd, device, wanted: int, rate: int | None,
     try:
         default = int(round(sd.query_devices(device, "input")["default_samplerate"]))
     except Exception as exc:
-        raise DeviceError(f"cannot query input device {device!r}: {exc}; see "
-                          "`edgeprop listen --list-devices`") from None
+        which = "the default input device" if device is None else f"input device {device!r}"
+        raise DeviceError(f"cannot query {which}: {exc}; choose one with --device (see "
+                          "`edgeprop listen --list-devices`)") from None
     rates = [rate] if rate else list(dict.fromkeys((wanted, default)))
     counts = [channels] if channels else [1, 2]
     for n in counts:
