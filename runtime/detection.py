@@ -197,9 +197,9 @@ def score_detections(events: Sequence[Event], hits: Sequence[tuple[float, str]],
     utterances. delays_s: per correct detection, detection time minus the word's end
     (negative: before the end); median_delay_s their median, None without any.
     false_alarm_kinds splits the false alarms by where they fell (same window rule; the
-    first that applies): `repeat` (a keyword's second hit), `wrong_keyword` (on another keyword: the
-    classifier's confusion), `non_keyword` (on an _unknown_ word), `outside_words` (in a
-    gap or the noise: the detector's own).
+    first that applies): `repeat` (a keyword's second hit), `wrong_keyword` (on another
+    keyword: the classifier's confusion), `non_keyword` (on an _unknown_ word),
+    `outside_words` (in a gap or the noise: the detector's own).
     """
     kw = set(keywords)
     targets = [e for e in events if e.label in kw]
