@@ -33,6 +33,7 @@ int8 copy by default), no learning. Deterministic for a seed.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     fcfg = checkpoint_frontend(ckpt)  # a clear error when the checkpoint has none
     hop_s = fcfg.hop / fcfg.sample_rate
     variants = [(h, pr) for pr in (True, False) for h in configs]  # pr: pause reset
-    totals = {v: {"detected": 0, "false_alarms": 0, "delays": [], "kinds": {}}
+    totals = {v: {"detected": 0, "false_alarms": 0, "delays": [], "kinds": Counter()}
               for v in variants}
     n_kw = n_events = oracle = n_pauses = n_cut = 0
     with progress("streams", n_streams, args.quiet) as adv:
@@ -165,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 totals[h, pr]["detected"] += sc["detected"]
                 totals[h, pr]["false_alarms"] += sc["false_alarms"]
                 totals[h, pr]["delays"] += sc["delays_s"]
-                for k, v in sc["false_alarm_kinds"].items():
-                    totals[h, pr]["kinds"][k] = totals[h, pr]["kinds"].get(k, 0) + v
+                totals[h, pr]["kinds"].update(sc["false_alarm_kinds"])
             n_kw += sc["keyword_utterances"]
             adv()
     by_hold = [{"hold": h, "pause_reset": pr, "accuracy": t["detected"] / n_kw,
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             "pauses": n_pauses, "words_with_a_pause_inside": n_cut,
             "accuracy": chosen["accuracy"],
             "false_alarms_per_stream": chosen["false_alarms_per_stream"],
-            "false_alarm_kinds": totals[args.hold, True]["kinds"],
+            "false_alarm_kinds": dict(kinds),
             "median_delay_ms": chosen["median_delay_ms"],
             "accuracy_without_pause_reset": unpaused["accuracy"],
             "false_alarms_per_stream_without_pause_reset":
