@@ -555,15 +555,47 @@ def user_frontend(base: FrontendConfig, shot_features: np.ndarray, reference: np
     return toward_user(base, speech_mean(shot_features, base), reference, fraction)
 
 
+def moved_toward(ckpt: Checkpoint) -> str | None:
+    """Whose voice this checkpoint's frontend already moved toward, or None for a base
+    frontend. save_personalized records the move; a personalised checkpoint whose chain is
+    not the one its training statistics were measured in counts as moved too (a later
+    session of an earlier version dropped the record)."""
+    from edgeprop.evaluation import checkpoint_frontend
+
+    extra = ckpt.extra or {}
+    info = extra.get("personalized") or {}
+    if not info:
+        return None
+    stats_hash = (extra.get("frontend_stats") or {}).get("frontend_hash")
+    if info.get("base_frontend_sha256") or (
+            stats_hash and stats_hash != checkpoint_frontend(ckpt).hash()):
+        return str(info.get("speaker", "a user"))
+    return None
+
+
 def require_base_frontend(ckpt: Checkpoint) -> None:
     """Refuse to move a frontend that already moved toward a user: its offset would be
     measured against a reference in other units and taken out a second time."""
-    info = (ckpt.extra or {}).get("personalized") or {}
-    if info.get("base_frontend_sha256"):
-        raise ConfigError(f"this checkpoint is already personalised for "
-                          f"{info.get('speaker', 'a user')!r} with a moved frontend: "
-                          f"personalise its base ({info.get('base', 'see extra.personalized')}) "
-                          "again, or pass --user-norm 0 to adapt it further as it is")
+    owner = moved_toward(ckpt)
+    if owner is not None:
+        info = (ckpt.extra or {}).get("personalized") or {}
+        raise ConfigError(f"this checkpoint is already personalised for {owner!r} with a "
+                          f"moved frontend: personalise its base "
+                          f"({info.get('base', 'see extra.personalized')}) again, or pass "
+                          "--user-norm 0 to adapt it further as it is")
+
+
+def resolve_user_norm(ckpt: Checkpoint, requested: float | None) -> tuple[float, str | None]:
+    """--user-norm when given. Unset: the default for a base frontend, and 0 for one that
+    already moved toward its user, so a later session adapts the weights further through
+    the same chain instead of stopping at an error. Returns (fraction, note or None)."""
+    if requested is not None:
+        return requested, None
+    owner = moved_toward(ckpt)
+    if owner is None:
+        return AdaptConfig.user_norm, None
+    return 0.0, (f"this checkpoint's frontend already moved toward {owner!r}: it is kept "
+                 "as it is (--user-norm 0), and e-prop adapts the weights further")
 
 
 def training_speech_mean(ckpt: Checkpoint,
@@ -818,6 +850,7 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
                           f"choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = dict(ckpt.extra or {})
+    earlier = extra.get("personalized")
     extra["personalized"] = {
         "speaker": speaker, "base": str(base_path),
         "base_params_sha256": params_hash(ckpt.params),
@@ -827,6 +860,11 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
     if frontend is not None and frontend != checkpoint_frontend(ckpt):
         fe = frontend.to_dict()  # frontend_stats stay in the base chain's units (its hash)
         extra["personalized"]["base_frontend_sha256"] = checkpoint_frontend(ckpt).hash()
+    elif earlier and earlier.get("base_frontend_sha256"):
+        # moved in an earlier session: keep the record, or the next one would move it again
+        extra["personalized"]["base_frontend_sha256"] = earlier["base_frontend_sha256"]
+    if earlier:
+        extra["personalized"]["earlier"] = earlier  # the session before (and its own earlier)
     save_checkpoint(path, ckpt.cfg, params, frontend=fe, encoder=ckpt.encoder,
                     labels=ckpt.labels, extra=extra)
     return path

@@ -99,6 +99,57 @@ def test_a_moved_frontend_is_never_moved_again(shipped, session, base, tmp_path)
     again = P.Session(me, session.clips, session.data_dir, P.FeatureSource(me), session.seen)
     with pytest.raises(ConfigError, match="already personalised for '837a0f64'.*--user-norm 0"):
         again.reference_speech_mean()
+    # unset, --user-norm follows the checkpoint: a later session keeps the moved chain
+    assert P.resolve_user_norm(shipped, None) == (P.AdaptConfig.user_norm, None)
+    assert P.resolve_user_norm(me, None)[0] == 0.0 and P.resolve_user_norm(me, 0.5) == (0.5, None)
+    # a session that keeps the chain keeps the record too, or the next would move it again
+    later = P.save_personalized(me, path, me.params, SPEAKER, P.AdaptConfig(user_norm=0.0),
+                                out=tmp_path / "me2.npz", frontend=user)
+    me2 = load_checkpoint(later)
+    info = me2.extra["personalized"]
+    assert me2.frontend == user.to_dict() and P.moved_toward(me2) == SPEAKER
+    assert info["base_frontend_sha256"] == base.hash() and info["earlier"]["base"] == str(
+        tmp_path / "base.npz")
+    # one saved without the record (before it was kept) still counts as moved: its chain
+    # is not the one its training statistics were measured in
+    del info["base_frontend_sha256"]
+    assert P.moved_toward(me2) == SPEAKER
+    assert P.moved_toward(shipped) is None
+
+
+def test_a_later_session_adapts_a_personalised_checkpoint_through_its_chain(
+        shipped, session, base, data_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from edgeprop.checkpoint import load_checkpoint
+
+    sp = P.split_speaker(session.clips, SPEAKER, 2, seed=0)
+    user = P.user_frontend(base, session.features.features(sp.shots),
+                           session.reference_speech_mean(), 0.5)
+    me = P.save_personalized(shipped, tmp_path / "base.npz", shipped.params, SPEAKER,
+                             P.AdaptConfig(), out=tmp_path / "me.npz", frontend=user)
+
+    def personalize(model, *more):
+        return subprocess.run(
+            [sys.executable, "-m", "runtime.cli", "personalize", "--model", str(model),
+             "--data", str(data_dir), "--speaker", SPEAKER, "--shots", "1", "--passes", "1",
+             "--backend", "reference", "--skip-above", "0", "--json", *more],
+            capture_output=True, text=True, timeout=120)
+
+    r = personalize(me, "--out", str(tmp_path / "me2.npz"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert "already moved toward '837a0f64'" in r.stderr
+    assert res["adapt_config"]["user_norm"] == 0.0 and not res["frontend_moved"]
+    me2 = load_checkpoint(tmp_path / "me2.npz")
+    assert me2.frontend == user.to_dict()
+    assert not np.array_equal(me2.params.w_out, shipped.params.w_out)
+    # asking for a second move is still refused, in one line
+    r = personalize(tmp_path / "me2.npz", "--user-norm", "0.5")
+    assert r.returncode == 2 and "already personalised for '837a0f64'" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_skip_rule_keeps_the_base_frontend_too(session, base):

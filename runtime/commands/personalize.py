@@ -73,10 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
                         help="undo any update that lowers accuracy on the adaptation data "
                              "(shots + rehearsal clips; never the test set)")
-    parser.add_argument("--user-norm", type=float, default=d.user_norm, metavar="FRACTION",
+    parser.add_argument("--user-norm", type=float, default=None, metavar="FRACTION",
                         help="before e-prop, move the frontend's normalisation this fraction "
                              "of the way to the speaker's speech mean, measured on the shots "
-                             "(default %(default)s; 0 = keep the base frontend)")
+                             f"(default {d.user_norm}, or 0 for a checkpoint whose frontend "
+                             "already moved in an earlier session; 0 = keep the frontend)")
     parser.add_argument("--precision", default=d.precision,
                         help="emulator storage format (default %(default)s, the chip's "
                              "default; fp32 is bit-exact with --backend reference)")
@@ -109,9 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_flags(parser)
 
 
-def adapt_config(args):
-    from runtime.personalization import AdaptConfig
+def adapt_config(args, ckpt):
+    """The protocol's settings from the options; --user-norm unset follows the checkpoint
+    (personalization.resolve_user_norm), and says so when it keeps a moved frontend."""
+    from runtime.personalization import AdaptConfig, resolve_user_norm
 
+    user_norm, note = resolve_user_norm(ckpt, args.user_norm)
+    if note:
+        say(note)
     learn = tuple(s.strip() for s in args.learn.split(",") if s.strip())
     return AdaptConfig(shots=args.shots, passes=args.passes, lr=args.lr,
                        optimizer=args.optimizer, learn=learn, update=args.update,
@@ -119,7 +125,7 @@ def adapt_config(args):
                        silence=args.silence,
                        include_unknown=not args.no_unknown, validate=args.validate,
                        guard=args.guard, skip_above=args.skip_above,
-                       user_norm=args.user_norm, precision=args.precision, seed=args.seed)
+                       user_norm=user_norm, precision=args.precision, seed=args.seed)
 
 
 def _noisy_takes(takes: list, room: list, acfg, to_input):
@@ -167,8 +173,8 @@ def _run_dataset(args) -> int:
     from runtime import personalization as P
     from runtime.console import progress
 
-    acfg = adapt_config(args)
     ckpt, base_path = load_base(args.model)
+    acfg = adapt_config(args, ckpt)
     cache = None
     if args.cache_dir is not None:
         from edgeprop.feature_cache import FeatureCache
@@ -298,7 +304,7 @@ def run_interactive(args) -> int:
     if unknown:
         raise ConfigError(f"not keywords of this model: {unknown}; choose from "
                           f"{[lab for lab in labels if not lab.startswith('_')]}")
-    acfg = adapt_config(args)
+    acfg = adapt_config(args, ckpt)
     fcfg = checkpoint_frontend(ckpt)
     # checked before anyone speaks, not after
     reference = P.training_speech_mean(ckpt) if acfg.user_norm else None
