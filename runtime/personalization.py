@@ -305,6 +305,15 @@ def make_learner(backend: str, ckpt: Checkpoint, params: Params, acfg: AdaptConf
     raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
+def warm_up_learner(backend: str, ckpt: Checkpoint, acfg: AdaptConfig) -> float:
+    """Load the backend's kernels once per process, before the clock of any adaptation
+    starts (runtime.backends.warm_up); returns the seconds it took, which the results
+    report apart as `warmup_seconds`."""
+    from runtime.backends import warm_up
+
+    return warm_up(make_learner(backend, ckpt, ckpt.params.copy(), acfg), ckpt.cfg.n_in)
+
+
 def _learner_params(learner, fallback: Params) -> Params:
     return getattr(learner, "params", fallback)
 

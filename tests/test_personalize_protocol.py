@@ -125,6 +125,7 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert {"before", "after", "n_adapt", "n_test"} <= set(res)
+    assert res["warmup_seconds"] > 0  # the kernels load before the clock, reported apart
     assert res["out"] == str(out) and out.is_file()
     assert _sha256(base) == h_base and _sha256(SHIPPED_MODEL) == h_shipped
     ck = load_checkpoint(out)
@@ -145,6 +146,14 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "Traceback" not in err
     assert _sha256(base) == h_base
+
+
+@pytest.mark.parametrize("backend", ["emulator", "reference"])
+def test_warm_up_learns_on_a_copy_and_leaves_the_weights(shipped, backend):
+    before = shipped.params.copy()
+    assert P.warm_up_learner(backend, shipped, P.AdaptConfig()) > 0
+    for name in ("w_in", "w_rec", "w_out"):
+        assert np.array_equal(getattr(shipped.params, name), getattr(before, name))
 
 
 def test_default_path_is_beside_the_base_but_never_in_the_package(tmp_path, monkeypatch):

@@ -128,6 +128,15 @@ def adapt_config(args, ckpt):
                        user_norm=user_norm, precision=args.precision, seed=args.seed)
 
 
+def _warm_up(args, ckpt, acfg) -> float:
+    """The learner's kernels loaded before any adaptation is timed (reported apart)."""
+    from runtime.personalization import warm_up_learner
+
+    say(f"loading the {args.backend}'s e-prop kernels (the first run after an install "
+        "compiles them, about a minute) ...")
+    return warm_up_learner(args.backend, ckpt, acfg)
+
+
 def _noisy_takes(takes: list, room: list, acfg, to_input):
     """`acfg.augment` noisy copies of the takes, the room's own noise mixed in (Augmenter)."""
     import numpy as np
@@ -182,7 +191,7 @@ def _run_dataset(args) -> int:
         cache = FeatureCache(args.cache_dir)
     session = P.Session.open(ckpt, args.data, cache)
     common = {"model": str(base_path), "data": str(args.data), "backend": args.backend,
-              "adapt_config": acfg.to_dict()}
+              "adapt_config": acfg.to_dict(), "warmup_seconds": _warm_up(args, ckpt, acfg)}
     t0 = time.perf_counter()
     if args.speaker is None:
         if args.speakers:
@@ -315,6 +324,8 @@ def run_interactive(args) -> int:
     def to_input(audio: np.ndarray, chain=fcfg) -> np.ndarray:
         return encode_batch(ckpt, features_of(audio, chain)[None])[0]
 
+    # before the microphone opens (it captures from then on) and before anyone speaks
+    warmup_seconds = _warm_up(args, ckpt, acfg)
     source = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     recorded: dict[str, list[np.ndarray]] = {}
     silence: list[np.ndarray] = []
@@ -391,6 +402,7 @@ def run_interactive(args) -> int:
               "adapt_seconds": run.seconds,
               "seconds_per_adapt_utterance": run.seconds / max(len(y_shot), 1),
               "backend": args.backend, "model": str(base_path), "mic_overrun_samples": overruns,
+              "warmup_seconds": warmup_seconds,
               "adapt_config": acfg.to_dict()}
     result["frontend_moved"] = user != fcfg
     if test_y:
