@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 
@@ -33,9 +34,24 @@ def endpoint(text: str) -> str:
     return text
 
 
+def connect_endpoint(text: str) -> str:
+    """`endpoint` for an option that connects to one peer: a wildcard (*) only binds."""
+    text = endpoint(text)
+    if text.startswith("tcp://") and "*" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a wildcard (*) can only bind; to connect, name the host and port "
+            "the learner bound, e.g. tcp://127.0.0.1:5555")
+    return text
+
+
 def optional_endpoint(text: str) -> str:
     """`endpoint`, or "" for "off"."""
     return text if text == "" else endpoint(text)
+
+
+def optional_connect_endpoint(text: str) -> str:
+    """`connect_endpoint`, or "" for "off"."""
+    return text if text == "" else connect_endpoint(text)
 
 
 def _number(cast, text: str):
@@ -83,20 +99,37 @@ def sample_rate(text: str) -> int:
     return rate
 
 
+def _writable(folder: Path, text: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder} (read-only or "
+                                         "no permission); choose another place")
+
+
 def new_file(text: str) -> Path:
-    """A file to write: its folder must exist and it must not be a folder itself. Checked
-    at the start, not when the file is first written (at shutdown, for a recording)."""
+    """A file to write: its folder must exist and be writable, and it must not be a folder
+    itself. Checked at the start, not when the file is first written (after the work, or
+    at shutdown for a recording, when the work would be lost)."""
     path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
-    if not path.absolute().parent.is_dir():
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text or repr(text)} is a folder; give a file name")
+    folder = path.absolute().parent
+    if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: folder {path.parent} does not exist")
+    _writable(folder, text)
     return path
 
 
 def output_folder(text: str) -> Path:
-    """A folder to write into (made when missing): it must not be a file."""
+    """A folder to write into (made when missing): it must not be a file, and it (or the
+    nearest folder above it that exists) must be writable."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if existing.is_dir():
+        _writable(existing, text)
+    else:
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a folder")
     return path

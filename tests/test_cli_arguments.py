@@ -29,6 +29,14 @@ def test_endpoints_zeromq_would_reject_or_silently_wrap(text, why):
     assert A.optional_endpoint("") == ""
 
 
+def test_a_connecting_option_names_one_peer():
+    assert A.connect_endpoint("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+    assert A.optional_connect_endpoint("") == ""
+    for text in ("tcp://*:5555", "tcp://127.0.0.1:*"):
+        with pytest.raises(argparse.ArgumentTypeError, match="can only bind"):
+            A.connect_endpoint(text)
+
+
 @pytest.mark.parametrize("kind, good, bad", [
     (A.nonneg_int, ["0", "7"], ["-1", "1.5", "x"]),
     (A.pos_int, ["1"], ["0", "-3"]),
@@ -55,6 +63,38 @@ def test_output_paths_are_checked_up_front(tmp_path):
     with pytest.raises(argparse.ArgumentTypeError, match="is a file"):
         A.output_folder(str(tmp_path / "f"))
     assert A.output_folder(str(tmp_path / "new")) == tmp_path / "new"
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        A.new_file("")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write in: a read-only tmpfs for root (who ignores modes)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir):
+    for check, text in ((A.new_file, read_only_dir / "a.rec"),
+                        (A.output_folder, read_only_dir),
+                        (A.output_folder, read_only_dir / "new" / "deeper")):
+        with pytest.raises(argparse.ArgumentTypeError, match="cannot write in"):
+            check(str(text))
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -68,6 +108,10 @@ def test_output_paths_are_checked_up_front(tmp_path):
     (["personalize", "--seed", "-1"], "--seed"),
     (["pretrain", "--speed", "-1"], "--speed"),
     (["serve", "--log-level", "bogus"], "--log-level"),
+    (["listen", "--endpoint", "tcp://*:5555"], "can only bind"),
+    (["serve", "--connect", "tcp://127.0.0.1:*"], "can only bind"),
+    (["personalize", "--shots", "0"], "--shots"),
+    (["pretrain", "--out", "/nonexistent-folder/x.npz"], "does not exist"),
 ])
 def test_cli_usage_errors_are_one_line_exit_2(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -146,6 +146,11 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "Traceback" not in err
     assert _sha256(base) == h_base
+    # a bare --out saves beside the base, as its help says
+    assert main(["personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
+                 SPEAKERS[1], "--shots", "1", "--passes", "1", "--backend", "reference",
+                 "--skip-above", "0", "--out", "--quiet"]) == 0
+    assert (tmp_path / f"base.{SPEAKERS[1]}.npz").is_file() and _sha256(base) == h_base
 
 
 @pytest.mark.parametrize("backend", ["emulator", "reference"])

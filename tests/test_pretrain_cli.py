@@ -133,8 +133,10 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
         (("evaluate", "--model", junk, "--data", empty), "not an edgeprop checkpoint"),
         (("pretrain", "--data", work / "nope", "--out", work / "x.npz", "--quiet"),
          "no such folder"),
+        (("pretrain", "--data", empty, "--out", work / "x.npz", "--quiet"), "no class folders"),
+        # before any data is prepared
         (("pretrain", "--data", empty, "--out", work / "x.npz", "--resume", "--quiet"),
-         "no class folders"),
+         "nothing to resume"),
         (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"), "freq_warp must be"),
         (("pretrain", "--weight-decay", "-1", "--out", work / "x.npz"),
          "--weight-decay: -1.0: must be >= 0"),

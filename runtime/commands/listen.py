@@ -20,7 +20,7 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError
-from runtime.arg_types import endpoint, pos_float, pos_int, sample_rate
+from runtime.arg_types import connect_endpoint, pos_float, pos_int, sample_rate
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
     parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
     parser.add_argument("--label", help="label of --file (rides along: the learner learns it)")
-    parser.add_argument("--endpoint", type=endpoint, default="tcp://127.0.0.1:5555",
+    parser.add_argument("--endpoint", type=connect_endpoint, default="tcp://127.0.0.1:5555",
                         help="learner/broker")
     parser.add_argument("--model", help="checkpoint whose frontend/encoder to use "
                                         "(default: the shipped model)")

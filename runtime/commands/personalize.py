@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="sweep every speaker with >= --min-clips clips")
     who.add_argument("--speakers", default=None, help="comma-separated speaker hashes to sweep")
     parser.add_argument("--min-clips", type=pos_int, default=30)
-    parser.add_argument("--shots", type=int, default=d.shots,
+    parser.add_argument("--shots", type=pos_int, default=d.shots,
                         help="adaptation utterances per keyword (default %(default)s)")
     parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
                         help="where e-prop runs (default: the SpiNNaker 2 emulator)")
@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default; fp32 is bit-exact with --backend reference)")
     parser.add_argument("--no-unknown", action="store_true",
                         help="do not use the speaker's _unknown_ clips as shots")
-    parser.add_argument("--out", nargs="?", type=new_file, const="", default=None,
+    # a bare --out gives False, the default path: a string const would go through new_file
+    parser.add_argument("--out", nargs="?", type=new_file, const=False, default=None,
                         metavar="CKPT",
                         help="save the personalised checkpoint (default: "
                              "<base>.<speaker>.npz beside the base; for the shipped "
@@ -164,8 +165,6 @@ def load_base(model: Path | None):
 def run(args) -> int:
     from edgeprop.errors import ConfigError
 
-    if args.shots < 0:
-        raise ConfigError("--shots must be >= 0")
     if args.data is None:
         if args.speaker or args.all_speakers or args.speakers:
             raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
@@ -179,6 +178,7 @@ def run(args) -> int:
 
 def _run_dataset(args) -> int:
     from edgeprop.errors import ConfigError
+    from edgeprop.network import KWS_LABELS
     from runtime import personalization as P
     from runtime.console import progress
 
@@ -231,6 +231,10 @@ def _run_dataset(args) -> int:
         r = P.personalize_speaker(session, args.speaker.lower(), acfg, backend=args.backend,
                                   curve=args.report is not None)
         params, frontend = r.pop("_params"), r.pop("_frontend")
+        words = [lab for lab in (ckpt.labels or KWS_LABELS) if not lab.startswith("_")]
+        if r["n_adapt"] < args.shots * len(words):
+            say(f"{r['speaker']} has fewer than {args.shots} clips of some keywords here: "
+                f"adapting on {r['n_adapt']} shots, not {args.shots} per keyword")
         say(f"{r['speaker']}: accuracy {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
             f"on {r['n_test']} held-out clips, adapted on {r['n_adapt']} "
             f"({r['n_learned']} learned utterances, {r['adapt_seconds']:.2f} s, {args.backend})")

@@ -15,7 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.arg_types import fraction, nonneg_float, nonneg_int, output_folder, pos_float, pos_int
+from runtime.arg_types import (
+    fraction,
+    new_file,
+    nonneg_float,
+    nonneg_int,
+    output_folder,
+    pos_float,
+    pos_int,
+)
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -25,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()  # the defaults the help names are the ones training uses
     parser.add_argument("--data", type=Path, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
-    parser.add_argument("--out", type=Path, default=Path("kws_srnn.npz"),
+    parser.add_argument("--out", type=new_file, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
     parser.add_argument("--epochs", type=pos_int, default=None, help=f"epochs (default {d.epochs})")
     parser.add_argument("--seed", type=nonneg_int, default=0,
@@ -113,6 +121,8 @@ def run(args) -> int:
     if not out.parent.is_dir():
         raise CheckpointError(f"cannot write {out}: folder {out.parent} does not exist")
     resume_file = _resume_path(out)
+    if args.resume and not resume_file.is_file():  # said before the data is prepared
+        raise CheckpointError(f"nothing to resume: {resume_file} does not exist")
 
     def stage(name: str, total: int):
         while stages:  # one bar at a time: close the previous stage
@@ -136,8 +146,6 @@ def run(args) -> int:
 
     state = None
     if args.resume:
-        if not resume_file.is_file():
-            raise CheckpointError(f"nothing to resume: {resume_file} does not exist")
         ck = load_checkpoint(resume_file, expect=cfg)
         saved = training.TrainConfig.from_dict(ck.extra.get("train_config", {}))
         if saved.to_dict() | {"epochs": 0} != tcfg.to_dict() | {"epochs": 0}:

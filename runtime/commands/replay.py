@@ -26,7 +26,7 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError, EdgepropError
-from runtime.arg_types import endpoint, new_file
+from runtime.arg_types import connect_endpoint, new_file
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
 from runtime.frontend_node import CONNECT_TIMEOUT_S, no_learner_error
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "learner ran, else reference; another one gives other outputs)")
     parser.add_argument("--no-learning", action="store_true",
                         help="replay without learning (default: as the recording's learner)")
-    parser.add_argument("--endpoint", type=endpoint,
+    parser.add_argument("--endpoint", type=connect_endpoint,
                         help="send to a running learner instead of offline")
     # serve's defaults (window 50, ...) would replace the recording's settings although
     # the user did not ask for them: unset options stay None (see _detector)

@@ -30,6 +30,7 @@ from runtime.arg_types import (
     endpoint,
     new_file,
     nonneg_int,
+    optional_connect_endpoint,
     optional_endpoint,
     output_folder,
     pos_float,
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pub", type=optional_endpoint, default="",
                         help="outputs_pub endpoint (posteriors and detections, topic = "
                              "stream id; not with --workers)")
-    parser.add_argument("--connect", type=optional_endpoint, default="",
+    parser.add_argument("--connect", type=optional_connect_endpoint, default="",
                         help="run as a worker behind a broker at this endpoint (instead of "
                              "--bind)")
     parser.add_argument("--workers", type=nonneg_int, default=0,
