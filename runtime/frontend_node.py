@@ -56,6 +56,10 @@ log = logging.getLogger("edgeprop.frontend")
 
 #: seconds a frontend (listen, record, replay --endpoint) waits for the hello_reply
 CONNECT_TIMEOUT_S = 10.0
+#: replay mode waits for a slow learner without losing frames, but not for a dead one: a
+# learner that sent nothing (no outputs, no heartbeat reply) this long while frames
+# waited has gone away
+SILENT_PEER_S = 20.0
 
 
 def no_learner_error(endpoint: str, waited_s: float) -> EdgepropError:
@@ -69,7 +73,7 @@ class FrontendNode:
                  max_pending: int = 256, live_queue: int = 50, hwm: int = 100,
                  recorder: Any = None, on_output: Callable[[Any], None] | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S, heartbeat_s: float = 1.0,
-                 pause_reset: bool = True):
+                 pause_reset: bool = True, silent_peer_s: float = SILENT_PEER_S):
         from edgeprop.frontend import StreamingFrontend
         from edgeprop.pauses import PauseDetector
 
@@ -91,6 +95,8 @@ class FrontendNode:
         self.on_output = on_output
         self.connect_timeout_s = connect_timeout_s
         self.heartbeat_s = heartbeat_s
+        self.silent_peer_s = silent_peer_s
+        self._last_rx = time.monotonic()  # the learner's last message (any kind)
         self.frontend = StreamingFrontend(frontend_cfg)
         # marks the frames that end a pause, so the learner zeroes the state after them
         self.pauses = PauseDetector(frontend_cfg) if pause_reset else None
@@ -132,6 +138,7 @@ class FrontendNode:
                        int(self.fcfg.sample_rate), self.hop_s)
 
     def start(self) -> P.HelloReply:
+        self._last_rx = time.monotonic()
         self._thread = threading.Thread(target=self._io_safe, name=f"frontend-{self.stream}",
                                         daemon=True)
         self._thread.start()
@@ -229,6 +236,14 @@ class FrontendNode:
                     self._cv.wait(0.1)  # backpressure: the reader waits, nothing is lost
                     if self.error is not None:
                         raise self.error
+                    silent = time.monotonic() - self._last_rx
+                    if silent > self.silent_peer_s:
+                        # a live learner answers every frames message and heartbeat: this
+                        # one went away (a restarted one would have been greeted again)
+                        raise EdgepropError(
+                            f"the learner at {self.endpoint} sent nothing for "
+                            f"{silent:.0f} s while frames waited for it (did it stop?); "
+                            f"{self.frames_sent} of {self.frames_made} frames were sent")
             else:
                 while len(self._outbox) >= self.live_queue:
                     old = self._outbox.popleft()
@@ -337,6 +352,7 @@ class FrontendNode:
 
     def _on_message(self, raw: bytes, sock: Any) -> None:
         now = P.now_ns()
+        self._last_rx = time.monotonic()
         try:
             msg = P.decode(raw, max_bytes=16 * P.MAX_MESSAGE_BYTES)
         except ProtocolError as exc:

@@ -93,6 +93,28 @@ def test_kill9_then_restart_resumes_from_the_last_checkpoint(model, stream, tmp_
         proc.wait(10)
 
 
+def test_a_frontend_stops_waiting_for_a_learner_that_died(model, stream, tmp_path):
+    """Replay mode waits for a slow learner, but a killed one is said in one error, not
+    waited for for ever."""
+    from edgeprop.errors import EdgepropError
+
+    proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
+                      f"ipc://{tmp_path}/data", "--control", "")
+    fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="d", silent_peer_s=2)
+    try:
+        fe.start()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(EdgepropError, match="sent nothing for [23] s while frames waited"):
+            feed_stream(fe, stream)
+        assert time.monotonic() - t0 < 15
+    finally:
+        fe.close()
+        proc.kill()
+        proc.wait(10)
+
+
 def test_sigint_checkpoints_and_exits_cleanly(model, stream, tmp_path):
     ck_dir = tmp_path / "ck"
     proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
