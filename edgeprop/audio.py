@@ -13,6 +13,7 @@ Policy for bad input (each names the file or stream; see docs/frontend.md):
 | NaN or inf samples            | AudioError                                              |
 | float samples beyond [-1, 1]  | clipped to [-1, 1] (PCM files cannot exceed it)         |
 | wrong sample rate (file)      | resampled with librosa (soxr_hq), unless resample=False |
+| rate outside 8-384 kHz (file) | AudioError: no speech recording has it (a bad header)   |
 | wrong sample rate (stdin)     | AudioError: the sender declares the rate, so send 16 kHz |
 | microphone without 16 kHz     | captured at its own rate, resampled by StreamResampler  |
 |                               |   (seamless: equal to the file path's resampling)       |
@@ -29,6 +30,9 @@ import numpy as np
 import soundfile as sf
 
 from edgeprop.errors import AudioError
+
+#: Sample rates that audio hardware and speech recordings use, in Hz (inclusive).
+AUDIO_RATES = (8000, 384000)
 
 #: A WAV data chunk of this size means "length unknown" (written while streaming).
 _STREAMING_SIZES = (0, 0xFFFFFFFF)
@@ -142,6 +146,9 @@ def load_wav(
         raise AudioError(f"{p}: corrupt or unsupported audio ({exc})") from None
     if info.frames == 0 or data.shape[0] == 0:
         raise AudioError(f"{p}: empty audio (0 frames)")
+    if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1]:
+        raise AudioError(f"{p}: sample rate {rate} Hz is not an audio rate "
+                         f"({AUDIO_RATES[0]}-{AUDIO_RATES[1]} Hz); is its header damaged?")
     if rate != sample_rate:
         if not resample:
             raise AudioError(f"{p}: sample rate {rate} Hz, expected {sample_rate} Hz")

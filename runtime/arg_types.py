@@ -91,11 +91,13 @@ def fraction(text: str) -> float:
 
 
 def sample_rate(text: str) -> int:
-    """A sample rate in Hz that audio hardware uses (8000-384000)."""
+    """A sample rate in Hz that audio hardware uses (edgeprop.audio.AUDIO_RATES)."""
+    from edgeprop.audio import AUDIO_RATES
+
     rate = _number(int, text)
-    if not 8000 <= rate <= 384000:
-        raise argparse.ArgumentTypeError(f"{text}: a sample rate in Hz, 8000-384000 "
-                                         "(e.g. 16000, 44100, 48000)")
+    if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1]:
+        raise argparse.ArgumentTypeError(f"{text}: a sample rate in Hz, {AUDIO_RATES[0]}-"
+                                         f"{AUDIO_RATES[1]} (e.g. 16000, 44100, 48000)")
     return rate
 
 

@@ -73,13 +73,15 @@ def _resolve(argv: list[str]) -> tuple[str, str, str, list[str]]:
         if not rest or rest[0] in ("-h", "--help") or rest[0] not in val:
             subs = ", ".join(val)
             msg = f"usage: edgeprop {verb} {{{subs}}} [options]"
-            if rest and rest[0] not in ("-h", "--help"):
+            asked = bool(rest) and rest[0] in ("-h", "--help")
+            if rest and not asked:
                 print(f"edgeprop {verb}: unknown sub-verb {rest[0]!r}\n{msg}", file=sys.stderr)
                 raise SystemExit(2)
-            print(msg)
+            out = sys.stdout if asked else sys.stderr  # no sub-verb: a usage error
+            print(msg, file=out)
             for sub, (_, text) in val.items():
-                print(f"  {sub:<14} {text}")
-            raise SystemExit(0)
+                print(f"  {sub:<14} {text}", file=out)
+            raise SystemExit(0 if asked else 2)
         module, text = val[rest[0]]
         return f"edgeprop {verb} {rest[0]}", module, text, rest[1:]
     module, text = val

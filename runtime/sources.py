@@ -302,7 +302,8 @@ class FolderSource(Source):
                  gap_s: float = 0.5, labelled: bool = True, limit: int | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise AudioError(f"{self.root}: not a folder")
+            raise AudioError(f"{self.root}: " + ("not a folder" if self.root.exists()
+                                                 else "no such folder"))
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in (".wav", ".flac")
                        and "_background_noise_" not in p.parts)
         if limit is not None:

@@ -128,3 +128,25 @@ def test_a_recording_decodes_its_messages_once(recording):
     assert len(first) == len(again) > 0 and first is not again  # each call its own list...
     assert all(a is b for a, b in zip(first, again, strict=True))  # ...of the same messages
     assert rec.inputs()[0] is rec.inputs()[0]
+
+
+def test_wrong_paths_and_missing_sub_verbs_are_named(tmp_path):
+    assert "a folder, not an audio file" in _user_error(
+        _cli("demo", "live", "--replay", tmp_path, "--no-ui"), "demo live")
+    assert "no such folder" in _user_error(_cli("listen", "--folder", tmp_path / "nope"),
+                                           "listen")
+    import soundfile as sf
+
+    sf.write(tmp_path / "r1.wav", [0.0] * 64, 1, subtype="FLOAT")  # a damaged header
+    assert "sample rate 1 Hz is not an audio rate" in _user_error(
+        _cli("demo", "live", "--replay", tmp_path / "r1.wav", "--no-ui"), "demo live")
+    out = _cli("data")
+    assert out.returncode == 2 and "usage: edgeprop data {info, synth}" in out.stderr
+    assert _cli("data", "--help").returncode == 0
+
+
+def test_a_bind_error_names_its_cause(tmp_path):
+    far = "ipc://" + str(tmp_path / "no-such-folder" / "sock")
+    out = _cli("serve", "--bind", far, "--control", "", "--quiet")  # quiet: the error alone
+    err = _user_error(out, "serve")
+    assert "check the endpoint" in err and "another learner" not in err

@@ -103,6 +103,11 @@ def test_wrong_rate_file_is_resampled_or_rejected(tmp_path):
         load_wav(p, resample=False)
     with pytest.raises(AudioError, match="mic: sample rate 48000 Hz"):
         check_audio(np.zeros(10, dtype=np.float32), 48000, name="mic")
+    for rate in (1, 100, 768000):  # a header no recording has: said, not resampled
+        bad = tmp_path / f"r{rate}.wav"
+        sf.write(bad, np.zeros(64, np.float32), rate, subtype="FLOAT")
+        with pytest.raises(AudioError, match=f"sample rate {rate} Hz is not an audio rate"):
+            load_wav(bad)
 
 
 @settings(max_examples=30, deadline=None)

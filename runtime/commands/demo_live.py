@@ -124,7 +124,8 @@ def _open_source(args):
         if not args.replay.is_file():
             from edgeprop.errors import AudioError
 
-            raise AudioError(f"{args.replay}: no such audio file")
+            what = "a folder, not an audio file" if args.replay.is_dir() else "no such audio file"
+            raise AudioError(f"{args.replay}: {what}")
         return FileSource(args.replay, realtime=True), f"replay {args.replay.name}"
     src = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     name = f"microphone {args.device if args.device is not None else '(default)'}"

@@ -331,9 +331,11 @@ def run(args: argparse.Namespace) -> int:
     }
     lat_txt = (f"latency p50 {out['latency_p50_ms']:.2f} ms, p99 {out['latency_p99_ms']:.2f} ms"
                if lat.size else "no latency samples")
+    acc_txt = (f"accuracy {out['accuracy']:.2%} ({out['detected']}/"
+               f"{out['keyword_utterances']} keywords, " if out["keyword_utterances"]
+               else "no keyword in the stream (")
     say(f"edgeprop run: {out['frames']} frames, {out['dropped']} dropped, "
-        f"{out['detections']} detections, accuracy {out['accuracy']:.2%} "
-        f"({out['detected']}/{out['keyword_utterances']} keywords, "
+        f"{out['detections']} detections, {acc_txt}"
         f"{out['false_alarms']} false alarms), {lat_txt}, realtime factor "
         f"x{out['realtime_factor']:.0f}, {out['updates']} online updates")
     if args.json:

@@ -141,7 +141,9 @@ def _install_signals(stop: threading.Event, who: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _logging(args.log_level)
+    # --quiet: warnings and errors only (INFO is the default level, so it yields)
+    _logging("WARNING" if args.quiet and args.log_level == "INFO" else args.log_level)
+    tell = (lambda *parts: None) if args.quiet else say
     if args.workers:
         return _run_broker(args)
     from runtime.learner_node import LearnerNode
@@ -165,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
         target=lambda: node.ready.wait(30) and _write_ready(args.ready_file, node.endpoints),
         daemon=True)
     ready_thread.start()
-    say(f"{args.name}: {core.backend_name} backend, params {core.params_hash()[:12]}, "
+    tell(f"{args.name}: {core.backend_name} backend, params {core.params_hash()[:12]}, "
         f"learning {'on' if core.learning else 'off'}")
     node.run(stop)
     stats = core.stats()
     core.close()
-    say(f"{args.name}: stopped; frames {stats['counts'].get('frames', 0)}, "
+    tell(f"{args.name}: stopped; frames {stats['counts'].get('frames', 0)}, "
         f"updates {stats['updates']}, params {stats['params_hash'][:12]}")
     if args.json:
         print_json(stats)
