@@ -112,6 +112,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     (["serve", "--connect", "tcp://127.0.0.1:*"], "can only bind"),
     (["personalize", "--shots", "0"], "--shots"),
     (["pretrain", "--out", "/nonexistent-folder/x.npz"], "does not exist"),
+    (["pretrain", "--b-th", "-1"], "--b-th"),
 ])
 def test_cli_usage_errors_are_one_line_exit_2(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -136,6 +137,10 @@ def test_an_os_error_on_a_users_path_is_one_line_exit_2(tmp_path, capsys):
 def test_serve_refuses_pub_with_workers(capsys):
     assert main(["serve", "--workers", "2", "--pub", "tcp://127.0.0.1:6103"]) == 2
     assert "--pub is not served with --workers" in capsys.readouterr().err
+    assert main(["serve", "--workers", "2", "--connect", "tcp://127.0.0.1:6104"]) == 2
+    assert "--connect is not used with --workers" in capsys.readouterr().err
+    assert main(["personalize", "--data", ".", "--speakers", ",,"]) == 2
+    assert "names no speaker" in capsys.readouterr().err
 
 
 def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):

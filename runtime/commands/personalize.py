@@ -182,6 +182,9 @@ def _run_dataset(args) -> int:
     from runtime import personalization as P
     from runtime.console import progress
 
+    if args.speakers is not None and not args.speakers.replace(",", "").strip():
+        raise ConfigError(f"--speakers {args.speakers!r} names no speaker; give "
+                          "comma-separated hashes, e.g. --speakers 837a0f64,97f4c236")
     ckpt, base_path = load_base(args.model)
     acfg = adapt_config(args, ckpt)
     cache = None

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=pos_int, default=None, help=f"epochs (default {d.epochs})")
     parser.add_argument("--seed", type=nonneg_int, default=0,
                         help="seed of split, init, order, noise")
-    parser.add_argument("--b-th", type=float, default=None,
+    parser.add_argument("--b-th", type=pos_float, default=None,
                         help=f"sparse BPTT band |v - A| < B_th (default {d.b_th:g})")
     parser.add_argument("--dense", action="store_true", help="dense BPTT instead of sparse")
     parser.add_argument("--resume", action="store_true",

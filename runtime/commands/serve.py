@@ -201,6 +201,9 @@ def _run_broker(args: argparse.Namespace) -> int:
     if args.pub:
         raise ConfigError("--pub is not served with --workers (the workers sit behind the "
                           "broker); serve one learner to publish outputs")
+    if args.connect:
+        raise ConfigError("--connect is not used with --workers (the broker binds --bind and "
+                          "its workers connect to it); give one or the other")
     broker = Broker(args.bind, "tcp://127.0.0.1:*")
     stop = threading.Event()
     _install_signals(stop, "broker")
