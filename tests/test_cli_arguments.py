@@ -89,6 +89,39 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.fixture
+def full_dir(tmp_path):
+    """A folder on a tiny tmpfs that is already full (root only)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        try:
+            with open(folder / "filler", "wb", buffering=0) as fh:
+                while True:
+                    fh.write(b"x" * 1024)
+        except OSError:
+            pass  # full
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_ready_file_that_cannot_be_written_stops_the_learner(full_dir, capsys):
+    """Whoever waits for the ready file would wait for ever: serve stops, saying why."""
+    assert main(["serve", "--bind", "tcp://127.0.0.1:*", "--control", "", "--quiet",
+                 "--ready-file", str(full_dir / "ready.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the ready file" in err and "No space left" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir):
     for check, text in ((A.new_file, read_only_dir / "a.rec"),
                         (A.output_folder, read_only_dir),

@@ -99,6 +99,19 @@ def _write_ready(path: str | None, endpoints: dict) -> None:
     os.replace(tmp, path)
 
 
+def _announce_ready(node, path: str | None, stop: threading.Event, failed: list) -> None:
+    """Write --ready-file once the sockets are up. One that cannot be written (disk full)
+    stops the learner, its checkpoint saved: whoever waits for the file would wait for
+    ever."""
+    if not node.ready.wait(30):
+        return
+    try:
+        _write_ready(path, node.endpoints)
+    except OSError as exc:
+        failed.append(f"cannot write the ready file {path}: {exc.strerror}")
+        stop.set()
+
+
 def build_core(args: argparse.Namespace):
     """The learner core from the CLI settings (resuming from --checkpoint-dir if possible)."""
     from runtime.learner_node import LearnerCore, load_model, resume_path
@@ -163,15 +176,17 @@ def run(args: argparse.Namespace) -> int:
                        pub_bind=args.pub or None, recorder=recorder)
     stop = threading.Event()
     _install_signals(stop, args.name)
-    ready_thread = threading.Thread(
-        target=lambda: node.ready.wait(30) and _write_ready(args.ready_file, node.endpoints),
-        daemon=True)
+    failed: list[str] = []
+    ready_thread = threading.Thread(target=_announce_ready,
+                                    args=(node, args.ready_file, stop, failed), daemon=True)
     ready_thread.start()
     tell(f"{args.name}: {core.backend_name} backend, params {core.params_hash()[:12]}, "
         f"learning {'on' if core.learning else 'off'}")
     node.run(stop)
     stats = core.stats()
     core.close()
+    if failed:
+        raise ConfigError(failed[0])
     tell(f"{args.name}: stopped; frames {stats['counts'].get('frames', 0)}, "
         f"updates {stats['updates']}, params {stats['params_hash'][:12]}")
     if args.json:
