@@ -12,7 +12,8 @@ Format (FORMAT_VERSION 1): a zip archive readable by ``np.load`` (an .npz), memb
 Arrays are written with allow_pickle=False, so loading never runs code. Writes are
 atomic: a temp file in the same folder, fsync, then os.replace, so a crash or full disk
 leaves the previous checkpoint intact. Every problem a user can hit on load is a
-CheckpointError that names it.
+CheckpointError that names the file and the field: the model config must be complete
+and typed, and frontend features -> encoder -> model inputs must chain.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,8 @@ def _decode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"__ndarray__"}:
             name = obj["__ndarray__"]
-            if name not in arrays:
-                raise CheckpointError(f"corrupt checkpoint: missing array member {name!r}")
+            if not isinstance(name, str) or name not in arrays:
+                raise CheckpointError(f"missing array member {name!r}")
             return arrays[name]
         return {k: _decode(v, arrays) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -167,8 +168,9 @@ def _read_members(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
     if head[:2] != b"PK":
         raise CheckpointError(
-            f"{path} is not an edgeprop checkpoint (not a zip/.npz file; "
-            "was it written by edgeprop save?)"
+            f"{path} is not an edgeprop checkpoint (not a zip/.npz file; checkpoints are "
+            "written by edgeprop pretrain, edgeprop personalize --out and edgeprop serve "
+            "--checkpoint-dir)"
         )
     try:
         with zipfile.ZipFile(path) as zf:
@@ -195,6 +197,62 @@ def _read_members(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
+def _model_config(path: Path, d: Any) -> ModelConfig:
+    """The stored ModelConfig, complete and typed.
+
+    save_checkpoint writes every field (the field set is unchanged since format 1
+    began), so a missing one means a hand-edited meta.json; filling in the default
+    would silently run another model than the one the weights were trained as."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"corrupt checkpoint {path}: meta.json has no model config "
+                              f"(model is {type(d).__name__ if d is not None else 'missing'})")
+    missing = [f.name for f in fields(ModelConfig) if f.name not in d]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has an incomplete model config: "
+                              f"model.{', model.'.join(missing)} missing")
+    try:
+        return ModelConfig.from_dict(d)
+    except (EdgepropError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
+
+
+def _check_widths(path: Path, cfg: ModelConfig, encoder: dict | None,
+                  frontend: dict | None) -> None:
+    """Frontend features -> encoder -> model inputs must chain at every link.
+
+    Otherwise evaluate/profile feed the wrong width and the runtime starts, then
+    rejects every stream ("frames of 1x40 != model's 1x80") without naming the file.
+    No encoder means the current encoder at the model's width (what every consumer
+    falls back to); a frontend whose sizes are malformed is left to
+    evaluation.checkpoint_frontend, which parses it in full."""
+    from edgeprop.encoders import encoder_widths
+    from edgeprop.frontend import FrontendConfig
+
+    if encoder is None:
+        n_feat = cfg.n_in
+    else:
+        try:
+            n_feat, width = encoder_widths(encoder)
+        except EdgepropError as exc:
+            raise CheckpointError(f"checkpoint {path} has an invalid encoder config: "
+                                  f"{exc}") from None
+        if width != cfg.n_in:
+            raise CheckpointError(
+                f"checkpoint {path}: its {encoder['name']} encoder gives {width} inputs "
+                f"(encoder.n_in = {n_feat}) but the model takes model.n_in = {cfg.n_in}")
+    if frontend is None:
+        return
+    n_mels = frontend.get("n_mels", FrontendConfig.n_mels)
+    deltas = frontend.get("deltas", FrontendConfig.deltas)
+    if isinstance(n_mels, int) and not isinstance(n_mels, bool) and isinstance(deltas, bool):
+        feats = n_mels * (2 if deltas else 1)
+        if feats != n_feat:
+            into = "encoder.n_in" if encoder is not None else "model.n_in (no encoder)"
+            raise CheckpointError(
+                f"checkpoint {path}: its frontend gives {feats} features (frontend.n_mels = "
+                f"{n_mels}, deltas {'on' if deltas else 'off'}) but {into} = {n_feat}")
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = None) -> Checkpoint:
     """Read and validate a checkpoint; `expect` demands the same model config."""
     path = Path(path)
@@ -209,10 +267,7 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
             f"{path} has checkpoint format {version}, newer than this edgeprop reads "
             f"({FORMAT_VERSION}); upgrade edgeprop"
         )
-    try:
-        cfg = ModelConfig.from_dict(meta["model"])
-    except (EdgepropError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
+    cfg = _model_config(path, meta.get("model"))
     if expect is not None and cfg != expect:
         diffs = [
             f"{k}={v!r} (expected {expect.to_dict()[k]!r})"
@@ -241,13 +296,17 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
     params = Params(*ps)
     if meta.get("params_sha256") != params_hash(params):
         raise CheckpointError(f"corrupt checkpoint {path}: weights do not match their hash")
-    parts = {name: _decode(meta.get(name), arrays)
-             for name in ("labels", "optimizer_state", "frontend", "encoder", "extra")}
+    try:
+        parts = {name: _decode(meta.get(name), arrays)
+                 for name in ("labels", "optimizer_state", "frontend", "encoder", "extra")}
+    except CheckpointError as exc:
+        raise CheckpointError(f"corrupt checkpoint {path}: {exc}") from None
     for name, value in parts.items():  # a hand-edited meta.json must not fail later
         want = (list, np.ndarray) if name == "labels" else (dict,)
         if value is not None and not isinstance(value, want):
             raise CheckpointError(f"corrupt checkpoint {path}: {name} is a "
                                   f"{type(value).__name__}, not a {want[0].__name__}")
+    _check_widths(path, cfg, parts["encoder"], parts["frontend"])
     labels = parts["labels"]
     return Checkpoint(
         cfg=cfg,

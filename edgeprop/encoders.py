@@ -24,9 +24,12 @@ identical outputs; `reset` returns to the start of a stream.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from edgeprop.errors import ConfigError, ProtocolError
+from edgeprop.network import is_int, is_real
 
 # Measured zero fractions (edgeprop bench frontend, 200 dev clips, normalised frontend).
 EXPECTED_SPARSITY = {
@@ -164,6 +167,38 @@ def encoder_from_dict(d: dict) -> Encoder:
     name = d.pop("name", None)
     n_in = d.pop("n_in", 80)
     return make_encoder(name, n_in, **d)
+
+
+def encoder_widths(d: dict) -> tuple[int, int]:
+    """(features in, channels out) of an encoder config, checked without building it.
+
+    A checkpoint load checks its encoder against the model with this: building a
+    delta encoder compiles its numba kernel (seconds), and a config that does not fit
+    would otherwise fail only when the first stream arrives. The width rules are the
+    ones the classes' constructors apply (tests hold the two together)."""
+    name = d.get("name")
+    if name not in ENCODERS:
+        raise ConfigError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+    n_in = d.get("n_in", 80)
+    if not is_int(n_in) or n_in < 1:
+        raise ConfigError(f"{name} encoder: n_in must be an integer >= 1, got {n_in!r}")
+    opts = {k: v for k, v in d.items() if k not in ("name", "n_in")}
+    allowed = set(inspect.signature(ENCODERS[name]).parameters) - {"n_features"}
+    if set(opts) - allowed:
+        raise ConfigError(f"{name} encoder: unknown options {sorted(set(opts) - allowed)}"
+                          + (f"; it takes {sorted(allowed)}" if allowed else ""))
+    theta = opts.get("theta", 0.5)
+    if not is_real(theta) or (name == "delta" and theta <= 0):
+        raise ConfigError(f"{name} encoder: theta must be a number"
+                          f"{' > 0' if name == 'delta' else ''}, got {theta!r}")
+    substeps = opts.get("substeps", 1)
+    if not is_int(substeps) or substeps < 1:
+        raise ConfigError(f"{name} encoder: substeps must be an integer >= 1, got {substeps!r}")
+    two_sided = opts.get("two_sided", False)
+    if not isinstance(two_sided, (bool, np.bool_)):
+        raise ConfigError(f"{name} encoder: two_sided must be true or false, got {two_sided!r}")
+    n_out = 2 * n_in if name == "delta" or (name == "threshold" and two_sided) else n_in
+    return int(n_in), int(n_out)
 
 
 def pack_spikes(spikes: np.ndarray) -> bytes:

@@ -35,6 +35,17 @@ KWS_LABELS = (
 )
 
 
+def is_int(v) -> bool:
+    """An integer of Python or NumPy, not a bool (configs read from JSON)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_real(v) -> bool:
+    """A real number of Python or NumPy, not a bool and not NaN."""
+    return (isinstance(v, (int, float, np.integer, np.floating))
+            and not isinstance(v, (bool, np.bool_)) and not math.isnan(v))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and constants of the SRNN.
@@ -58,8 +69,9 @@ class ModelConfig:
     feedback: str = "symmetric"  # "symmetric" | "random"
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("n_in", "n_rec", "n_out"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.neuron not in ("alif", "lif"):
             raise ConfigError(f"neuron must be 'alif' or 'lif', got {self.neuron!r}")
@@ -68,6 +80,22 @@ class ModelConfig:
         for name in ("tau_m", "tau_a", "tau_out", "v_th"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        """Each field has its declared kind, so a hand-edited config (a checkpoint's
+        meta.json: "v_th": "one", "n_in": 80.5) is named here, not met as a TypeError
+        deep in the dynamics. Sizes are integers, constants real numbers (not NaN),
+        neuron and feedback strings; bools are neither numbers nor sizes here."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int):
+                ok, kind = is_int(v), "an integer"
+            elif f.type in ("float", float):
+                ok, kind = is_real(v), "a number (not NaN)"
+            else:
+                ok, kind = isinstance(v, str), "a string"
+            if not ok:
+                raise ConfigError(f"{f.name} must be {kind}, got {v!r}")
 
     @property
     def alpha(self) -> float:
