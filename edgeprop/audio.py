@@ -187,6 +187,7 @@ class StreamResampler:
                                          quality="HQ")
 
     def __call__(self, block: np.ndarray, last: bool = False) -> np.ndarray:
-        """Resample the next block (float32 mono); `last=True` flushes the tail."""
-        x = np.ascontiguousarray(block, dtype=np.float32).reshape(-1)
+        """Resample the next block (float32 mono); `last=True` flushes the tail. Samples
+        beyond [-1, 1] are clipped first, as `load_wav` clips a file before resampling."""
+        x = np.clip(np.ascontiguousarray(block, dtype=np.float32).reshape(-1), -1.0, 1.0)
         return self._soxr.resample_chunk(x, last=last)

@@ -43,6 +43,7 @@ import numpy as np
 
 from edgeprop.errors import ConfigError
 from edgeprop.losses import softmax
+from edgeprop.network import is_int
 from runtime.arg_types import nonneg_int, pos_int
 
 DEFAULT_IGNORE = ("_silence_", "_unknown_")
@@ -72,12 +73,27 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DetectorConfig:
+        """Settings from a file (a recording, a checkpoint): checked for their types
+        here, so a wrong one is a ConfigError naming it, not a TypeError in a comparison."""
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError(f"detector settings must be a map, got {d!r}")
         d = dict(d or {})
-        if "ignore" in d:
-            d["ignore"] = tuple(d["ignore"])
         unknown = set(d) - {"window", "threshold", "hold", "refractory", "ignore"}
         if unknown:
             raise ConfigError(f"unknown detector settings: {sorted(unknown)}")
+        for key in ("window", "hold", "refractory"):
+            if key in d and not is_int(d[key]):
+                raise ConfigError(f"detector {key} must be a whole number of frames, "
+                                  f"got {d[key]!r}")
+        t = d.get("threshold", 0.0)
+        if not (is_int(t) or isinstance(t, (float, np.floating))):
+            raise ConfigError(f"detector threshold must be a number, got {d['threshold']!r}")
+        if "ignore" in d:
+            if not isinstance(d["ignore"], (list, tuple)) or \
+                    not all(isinstance(c, str) for c in d["ignore"]):
+                raise ConfigError(f"detector ignore must be a list of class names, "
+                                  f"got {d['ignore']!r}")
+            d["ignore"] = tuple(d["ignore"])
         return cls(**d)
 
 

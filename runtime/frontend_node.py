@@ -162,6 +162,8 @@ class FrontendNode:
             self._cv.notify_all()
         self._wake()
         ok = self._eos_evt.wait(timeout_s)
+        if self.error is not None:
+            raise self.error  # the I/O thread failed (e.g. the recording could not be written)
         if not ok:
             log.warning("frontend %s: learner did not confirm end-of-stream in %.0f s",
                         self.stream, timeout_s)

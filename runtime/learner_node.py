@@ -828,8 +828,9 @@ def _bind(sock: Any, endpoint: str, role: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close(0)
-        raise ConfigError(f"cannot bind {role} to {endpoint}: {exc} (another learner "
-                          "running there? choose another endpoint)") from None
+        hint = ("another learner running there? choose another endpoint"
+                if exc.errno == zmq.EADDRINUSE else "check the endpoint")
+        raise ConfigError(f"cannot bind {role} to {endpoint}: {exc} ({hint})") from None
 
 
 class LearnerNode:
@@ -899,8 +900,24 @@ class LearnerNode:
             except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
                 self.core.counts["outputs_dropped"] += 1
                 return
-        if self.recorder is not None:
-            self.recorder.write("out", payload)
+        self._record("out", payload)
+
+    def _record(self, direction: str, payload: bytes) -> None:
+        """Record one message, if recording. A recording that cannot be written (disk
+        full, ...) is reported once and stopped (the writer removes its .part), and the
+        learner keeps serving: its peers' streams, and the weights it learns, matter
+        more than a recording of them."""
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.write(direction, payload)
+        except OSError as exc:
+            self._recording_failed(exc)
+
+    def _recording_failed(self, exc: OSError) -> None:
+        self.recorder = None
+        self.core.counts["recording_failed"] += 1
+        log.error("%s: recording stopped: %s: %s", self.core.name, exc.filename, exc.strerror)
 
     def _serve_control(self, control_rep: Any) -> None:
         """Answer one request on control_rep, if a whole one is there.
@@ -994,8 +1011,7 @@ class LearnerNode:
                             core._fault("malformed", f"envelope of {len(parts)} parts")
                             continue
                         route, payload = parts
-                        if self.recorder is not None:
-                            self.recorder.write("in", payload)
+                        self._record("in", payload)
                         try:
                             replies = core.handle_bytes(payload, route)
                         except Exception:  # a bug, not the peer's fault: never fatal
@@ -1030,5 +1046,8 @@ class LearnerNode:
                 if s is not None:
                     s.close(0)
             if self.recorder is not None:
-                self.recorder.close()
+                try:
+                    self.recorder.close()
+                except OSError as exc:
+                    self._recording_failed(exc)
             log.info("%s: stopped (%s)", core.name, dict(core.counts))

@@ -8,7 +8,8 @@ following one is a `RecordEntry` holding one encoded protocol message, its direc
 from the learner: posteriors, detections, replies) and the monotonic time it was seen.
 The writer appends to `<path>.part`, flushing every entry, and renames it to `<path>`
 on close (atomic: a reader never sees a half-renamed file; a recorder killed mid-write
-leaves a readable `.part` whose truncated last entry is ignored).
+leaves a readable `.part` whose truncated last entry is ignored; a write that fails,
+e.g. on a full disk, removes the `.part` and raises an OSError naming `<path>`).
 
 Public API (stable)::
 
@@ -26,6 +27,8 @@ Public API (stable)::
         .require_frames() (frames, or ProtocolError when there is nothing to replay)
         a folder, a file that is not a recording, or damaged entries: ProtocolError
     first_hello_reply(messages) -> HelloReply | None  (the first accepted one)
+    check_hello_reply(msg, recorded_outputs, who)  ConfigError for a hello the replay's
+        learner rejected (and the recorded one did not): nothing of it would compare
     recorded_settings(recording) -> dict  (the recording learner's backend, lr, ...)
     replay_recording(recording, checkpoint, *, backend=None, learning=None,
                      detector=None, lr=None, apply_delay=None) -> ReplayResult
@@ -36,59 +39,86 @@ Public API (stable)::
         params_hash, outputs (all messages produced).
     compare_replay(recording, result) -> dict  (max_abs_diff of posteriors, frames
         compared / replayed, detections_equal, identical; a recording cut short is
-        compared over the frames it holds outputs for)
+        compared over the frames it holds outputs for; rejected / first_rejected: the
+        recorded inputs the replay's learner rejected, see rejected_inputs)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from edgeprop.errors import CheckpointError, ProtocolError
+from edgeprop.errors import CheckpointError, ConfigError, ProtocolError
 from runtime import protocol as P
 
 
 class RecordingWriter:
-    """Append wire messages to a recording; atomic rename on close."""
+    """Append wire messages to a recording; atomic rename on close.
+
+    A write that fails (disk full, ...) removes the `.part` and raises an OSError naming
+    the recording: a failed recording leaves nothing, and the CLI says which file.
+    """
 
     def __init__(self, path: str | os.PathLike, header: P.RecordingHeader):
         self.path = Path(path)
         self.part = self.path.with_name(self.path.name + ".part")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.part, "wb")
-        self._f.write(P.encode(header))
-        self._f.flush()
         self.count = 0
         self._closed = False
+        try:
+            self._f.write(P.encode(header))
+            self._f.flush()
+        except OSError as exc:
+            self._fail(exc)
 
     def write(self, direction: str, msg: P.Message | bytes, t_ns: int | None = None) -> None:
         payload = msg if isinstance(msg, (bytes, bytearray)) else P.encode(msg)
         entry = P.RecordEntry(direction, P.now_ns() if t_ns is None else int(t_ns),
                               bytes(payload))
-        self._f.write(P.encode(entry))
-        self._f.flush()
+        try:
+            self._f.write(P.encode(entry))
+            self._f.flush()
+        except OSError as exc:
+            self._fail(exc)
         self.count += 1
 
     def close(self) -> Path:
         if not self._closed:
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                os.replace(self.part, self.path)
+            except OSError as exc:
+                self._fail(exc)
             self._closed = True
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.part, self.path)
         return self.path
 
     def abort(self) -> None:
         """Drop what was written (a failed session): OUT stays as it was before."""
         if not self._closed:
             self._closed = True
-            self._f.close()
+            with contextlib.suppress(OSError):  # the unflushed rest of a full disk
+                self._f.close()
             self.part.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> NoReturn:
+        """Drop the `.part`, then raise exc as an OSError about the recording's path (the
+        bare OSError of a full disk names no file, so the CLI would show a traceback)."""
+        self.abort()
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            why += " (disk full?)"
+        raise OSError(exc.errno, f"cannot write the recording: {why}", str(self.path)) from None
 
     def __enter__(self) -> RecordingWriter:
         return self
@@ -189,20 +219,52 @@ def first_hello_reply(messages: list) -> P.HelloReply | None:
     return None
 
 
+def check_hello_reply(msg: Any, recorded: list, who: str) -> None:
+    """Stop a replay at a hello its learner rejected (ConfigError naming who and why):
+    the stream's frames would only draw "without hello" notices, leaving nothing to
+    compare. Unless the recorded learner rejected that stream's hello too (`recorded`:
+    the recording's outputs): then the rejection is what was recorded."""
+    if isinstance(msg, P.HelloReply) and not msg.accepted and not any(
+            isinstance(m, P.HelloReply) and not m.accepted and m.stream == msg.stream
+            for m in recorded):
+        raise ConfigError(f"{who} rejected stream {msg.stream!r}: {msg.reason}")
+
+
 def recorded_settings(rec: Recording) -> dict:
     """The recording learner's settings (backend, lr, detector, ...): the header's
     (`serve --record`), or, recorded at a frontend, those its hello_reply announced."""
-    rt = rec.header.runtime or {}
+    from runtime.detection import DetectorConfig
+
+    rt, where = rec.header.runtime or {}, "header runtime"
     if not rt:
         reply = first_hello_reply(rec.outputs())
-        rt = (reply.settings or {}) if reply is not None else {}
-    rt = dict(rt)
+        rt, where = ((reply.settings or {}) if reply is not None else {}), "hello_reply settings"
+    rt = dict(rt)  # a map: protocol checks both
+    for key, (types, what) in _SETTING_TYPES.items():
+        v = rt.get(key)
+        if v is not None and (not isinstance(v, types) or  # and True is no lr
+                              isinstance(v, bool) and types is not bool):
+            raise ProtocolError(f"{rec.path}: recorded learner setting {key!r} ({where}) is "
+                                f"{v!r}, not {what}")
     det = rt.get("detector")
     if isinstance(det, dict) and "hold" not in det:
         # recorded before the detector had a hold: it fired on the first frame above
         # threshold, which is hold 1 (the default of 20 would change its detections)
-        rt["detector"] = {**det, "hold": 1}
+        rt["detector"] = det = {**det, "hold": 1}
+    try:
+        DetectorConfig.from_dict(det)
+    except ConfigError as exc:
+        raise ProtocolError(f"{rec.path}: recorded learner setting 'detector' ({where}): "
+                            f"{exc}") from None
     return rt
+
+
+# the recorded learner settings a replay takes, and the type each must have (a replay
+# would otherwise fail deep in the learner on, say, lr "fast")
+_SETTING_TYPES = {"backend": (str, "a backend name"), "lr": ((int, float), "a number"),
+                  "learning": (bool, "true or false"),
+                  "apply_delay": (int, "a whole number of frames"),
+                  "late_updates": (str, "'wait' or 'defer'")}
 
 
 def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
@@ -231,7 +293,10 @@ def read_recording(path: str | os.PathLike) -> Recording:
         it = P.iter_maps(f)
         try:
             header = next(it, None)
-        except P.WireError:
+        except P.WireError as exc:
+            if exc.kind == "version":
+                raise ProtocolError(f"{path}: a recording of another format version ("
+                                    f"{exc.detail}); was it made by a newer edgeprop?") from None
             header = None
         if not isinstance(header, P.RecordingHeader):
             raise ProtocolError(f"{path} is not an edgeprop recording ({_not_a_recording(path)})")
@@ -242,8 +307,9 @@ def read_recording(path: str | os.PathLike) -> Recording:
                     raise ProtocolError(f"{path}: unexpected {m.TYPE!r} map after the header")
                 entries.append(m)
         except P.WireError as exc:
-            raise ProtocolError(f"{path}: damaged after entry {len(entries)} "
-                                f"({exc.detail})") from None
+            # malformed: bytes msgpack cannot read; its own words would not help
+            why = "bytes that are not an entry" if exc.kind == "malformed" else exc.detail
+            raise ProtocolError(f"{path}: damaged after entry {len(entries)} ({why})") from None
     return Recording(header, entries, path)
 
 
@@ -297,11 +363,13 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
                        apply_delay=pick(apply_delay, "apply_delay", 100),
                        late_updates=rt.get("late_updates", "wait"))
     outputs: list = []
+    recorded = rec.outputs()
     try:
         for entry in rec.entries:
             if entry.direction != "in":
                 continue
             for reply in core.handle_bytes(entry.payload, route=b"replay"):
+                check_hello_reply(reply, recorded, f"{rec.path}: the replay's learner")
                 outputs.append(reply)
         core.finish()
         params = core.params
@@ -339,8 +407,26 @@ def compare_replay(recording: Recording, result: ReplayResult) -> dict:
     key = lambda d: (d.stream, d.seq, d.label)
     replayed = [d for d in result.detections if d.seq < covered.get(d.stream, 0)]
     det_equal = sorted(map(key, recording.detections())) == sorted(map(key, replayed))
+    rejected = rejected_inputs(recording, result)
     return {"frames_compared": n,
             "frames_replayed": sum(int(g.shape[0]) for g in got.values()),
             "max_abs_diff": max_diff, "same_streams": same_shape,
-            "detections_equal": det_equal,
+            "detections_equal": det_equal, "rejected": len(rejected),
+            "first_rejected": f"{rejected[0].kind}: {rejected[0].detail}" if rejected else None,
             "identical": same_shape and max_diff == 0.0 and det_equal}
+
+
+def rejected_inputs(recording: Recording, result: ReplayResult) -> list[P.Notice]:
+    """The notices of the replay (inbound messages its learner rejected: damaged, of
+    the wrong shape, ...) the recording does not hold: a recording made at a learner
+    holds those its learner rejected too, and replaying them is no news."""
+    recorded = Counter((m.kind, m.detail) for m in recording.outputs()
+                       if isinstance(m, P.Notice))
+    new = []
+    for m in result.outputs:
+        if isinstance(m, P.Notice):
+            if recorded[(m.kind, m.detail)] > 0:
+                recorded[(m.kind, m.detail)] -= 1
+            else:
+                new.append(m)
+    return new

@@ -119,6 +119,7 @@ def test_block_by_block_resampling_gives_what_a_file_of_the_same_audio_gives(
     # joined blocks must be the samples load_wav makes of a file holding that audio
     rng = np.random.default_rng(seed)
     x = (0.2 * rng.standard_normal(rate // 2)).astype(np.float32)
+    x[rng.integers(x.size)] = 1.5  # beyond full scale: clipped before resampling by both
     p = tmp_path_factory.mktemp("rs") / "x.wav"
     sf.write(p, x, rate, subtype="FLOAT")
     r, out, i = StreamResampler(rate, SR), [], 0

@@ -13,25 +13,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import zmq
-from runtime_support import control, frontend_for, make_checkpoint, start_learner
+from runtime_support import control, frontend_for, start_learner
 
-from edgeprop.checkpoint import load_checkpoint, save_checkpoint
+from edgeprop.checkpoint import save_checkpoint
 from edgeprop.errors import EdgepropError
 from runtime import cli
 from runtime import protocol as P
 from runtime.commands.replay import _over_wire
 from runtime.recording import RecordingWriter, header_for, read_recording
 from runtime.stream import build_stream, embedded_clips
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("model") / "m.ckpt")
-
-
-@pytest.fixture(scope="module")
-def ckpt(model_path):
-    return load_checkpoint(model_path)
 
 
 @pytest.fixture(scope="module")

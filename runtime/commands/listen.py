@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgeprop.errors import ConfigError
+from edgeprop.errors import ConfigError, EdgepropError
 from runtime.arg_types import connect_endpoint, pos_float, pos_int, sample_rate
 from runtime.console import add_output_flags, print_json, say
 
@@ -143,6 +143,9 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
         except KeyboardInterrupt:
             tell("listen: interrupted; ending the stream")
         stats = node.finish()
+        if not stats["eos_confirmed"]:
+            raise EdgepropError(f"the learner at {args.endpoint} did not confirm the end of "
+                                "the stream (did it stop?): its last outputs are missing")
     except BaseException:
         if recorder is not None:
             recorder.abort()  # a failed session leaves no recording (nor its .part)

@@ -17,7 +17,11 @@ so a replay reproduces what was recorded; --backend, --no-learning and each of
 recording made before the detector had --hold replays with hold 1, the rule it ran.
 
 A recording with no frames or no outputs is an error; one cut short (a killed
-recorder's `.part`) is compared over the frames it holds outputs for.
+recorder's `.part`) is compared over the frames it holds outputs for. A replay that
+compares nothing is an error too (exit 2, like every error; DIFFERENT exits 0): a
+hello the learner rejects (another model, a damaged hello), or recorded messages it
+rejects (damaged, wrong shape) so that no posteriors line up. Rejected messages are
+always reported, with the first reason.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgeprop.errors import ConfigError, EdgepropError
+from edgeprop.errors import EdgepropError, ProtocolError
 from runtime.arg_types import connect_endpoint, new_file
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
@@ -68,6 +72,7 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
     import zmq
 
     from runtime import protocol as P
+    from runtime.recording import check_hello_reply
 
     ctx = zmq.Context.instance()
     frames_dealer = ctx.socket(zmq.DEALER)
@@ -76,12 +81,12 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
     frames_dealer.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))  # a learner gone mid-way
     frames_dealer.connect(endpoint)
     outs: list = []
+    recorded = rec.outputs()
     open_streams: set[str] = set()
 
     def take(raw: bytes) -> None:
         m = P.decode(raw, max_bytes=1 << 24)
-        if isinstance(m, P.HelloReply) and not m.accepted:
-            raise ConfigError(f"learner at {endpoint} rejected stream {m.stream!r}: {m.reason}")
+        check_hello_reply(m, recorded, f"learner at {endpoint}")
         outs.append(m)
 
     try:
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
            "replay_params_hash": started.params_hash if started is not None else None,
            "final_params_hash": result.params_hash or None,
            "frames": cmp["frames_compared"], "frames_replayed": cmp["frames_replayed"],
-           "detections": len(result.detections),
+           "detections": len(result.detections), "rejected": cmp["rejected"],
            "max_abs_diff": cmp["max_abs_diff"], "detections_equal": cmp["detections_equal"],
            "identical": cmp["identical"], "wall_s": time.perf_counter() - t0,
            "updates": result.stats.get("updates") if result.stats else None,
@@ -204,7 +209,18 @@ def run(args: argparse.Namespace) -> int:
            else None}
     if result.params is not None:
         out["final_params_hash"] = params_hash(result.params)
-    if out["frames"] < out["frames_replayed"]:
+    if cmp["rejected"]:
+        rejected = (f"the learner rejected {cmp['rejected']} of the recording's "
+                    f"{sum(e.direction == 'in' for e in rec.entries)} inbound messages "
+                    f"(first: {cmp['first_rejected']})")
+        if not out["frames"]:  # the posteriors do not line up: nothing was compared
+            raise ProtocolError(f"{rec.path}: nothing to compare: {rejected}")
+        say(f"replay: warning: {rejected}")
+    elif not out["frames"]:
+        raise ProtocolError(f"{rec.path}: nothing to compare: the replay's posteriors "
+                            f"({out['frames_replayed']} frames) do not line up with the "
+                            "recorded ones")
+    elif out["frames"] < out["frames_replayed"]:
         say(f"replay: the recording was cut short: compared the {out['frames']} of "
             f"{out['frames_replayed']} frames it holds outputs for")
     say(f"replay: {out['frames']} frames, {out['detections']} detections, max |diff| "
