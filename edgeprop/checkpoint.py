@@ -308,13 +308,24 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
                                   f"{type(value).__name__}, not a {want[0].__name__}")
     _check_widths(path, cfg, parts["encoder"], parts["frontend"])
     labels = parts["labels"]
-    return Checkpoint(
+    if labels is not None and not all(isinstance(s, str) for s in labels):
+        raise CheckpointError(f"corrupt checkpoint {path}: labels must be names (strings), "
+                              f"got {list(labels)!r}")
+    ckpt = Checkpoint(
         cfg=cfg,
         params=params,
         optimizer_state=parts["optimizer_state"],
         frontend=parts["frontend"],
         encoder=parts["encoder"],
-        labels=None if labels is None else [str(s) for s in labels],
+        labels=None if labels is None else list(labels),
         extra=parts["extra"] or {},
         format_version=version,
     )
+    if labels is not None:  # named labels must fit the outputs (unnamed: at use)
+        from edgeprop.evaluation import model_labels
+
+        try:
+            model_labels(ckpt)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return ckpt

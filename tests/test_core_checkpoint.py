@@ -54,7 +54,7 @@ def test_checkpoint_round_trips_weights_optimizer_and_configs_exactly(tmp_path):
              "nested": {"a": [1, 2]}}
     path = tmp_path / "m.ckpt"
     save_checkpoint(path, CFG, p, optimizer_state=opt.state_dict(), frontend=front,
-                    encoder=enc, labels=["yes", "no"], extra=extra)
+                    encoder=enc, labels=["yes", "no", "up", "down"], extra=extra)
     ck = load_checkpoint(path, expect=CFG)
     assert ck.cfg == CFG and ck.format_version == FORMAT_VERSION
     for a, b in zip(p.arrays(), ck.params.arrays(), strict=True):
@@ -73,7 +73,7 @@ def test_checkpoint_round_trips_weights_optimizer_and_configs_exactly(tmp_path):
     thresholds = ck.extra.pop("thresholds")
     np.testing.assert_array_equal(thresholds, extra["thresholds"])
     assert thresholds.dtype == np.float64
-    assert ck.labels == ["yes", "no"] and ck.extra == {"step": 7, "note": "x",
+    assert ck.labels == ["yes", "no", "up", "down"] and ck.extra == {"step": 7, "note": "x",
                                                        "nested": {"a": [1, 2]}}
     # continuing from the restored optimizer gives the identical next update
     g = [np.full(w.shape, 0.1, np.float32) for w in (p.w_in, p.w_rec, p.w_out)]
@@ -205,6 +205,9 @@ def test_invalid_model_config_in_file(tmp_path):
 @pytest.mark.parametrize("edit, what", [
     (lambda m: m["model"].update(n_in="abc"), "invalid model config: n_in must be an integer"),
     (lambda m: m.update(labels=5), "labels is a int, not a list"),
+    (lambda m: m.update(labels=[1, 2, 3, 4]), "labels must be names"),
+    (lambda m: m.update(labels=["a", "b", "a", "c"]), "labels repeat: 'a' \\(2 times\\)"),
+    (lambda m: m.update(labels=["a", "b"]), "has 2 labels but 4 outputs"),
     (lambda m: m.update(encoder="abc"), "encoder is a str, not a dict"),
     (lambda m: m.update(extra=[1, 2]), "extra is a list, not a dict"),
 ])
