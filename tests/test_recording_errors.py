@@ -281,6 +281,13 @@ def test_rejected_frames_are_reported_not_called_cut_short(recording, model_path
     assert code == 0, err
     assert "replay: warning: the learner rejected 1 of the recording's" in err
     assert "(first: malformed: " in err and "cut short" not in err and "IDENTICAL" in err
+    # the learner's per-fault log line, which --quiet leaves out (a real process: pytest
+    # captures logging in this one)
+    for quiet, logged in (([], True), (["--quiet"], False)):
+        out = subprocess.run([sys.executable, "-m", "runtime.cli", "replay", str(extra),
+                              "--model", str(model_path), *quiet], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and ("survived" in out.stderr) == logged, out.stderr
 
 
 def test_a_newer_format_and_a_damaged_entry_say_so(recording, tmp_path, capsys):

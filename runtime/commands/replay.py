@@ -155,6 +155,21 @@ def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """--quiet keeps the replay's own warnings and verdict, not the learner's per-fault
+    log lines (a damaged recording would print one per rejected message)."""
+    import logging
+
+    learner_log = logging.getLogger("edgeprop.learner")
+    level = learner_log.level
+    if args.quiet:
+        learner_log.setLevel(logging.ERROR)
+    try:
+        return _replay(args)
+    finally:
+        learner_log.setLevel(level)
+
+
+def _replay(args: argparse.Namespace) -> int:
     from edgeprop.checkpoint import params_hash, save_checkpoint
     from runtime.learner_node import load_model
     from runtime.recording import (
