@@ -82,6 +82,17 @@ nonneg_float = _at_least(float, 0.0, strict=False)  # finite, >= 0 (gains, secon
 pos_float = _at_least(float, 0.0, strict=True)      # finite, > 0 (learning rates, timeouts)
 
 
+def int_range(low: int, high: int):
+    """A type: an integer in [low, high] (the bound named in the error)."""
+    def check(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: must be in {low}-{high}")
+        return value
+
+    return check
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1)."""
     value = _number(float, text)

@@ -844,6 +844,15 @@ def default_personal_path(base_path: Path, speaker: str) -> Path:
     return folder / name
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or <stem>.2.npz, <stem>.3.npz, ... when it exists: a later session never
+    replaces an earlier one's weights unasked (--out names a file to replace)."""
+    candidate, k = path, 2
+    while candidate.exists():
+        candidate, k = path.with_name(f"{path.stem}.{k}{path.suffix}"), k + 1
+    return candidate
+
+
 def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker: str,
                       acfg: AdaptConfig, *, out: Path | None = None,
                       result: dict | None = None,
@@ -853,7 +862,7 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
     from edgeprop.checkpoint import params_hash, save_checkpoint
     from edgeprop.evaluation import checkpoint_frontend
 
-    path = Path(out) if out is not None else default_personal_path(base_path, speaker)
+    path = Path(out) if out is not None else _unused(default_personal_path(base_path, speaker))
     if path.resolve() == Path(base_path).resolve():
         raise ConfigError(f"refusing to overwrite the base checkpoint {base_path}; "
                           f"choose another --out")
@@ -914,7 +923,9 @@ class Endpointer:
     (the first `calibrate_ms` only measure it). An utterance starts when a frame is
     `start_db` above the floor (and above `min_level_dbfs`), and ends after `hang_ms` of
     frames below floor + `stop_db`. It is returned with `margin_ms` of audio either side;
-    shorter than `min_ms` is ignored.
+    shorter than `min_ms` is ignored. A sound still going after `max_ms` is no word (a
+    sentence, a radio): it is dropped whole, counted in `too_long`, and nothing starts
+    again until it pauses.
     """
 
     def __init__(self, *, start_db: float = 15.0, stop_db: float = 8.0,
@@ -934,6 +945,8 @@ class Endpointer:
         self._cur: list[np.ndarray] | None = None
         self._quiet = 0
         self._buf = np.zeros(0, np.float32)
+        self._skipping = False  # inside a sound longer than max_ms, until it pauses
+        self.too_long = 0       # such sounds dropped
 
     @property
     def floor_db(self) -> float:
@@ -960,6 +973,11 @@ class Endpointer:
     def _frame(self, frame: np.ndarray) -> np.ndarray | None:
         db = float(frame_db(frame, self.hop)[0])
         floor = self.floor_db
+        if self._skipping:
+            self._quiet = self._quiet + 1 if db < floor + self.stop_db else 0
+            if self._quiet >= self.hang:
+                self._skipping, self._quiet = False, 0
+            return None
         if self._cur is None:
             self._pre = (self._pre + [frame])[-(self.margin + 1):]
             calibrated = len(self._hist) >= self.calibrate
@@ -972,7 +990,12 @@ class Endpointer:
         self._cur.append(frame)
         self._quiet = self._quiet + 1 if db < floor + self.stop_db else 0
         voiced = len(self._cur) - self._quiet
-        if self._quiet >= self.hang or len(self._cur) >= self.max_frames + self.margin:
+        if self._quiet < self.hang and len(self._cur) >= self.max_frames + self.margin:
+            self._cur, self._pre, self._quiet = None, [], 0
+            self._skipping = True
+            self.too_long += 1
+            return None
+        if self._quiet >= self.hang:
             cut = len(self._cur) - max(0, self._quiet - self.margin)
             utt = np.concatenate(self._cur[:cut])
             self._cur, self._pre, self._quiet = None, [], 0

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from edgeprop.shipped import SHIPPED_MODEL as SHIPPED
 from runtime import arg_types as A
 from runtime.cli import main
 
@@ -174,6 +175,14 @@ def test_serve_refuses_pub_with_workers(capsys):
     assert "--connect is not used with --workers" in capsys.readouterr().err
     assert main(["personalize", "--data", ".", "--speakers", ",,"]) == 2
     assert "names no speaker" in capsys.readouterr().err
+    # the microphone session checks its keywords before the microphone opens
+    for words, said in ((",", "names no keyword"), ("", "names no keyword"),
+                        ("_silence_", "not keywords of this model: ['_silence_']")):
+        assert main(["personalize", "--interactive", "--keywords", words]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["personalize", "--out", str(SHIPPED), "--data", "."]) == 2
+    err = capsys.readouterr().err  # (a read-only install refuses the folder itself)
+    assert "refusing to overwrite the base checkpoint" in err or "cannot write in" in err
 
 
 def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):

@@ -146,11 +146,16 @@ def test_adaptation_never_writes_the_base_checkpoint(shipped, data_dir, tmp_path
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "Traceback" not in err
     assert _sha256(base) == h_base
-    # a bare --out saves beside the base, as its help says
-    assert main(["personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
-                 SPEAKERS[1], "--shots", "1", "--passes", "1", "--backend", "reference",
-                 "--skip-above", "0", "--out", "--quiet"]) == 0
-    assert (tmp_path / f"base.{SPEAKERS[1]}.npz").is_file() and _sha256(base) == h_base
+    # a bare --out saves beside the base, as its help says, and never over an earlier one
+    bare = ["personalize", "--model", str(base), "--data", str(data_dir), "--speaker",
+            SPEAKERS[1], "--shots", "1", "--passes", "1", "--backend", "reference",
+            "--skip-above", "0", "--out", "--quiet"]
+    assert main(bare) == 0
+    first = tmp_path / f"base.{SPEAKERS[1]}.npz"
+    assert first.is_file() and _sha256(base) == h_base
+    h_first = _sha256(first)
+    assert main(bare) == 0
+    assert _sha256(first) == h_first and (tmp_path / f"base.{SPEAKERS[1]}.2.npz").is_file()
 
 
 @pytest.mark.parametrize("backend", ["emulator", "reference"])
@@ -222,6 +227,23 @@ def test_endpointer_cuts_one_utterance_per_word(data_dir):
     assert all(P.fit_clip(u).shape == (16000,) for u in utts)
 
 
+def test_a_sound_longer_than_a_word_is_dropped_not_taken(data_dir):
+    """5 s of sound without a pause (a sentence, a radio) is no take; the word after it is."""
+    from edgeprop.datasets import load_clip, scan_speech_commands
+
+    word = next(c for c in scan_speech_commands(data_dir).clips
+                if c.speaker == SPEAKERS[0] and c.label == "left")
+    rng = np.random.default_rng(1)
+    parts = [np.zeros(8000, np.float32), 0.1 * rng.standard_normal(80000),
+             np.zeros(12000, np.float32), load_clip(word), np.zeros(12000, np.float32)]
+    stream = (np.concatenate(parts) + 0.002 * rng.standard_normal(sum(map(len, parts))))
+    ep = P.Endpointer()
+    utts = []
+    for i in range(0, len(stream), 160):
+        utts += ep.push(stream[i:i + 160].astype(np.float32))
+    assert ep.too_long == 1 and len(utts) == 1 and len(utts[0]) < 1.6 * 16000
+
+
 def _paced_wav(tmp_path, parts, noise=0.002):
     """A real WAV of `parts` (16 kHz arrays) over a faint noise, replayed in real time."""
     import soundfile as sf
@@ -261,6 +283,25 @@ def test_a_muted_microphone_ends_the_take_with_its_level(data_dir, tmp_path):
                                        lambda k, missed: prompts.append(missed), tries=3)
     assert utts == [] and prompts == [0, 1, 2]  # three prompts, then it gives up
     assert -90 < loudest < P.Endpointer().min_level  # heard, but below a word's level
+
+
+def test_the_advice_when_no_take_was_heard_follows_its_cause():
+    from runtime.commands.personalize import _why_no_take
+
+    rng = np.random.default_rng(0)
+
+    def room(level_dbfs):  # 1 s of a room's noise through the endpointer
+        ep = P.Endpointer()
+        noise = (10 ** (level_dbfs / 20) * rng.standard_normal(16000)).astype(np.float32)
+        ep.push(noise)
+        return ep, max(ep.floor_db + ep.start_db, ep.min_level)
+
+    quiet, need = room(-80)
+    assert "digital silence" in _why_no_take(-120.0, need, quiet)
+    assert "raise the microphone's gain" in _why_no_take(need - 5, need, quiet)
+    assert "none was a word" in _why_no_take(need + 5, need, quiet)
+    noisy, need = room(-20)
+    assert need > -10 and "the room is too noisy" in _why_no_take(need - 5, need, noisy)
 
 
 def _adaptation_data(session, speaker, acfg):

@@ -26,13 +26,14 @@ import time
 
 import numpy as np
 
-from runtime.arg_types import nonneg_int, pos_int
+from runtime.arg_types import int_range, nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=pos_int, default=100,
-                        help="timesteps per sample (100 = 1 s)")
+    # bounded: the benchmark holds (samples, steps, inputs) arrays in memory
+    parser.add_argument("--steps", type=int_range(1, 100_000), default=100,
+                        help="timesteps per sample (100 = 1 s; at most 100000)")
     parser.add_argument("--repeats", type=pos_int, default=5,
                         help="timed repeats (median reported)")
     parser.add_argument("--samples", type=pos_int, default=20,

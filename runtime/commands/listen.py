@@ -20,8 +20,9 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError, EdgepropError
-from runtime.arg_types import connect_endpoint, pos_float, pos_int, sample_rate
+from runtime.arg_types import connect_endpoint, int_range, pos_float, sample_rate
 from runtime.console import add_output_flags, print_json, say
+from runtime.protocol import MAX_BATCH
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", default="", help="stream id (default: listen-<pid>)")
     parser.add_argument("--mode", choices=("replay", "live"),
                         help="default: live for mic/stdin, replay for file/folder")
-    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message (default 1)")
+    parser.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1,
+                        help=f"frames per message, 1-{MAX_BATCH} (default 1)")
     parser.add_argument("--block-ms", type=pos_float, default=10.0,
                         help="audio block length in ms (default 10)")
     parser.add_argument("--personal", action="store_true",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.arg_types import new_file, nonneg_int, output_folder, pos_float, pos_int
@@ -164,7 +165,12 @@ def load_base(model: Path | None):
 
 def run(args) -> int:
     from edgeprop.errors import ConfigError
+    from edgeprop.shipped import SHIPPED_MODEL
 
+    base = Path(args.model) if args.model is not None else SHIPPED_MODEL
+    if args.out and Path(args.out).resolve() == base.resolve():  # before any work
+        raise ConfigError(f"refusing to overwrite the base checkpoint {base}; choose "
+                          "another --out")
     if args.data is None:
         if args.speaker or args.all_speakers or args.speakers:
             raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
@@ -284,7 +290,12 @@ def _record_utterances(source, endpointer, want: int, timeout_s: float, prompt,
     for block in source.blocks():
         levels = frame_db(block.samples)
         loudest = max(loudest, float(levels.max())) if levels.size else loudest
-        for utt in endpointer.push(block.samples):
+        dropped = endpointer.too_long
+        utts = endpointer.push(block.samples)
+        if endpointer.too_long > dropped:  # not a take: say why, and wait for the word
+            say("   (that went on for more than 2 s without a pause: say just the word)")
+            deadline = time.monotonic() + timeout_s
+        for utt in utts:
             got.append(utt)
             if len(got) >= want:
                 return got, loudest
@@ -314,13 +325,16 @@ def run_interactive(args) -> int:
         raise ConfigError("need --takes >= 1 and 0 <= --holdout < --takes")
     ckpt, base_path = load_base(args.model)
     labels = list(ckpt.labels)
-    keywords = ([k.strip() for k in args.keywords.split(",") if k.strip()] if args.keywords
-                else [lab for lab in labels if not lab.startswith("_")])
-    unknown = [k for k in keywords if k not in labels]
-    if unknown:
-        raise ConfigError(f"not keywords of this model: {unknown}; choose from "
-                          f"{[lab for lab in labels if not lab.startswith('_')]}")
-    acfg = adapt_config(args, ckpt)
+    words = [lab for lab in labels if not lab.startswith("_")]
+    keywords = (list(dict.fromkeys(k.strip() for k in args.keywords.split(",") if k.strip()))
+                if args.keywords is not None else words)  # each once: a repeat lost takes
+    unknown = [k for k in keywords if k not in words]
+    if unknown or not keywords:
+        said = f"not keywords of this model: {unknown}" if unknown else \
+            f"--keywords {args.keywords!r} names no keyword"
+        raise ConfigError(f"{said}; choose from {words}")
+    # the takes kept for adaptation are this session's shots (its saved settings say so)
+    acfg = replace(adapt_config(args, ckpt), shots=args.takes - args.holdout)
     fcfg = checkpoint_frontend(ckpt)
     # checked before anyone speaks, not after
     reference = P.training_speech_mean(ckpt) if acfg.user_norm else None
@@ -361,9 +375,7 @@ def run_interactive(args) -> int:
                     f"prompts of {args.timeout:g} s for the next one); the loudest sound "
                     f"then was {loudest:.0f} dBFS and a word must reach {need:.0f} dBFS "
                     f"(noise floor {ep.floor_db:.0f} dBFS): "
-                    + ("raise the microphone's gain, or speak closer" if loudest < need
-                       else "sounds were heard, but none was a word (100 ms to 2 s, then "
-                            "a pause)")
+                    + _why_no_take(loudest, need, ep)
                     + "; devices: edgeprop demo live --list-devices")
             recorded[word] = utts
     finally:
@@ -423,16 +435,31 @@ def run_interactive(args) -> int:
         say(f"held-back utterances: accuracy {100 * result['before']:.0f} % before, "
             f"{100 * result['after']:.0f} % after ({len(y_test)} utterances)")
     out = Path(args.out) if args.out else None
+    earlier = P.default_personal_path(base_path, args.name)
+    earlier = earlier if out is None and earlier.exists() else None
     path = P.save_personalized(ckpt, base_path, run.params, args.name, acfg, out=out,
                                result={k: result[k] for k in ("before", "after", "n_adapt",
                                                               "n_test") if k in result},
                                frontend=user)
     result["out"] = str(path)
     say(f"saved the personalised model to {path} (base {base_path} untouched); use it with "
-        f"`edgeprop demo live --model {path}`")
+        f"`edgeprop demo live --model {path}`"
+        + (f"; the earlier one is kept at {earlier}" if earlier is not None else ""))
     if args.json:
         print_json(result)
     return 0
+
+
+def _why_no_take(loudest: float, need: float, ep) -> str:
+    """What to do when no take was heard: the advice depends on what set the bar."""
+    if loudest <= -119.0:
+        return "the microphone gave only digital silence (muted, or the wrong device?)"
+    if loudest >= need:
+        return "sounds were heard, but none was a word (100 ms to 2 s, then a pause)"
+    if ep.floor_db + ep.start_db > ep.min_level:  # the room's noise set the bar, not gain
+        return (f"the room is too noisy (a word must stand {ep.start_db:g} dB above its "
+                "noise): find a quieter place, or speak closer to the microphone")
+    return "raise the microphone's gain, or speak closer"
 
 
 def _rehearsal_inputs(ckpt, acfg, to_input) -> tuple[list, list]:

@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import CheckpointError, EdgepropError
-from runtime.arg_types import nonneg_float, nonneg_int, pos_float, pos_int
+from runtime.arg_types import int_range, nonneg_float, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_flags, detector_settings
+from runtime.protocol import MAX_BATCH
 
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
 # latencies above the last edge are counted in the last bin.
@@ -71,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=pos_int, default=1, help="concurrent streams")
     parser.add_argument("--seconds", type=nonneg_float, default=0.0,
                         help="stream only the first S seconds (0: all of it)")
-    parser.add_argument("--batch", type=pos_int, default=1, help="frames per message (10 ms each)")
+    parser.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1,
+                        help=f"frames per message (10 ms each), 1-{MAX_BATCH}")
     parser.add_argument("--no-learning", action="store_true")
     parser.add_argument("--no-pause-reset", action="store_true",
                         help="do not flag pauses: the network state is never zeroed in the "
