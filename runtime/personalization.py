@@ -955,6 +955,18 @@ class Endpointer:
         return float(np.percentile(self._hist[-300:], 20))
 
     @property
+    def word_level_db(self) -> float:
+        """The level a frame must exceed to start a word: `start_db` over the noise floor,
+        and never below `min_level_dbfs` (what the no-take message tells the user)."""
+        return max(self.floor_db + self.start_db, self.min_level)
+
+    @property
+    def noise_sets_the_bar(self) -> bool:
+        """The room's noise, not the fixed minimum, sets `word_level_db`: more gain cannot
+        help then."""
+        return self.floor_db + self.start_db > self.min_level
+
+    @property
     def in_utterance(self) -> bool:
         """An utterance has started and not yet ended."""
         return self._cur is not None
@@ -981,7 +993,7 @@ class Endpointer:
         if self._cur is None:
             self._pre = (self._pre + [frame])[-(self.margin + 1):]
             calibrated = len(self._hist) >= self.calibrate
-            if calibrated and db > floor + self.start_db and db > self.min_level:
+            if calibrated and db > max(floor + self.start_db, self.min_level):
                 self._cur = list(self._pre)
                 self._quiet = 0
             else:

@@ -297,11 +297,13 @@ def test_the_advice_when_no_take_was_heard_follows_its_cause():
         return ep, max(ep.floor_db + ep.start_db, ep.min_level)
 
     quiet, need = room(-80)
-    assert "digital silence" in _why_no_take(-120.0, need, quiet)
-    assert "raise the microphone's gain" in _why_no_take(need - 5, need, quiet)
-    assert "none was a word" in _why_no_take(need + 5, need, quiet)
+    assert quiet.word_level_db == need
+    assert "digital silence" in _why_no_take(-120.0, quiet)
+    assert "raise the microphone's gain" in _why_no_take(need - 5, quiet)
+    assert "none was a word" in _why_no_take(need + 5, quiet)
     noisy, need = room(-20)
-    assert need > -10 and "the room is too noisy" in _why_no_take(need - 5, need, noisy)
+    assert noisy.word_level_db == need
+    assert need > -10 and "the room is too noisy" in _why_no_take(need - 5, noisy)
 
 
 def _adaptation_data(session, speaker, acfg):

@@ -369,13 +369,13 @@ def run_interactive(args) -> int:
 
             utts, loudest = _record_utterances(source, ep, args.takes, args.timeout, prompt)
             if len(utts) < args.takes:
-                need = max(ep.floor_db + ep.start_db, ep.min_level)
+                need = ep.word_level_db
                 raise DeviceError(
                     f'heard only {len(utts)} of {args.takes} takes of "{word}" ({TRIES} '
                     f"prompts of {args.timeout:g} s for the next one); the loudest sound "
                     f"then was {loudest:.0f} dBFS and a word must reach {need:.0f} dBFS "
                     f"(noise floor {ep.floor_db:.0f} dBFS): "
-                    + _why_no_take(loudest, need, ep)
+                    + _why_no_take(loudest, ep)
                     + "; devices: edgeprop demo live --list-devices")
             recorded[word] = utts
     finally:
@@ -450,13 +450,13 @@ def run_interactive(args) -> int:
     return 0
 
 
-def _why_no_take(loudest: float, need: float, ep) -> str:
+def _why_no_take(loudest: float, ep) -> str:
     """What to do when no take was heard: the advice depends on what set the bar."""
     if loudest <= -119.0:
         return "the microphone gave only digital silence (muted, or the wrong device?)"
-    if loudest >= need:
+    if loudest >= ep.word_level_db:
         return "sounds were heard, but none was a word (100 ms to 2 s, then a pause)"
-    if ep.floor_db + ep.start_db > ep.min_level:  # the room's noise set the bar, not gain
+    if ep.noise_sets_the_bar:
         return (f"the room is too noisy (a word must stand {ep.start_db:g} dB above its "
                 "noise): find a quieter place, or speak closer to the microphone")
     return "raise the microphone's gain, or speak closer"
