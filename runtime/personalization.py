@@ -844,6 +844,14 @@ def default_personal_path(base_path: Path, speaker: str) -> Path:
     return folder / name
 
 
+def refuse_base_as_out(out: Path, base_path: Path) -> None:
+    """Adaptation never writes the base checkpoint (ConfigError); the CLI asks before any
+    work, save_personalized again at the write."""
+    if Path(out).resolve() == Path(base_path).resolve():
+        raise ConfigError(f"refusing to overwrite the base checkpoint {base_path}; "
+                          f"choose another --out")
+
+
 def _unused(path: Path) -> Path:
     """`path`, or <stem>.2.npz, <stem>.3.npz, ... when it exists: a later session never
     replaces an earlier one's weights unasked (--out names a file to replace)."""
@@ -863,9 +871,7 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
     from edgeprop.evaluation import checkpoint_frontend
 
     path = Path(out) if out is not None else _unused(default_personal_path(base_path, speaker))
-    if path.resolve() == Path(base_path).resolve():
-        raise ConfigError(f"refusing to overwrite the base checkpoint {base_path}; "
-                          f"choose another --out")
+    refuse_base_as_out(path, base_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = dict(ckpt.extra or {})
     earlier = extra.get("personalized")

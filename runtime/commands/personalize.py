@@ -166,11 +166,10 @@ def load_base(model: Path | None):
 def run(args) -> int:
     from edgeprop.errors import ConfigError
     from edgeprop.shipped import SHIPPED_MODEL
+    from runtime.personalization import refuse_base_as_out
 
-    base = Path(args.model) if args.model is not None else SHIPPED_MODEL
-    if args.out and Path(args.out).resolve() == base.resolve():  # before any work
-        raise ConfigError(f"refusing to overwrite the base checkpoint {base}; choose "
-                          "another --out")
+    if args.out:  # before any work, not after the session
+        refuse_base_as_out(args.out, Path(args.model) if args.model else SHIPPED_MODEL)
     if args.data is None:
         if args.speaker or args.all_speakers or args.speakers:
             raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
