@@ -734,7 +734,37 @@ class LearnerCore:
                 self._close_session(stream, learn=False)
         if (self.checkpoint_dir is not None and self._updates_settled() != self._updates_at_ckpt
                 and now - self._last_ckpt >= self.checkpoint_every):
+            try:
+                self.save_checkpoint()
+            except (CheckpointError, OSError) as exc:  # disk full, folder gone...
+                self.counts["checkpoint_failed"] += 1
+                self._last_ckpt = now  # retried after checkpoint_every, not on every tick
+                log.error("%s: %s; still serving with the weights in memory, retrying in "
+                          "%.0f s (checkpoint_failed #%d)", self.name, exc,
+                          self.checkpoint_every, self.counts["checkpoint_failed"])
+
+    def final_checkpoint(self) -> str | None:
+        """The checkpoint on the way out. When checkpoint_dir cannot take it (a full disk,
+        a folder removed), the weights go to a fresh rescue folder in the temp dir rather
+        than being lost. Returns what the user must be told, or None when all went well."""
+        import tempfile
+
+        try:
             self.save_checkpoint()
+            return None
+        except (CheckpointError, OSError) as exc:
+            first = f"the final checkpoint failed: {exc}"
+        try:
+            rescue = tempfile.mkdtemp(prefix=f"edgeprop-rescue-{_safe(self.name)}-")
+            self.checkpoint_dir = Path(rescue)
+            saved = self.save_checkpoint()
+        except (CheckpointError, OSError) as exc:
+            since = (f"update {self.last_checkpoint['updates']} (its last checkpoint)"
+                     if self.last_checkpoint else "its start")
+            return (f"{first}; a rescue copy in the temp dir failed too ({exc}): the learning "
+                    f"since {since} is lost")
+        return (f"{first}; the weights were saved to {saved['path']} instead: resume with "
+                f"--checkpoint-dir {self.checkpoint_dir}")
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
         from edgeprop.checkpoint import save_checkpoint
@@ -855,6 +885,7 @@ class LearnerNode:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.final_problem: str | None = None  # the final checkpoint's trouble, if any
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self._run_safe, name="learner", daemon=True)
@@ -1039,9 +1070,12 @@ class LearnerNode:
         finally:
             if core.checkpoint_dir is not None:
                 try:
-                    core.save_checkpoint()
-                except Exception as exc:  # report, but still close sockets
-                    log.error("%s: final checkpoint failed: %s", core.name, exc)
+                    self.final_problem = core.final_checkpoint()
+                except Exception:  # a bug: report it, but still close the sockets
+                    log.exception("%s: final checkpoint failed", core.name)
+                    self.final_problem = "the final checkpoint failed (see the log above)"
+                if self.final_problem:
+                    log.error("%s: %s", core.name, self.final_problem)
             for s in (data, control, pub):
                 if s is not None:
                     s.close(0)

@@ -30,3 +30,27 @@ def model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ckpt(model_path):
     return load_checkpoint(model_path)
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A folder on a tiny tmpfs that is already full (root only)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        try:
+            with open(folder / "filler", "wb", buffering=0) as fh:
+                while True:
+                    fh.write(b"x" * 1024)
+        except OSError:
+            pass  # full
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -90,30 +90,6 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
-@pytest.fixture
-def full_dir(tmp_path):
-    """A folder on a tiny tmpfs that is already full (root only)."""
-    import os
-    import subprocess
-
-    folder = tmp_path / "full"
-    folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)],
-            capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        try:
-            with open(folder / "filler", "wb", buffering=0) as fh:
-                while True:
-                    fh.write(b"x" * 1024)
-        except OSError:
-            pass  # full
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
 def test_a_ready_file_that_cannot_be_written_stops_the_learner(full_dir, capsys):
     """Whoever waits for the ready file would wait for ever: serve stops, saying why."""
     assert main(["serve", "--bind", "tcp://127.0.0.1:*", "--control", "", "--quiet",

@@ -140,6 +140,43 @@ def test_sigint_checkpoints_and_exits_cleanly(model, stream, tmp_path):
             proc.wait(10)
 
 
+def test_a_full_disk_costs_no_learned_weights(model, stream, tmp_path, full_dir):
+    """Checkpoints that cannot be written are retried while serving goes on; the final one
+    goes to a rescue folder that serve names, and it exits 1, not 0."""
+    import shutil
+
+    proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
+                      "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+                      "--checkpoint-dir", str(full_dir), "--checkpoint-every", "0.2",
+                      "--apply-delay", "0")
+    rescue = None
+    try:
+        fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="d")
+        fe.start()
+        feed_stream(fe, stream, limit_s=5)
+        assert fe.finish()["eos_confirmed"]
+        fe.close()
+        _wait_for(lambda: control(ep["control_rep"], "stats").result["counts"].get(
+            "checkpoint_failed", 0) >= 1)
+        stats = control(ep["control_rep"], "stats").result
+        assert stats["updates"] >= 2 and control(ep["control_rep"], "ping").result["pong"]
+        asked = control(ep["control_rep"], "checkpoint")  # asked for: told why not
+        assert not asked.ok and "No space left" in asked.error
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 1
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "No space left" in err
+        rescue = Path(err.rsplit("resume with --checkpoint-dir ", 1)[1].split()[0])
+        ck = load_checkpoint(rescue / "learner.ckpt")
+        assert params_hash(ck.params) == stats["params_hash"]  # nothing learned was lost
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if rescue is not None:
+            shutil.rmtree(rescue, ignore_errors=True)
+
+
 def test_two_workers_behind_the_broker_share_the_sessions(model, stream, tmp_path):
     proc, ep = _serve(tmp_path, "--workers", "2", "--model", str(model), "--backend",
                       "reference", "--bind", f"ipc://{tmp_path}/broker")

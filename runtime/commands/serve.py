@@ -9,7 +9,10 @@
 
 With --checkpoint-dir, a learner.ckpt already there is resumed from (weights, optimizer
 state, update count): a learner killed with SIGKILL loses at most --checkpoint-every
-seconds of learning. SIGINT / SIGTERM: a final checkpoint, then a clean exit 0.
+seconds of learning. SIGINT / SIGTERM: a final checkpoint, then a clean exit 0. A
+periodic checkpoint that cannot be written (a full disk) is logged and retried while
+serving goes on; a final one that cannot be written goes to a rescue folder in the
+temp dir, named on stderr, and serve exits 1.
 """
 
 from __future__ import annotations
@@ -187,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
     core.close()
     if failed:
         raise ConfigError(failed[0])
+    if node.final_problem:
+        # The node logged it (ERROR): the weights went to a rescue folder, or were lost.
+        if args.json:
+            print_json(stats)
+        return 1
     tell(f"{args.name}: stopped; frames {stats['counts'].get('frames', 0)}, "
         f"updates {stats['updates']}, params {stats['params_hash'][:12]}")
     if args.json:
