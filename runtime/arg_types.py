@@ -101,6 +101,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def name_list(text: str) -> list[str]:
+    """Comma-separated names (spaces around them dropped, repeats once): at least one, so
+    a stray "," is not taken as "none given" and silently widened to everything."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give NAME[,NAME...]")
+    return names
+
+
 def sample_rate(text: str) -> int:
     """A sample rate in Hz that audio hardware uses (edgeprop.audio.AUDIO_RATES)."""
     from edgeprop.audio import AUDIO_RATES

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from edgeprop.atomic_file import atomic_write_bytes
-from edgeprop.errors import ConfigError, ProtocolError
+from edgeprop.errors import ConfigError, EdgepropError, ProtocolError
 from runtime import protocol as P
 from runtime.bench_report import cpu_model
 
@@ -936,14 +936,20 @@ def run_one(rec_path: Path, checkpoint: Any, checkpoint_hash: str, backend: str,
     import time
 
     t0 = time.monotonic()
-    rec = materialize(load_any(rec_path), checkpoint)
-    row: dict = {"name": rec.name, "recording": Path(rec_path).name, "backend": backend,
-                 "frames": rec.n_frames}
-    why = check_recording_fits(rec, checkpoint)
+    row: dict = {"name": Path(rec_path).stem, "recording": Path(rec_path).name,
+                 "backend": backend, "frames": 0}
+    try:  # one unreadable or stuck recording fails its row, not the whole suite
+        rec = materialize(load_any(rec_path), checkpoint)
+        row.update(name=rec.name, frames=rec.n_frames)
+        why = check_recording_fits(rec, checkpoint)
+        res = None if why else replay_over_sockets(rec, checkpoint, backend,
+                                                    timeout_s=timeout_s)
+    except EdgepropError as exc:
+        why = str(exc)
     if why:
-        row.update(passed=False, tier="none", reason=why, seconds=time.monotonic() - t0)
+        row.update(passed=False, tier="none", reason=why,
+                   seconds=round(time.monotonic() - t0, 3))
         return row
-    res = replay_over_sockets(rec, checkpoint, backend, timeout_s=timeout_s)
     current = make_golden(rec, rec_path, res, backend, checkpoint_hash)
     row.update(lost_frames=res["lost_frames"], faults=res["faults"],
                detections=len(current["detections"]),
@@ -953,7 +959,14 @@ def run_one(rec_path: Path, checkpoint: Any, checkpoint_hash: str, backend: str,
                replay_seconds=round(res["seconds"], 3),
                # stream seconds replayed per wall second, sockets and learning included
                speed_x_realtime=round(rec.n_frames * rec.hop_s / max(res["seconds"], 1e-9), 1))
-    old = read_goldens(rec_path).get(backend)
+    try:
+        old = read_goldens(rec_path).get(backend)
+    except ConfigError as exc:  # a corrupt golden: --update writes a new one
+        if not update:
+            row.update(passed=False, tier="none", reason=str(exc),
+                       seconds=round(time.monotonic() - t0, 3))
+            return row
+        old = None
     if update:
         write_golden(rec_path, backend, current)
         row.update(passed=True, tier="updated", changes=golden_changes(old, current), reason="")

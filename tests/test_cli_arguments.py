@@ -123,13 +123,16 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     (["personalize", "--shots", "0"], "--shots"),
     (["pretrain", "--out", "/nonexistent-folder/x.npz"], "does not exist"),
     (["pretrain", "--b-th", "-1"], "--b-th"),
+    (["regress", "--only", ","], "names nothing"),  # not "every recording", not "none"
+    (["bench", "all", "--skip", " , "], "names nothing"),
 ])
 def test_cli_usage_errors_are_one_line_exit_2(argv, names, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and names in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1 and f"see edgeprop {argv[0]} --help" in err
+    assert len(err.strip().splitlines()) == 1 and f"see edgeprop {argv[0]}" in err
+    assert err.rstrip().endswith("--help)")
 
 
 @pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed")

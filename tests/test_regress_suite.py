@@ -141,6 +141,23 @@ def test_regress_passes_then_fails_on_a_changed_golden(built, tmp_path):
     assert "final_params_hash" in out["recordings"][0]["reason"]
 
 
+def test_a_broken_recording_fails_its_row_and_the_others_still_run(built, tmp_path):
+    work = tmp_path / "recs"
+    work.mkdir()
+    for name in ("silence.npz", "silence.golden.json", "clean_speech.npz"):
+        (work / name).write_bytes((built["recs"] / name).read_bytes())
+    (work / "clean_speech.golden.json").write_text("{not json")  # a corrupt golden
+    (work / "aaa_corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    rc, out, err = edgeprop("regress", "--model", str(built["ckpt"]), "--recordings",
+                            str(work), "--backend", "reference", "--json", "--quiet")
+    assert rc == 1 and out["passed"] == 1 and out["failed"] == 2
+    rows = {r["name"]: r for r in out["recordings"]}
+    assert rows["silence"]["passed"] and rows["silence"]["tier"] == "exact"
+    assert "unreadable recording" in rows["aaa_corrupt"]["reason"]
+    assert "unreadable golden" in rows["clean_speech"]["reason"]
+    assert "aaa_corrupt" in err and "Traceback" not in err
+
+
 def test_regress_reports_a_changed_checkpoint(built, tmp_path):
     from edgeprop.checkpoint import load_checkpoint, save_checkpoint
 

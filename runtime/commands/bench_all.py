@@ -23,7 +23,7 @@ from edgeprop.atomic_file import atomic_write_text
 from edgeprop.datasets import DEV_DATA, default_data_dir
 from edgeprop.errors import ConfigError
 from runtime import bench_report
-from runtime.arg_types import new_file
+from runtime.arg_types import name_list, new_file
 from runtime.console import add_output_flags, print_json, say
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,9 +43,10 @@ BENCHMARKS: dict[str, tuple[list[str], bool]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", default="",
+    parser.add_argument("--only", type=name_list, default=None,
                         help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    parser.add_argument("--skip", type=name_list, default=None,
+                        help="comma-separated benchmarks to leave out")
     parser.add_argument("--quick", action="store_true",
                         help="leave out the slow ones (sparse-bptt, personalize)")
     parser.add_argument("--data", default=str(default_data_dir() or DEV_DATA),
@@ -66,18 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _selection(args: argparse.Namespace) -> list[str]:
-    def names(s: str) -> list[str]:
-        out = [n.strip() for n in s.split(",") if n.strip()]
-        bad = [n for n in out if n not in BENCHMARKS]
-        if bad:
-            raise ConfigError(f"unknown benchmark(s) {bad}; choose from {list(BENCHMARKS)}")
-        return out
-
-    chosen = names(args.only) or list(BENCHMARKS)
-    skip = set(names(args.skip))
+    bad = [n for n in (args.only or []) + (args.skip or []) if n not in BENCHMARKS]
+    if bad:
+        raise ConfigError(f"unknown benchmark(s) {bad}; choose from {list(BENCHMARKS)}")
+    chosen = args.only or list(BENCHMARKS)
+    skip = set(args.skip or [])
     if args.quick and not args.only:
         skip |= {n for n, (_, slow) in BENCHMARKS.items() if slow}
-    return [n for n in chosen if n not in skip]
+    left = [n for n in chosen if n not in skip]
+    if not left:
+        raise ConfigError("--only and --skip leave no benchmark to run")
+    return left
 
 
 def _extras(items: list[str]) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgeprop.datasets import require_data_dir
 from edgeprop.errors import ConfigError
-from runtime.arg_types import nonneg_int, pos_float
+from runtime.arg_types import name_list, nonneg_int, pos_float
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="all", choices=("all", "emulator", "reference"),
                         help="learner backend(s); goldens are kept per backend (default all: "
                              "the SpiNNaker 2 emulator and the reference NumPy e-prop)")
-    parser.add_argument("--only", default="", help="comma-separated recording names")
+    parser.add_argument("--only", type=name_list, default=None,
+                        help="comma-separated recording names")
     parser.add_argument("--update", action="store_true",
                         help="rewrite the goldens from this run and print what changed")
     parser.add_argument("--build-recordings", action="store_true",
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         args.update = True
     paths = R.list_recordings(folder)
     if args.only:
-        want = {n.strip() for n in args.only.split(",") if n.strip()}
+        want = set(args.only)
         paths = [p for p in paths if p.stem in want]
         missing = want - {p.stem for p in paths}
         if missing:
