@@ -215,6 +215,18 @@ def test_edgeprop_run_default_job_exits_0_with_the_summary():
     assert res["params_hash_after"] != res["params_hash_before"]
 
 
+def test_run_says_when_it_cannot_keep_the_pacing_asked_for():
+    """x1000 real time is out of reach of live feature extraction on any machine here:
+    the latencies then include a backlog, and the user is told so."""
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "--speed", "1000",
+                          "--seconds", "2", "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert 0 < res["achieved_speed"] < 900
+    assert "warning: the stream was paced at x1000 but went out at" in out.stderr
+
+
 def test_listen_record_and_replay_commands_round_trip(model, data_dir, tmp_path):
     proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
                       f"ipc://{tmp_path}/d", "--control", "")

@@ -19,6 +19,8 @@ Numbers (`--json`):
   realtime_factor   audio seconds streamed (all streams) / (frontend compute + learner
                     busy time): how many times faster than real time the pipeline
                     computes (> 1 keeps up), as in `bench eprop` and `profile`
+  achieved_speed    audio seconds per wall second the sender kept up (x real time);
+                    below 0.9 x --speed it fell behind the pacing, and run says so
   load              learner busy time / wall time: the share of one core it needed
   latency_histogram_ms
                     {edges, counts}: per-frame latencies binned at fixed edges (ms)
@@ -47,6 +49,7 @@ from runtime.protocol import MAX_BATCH
 
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
 # latencies above the last edge are counted in the last bin.
+MAX_STREAMS = 64  # each stream is a frontend node with its own socket and thread
 LATENCY_EDGES_MS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0,
                     100.0)
 
@@ -69,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="background noise level under the stream (0: none)")
     parser.add_argument("--speed", type=nonneg_float, default=2.0,
                         help="pacing: x real time (1 = live rate); 0 = as fast as possible")
-    parser.add_argument("--streams", type=pos_int, default=1, help="concurrent streams")
+    parser.add_argument("--streams", type=int_range(1, MAX_STREAMS), default=1,
+                        help=f"concurrent streams, 1-{MAX_STREAMS}")
     parser.add_argument("--seconds", type=nonneg_float, default=0.0,
                         help="stream only the first S seconds (0: all of it)")
     parser.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1,
@@ -281,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
                     node.send_spikes(pre[sl], labels=[int(x) for x in lab[sl]],
                                      windows=[int(x) for x in win[sl]],
                                      pauses=P.pause_flags(pre_pauses[sl]))
+        sent_s = time.perf_counter() - t0
         results = [node.finish(timeout_s=120) for node in nodes]
         wall = time.perf_counter() - t0
         after = learner.control(endpoints["control_rep"], "stats")
@@ -316,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
         "latency_max_ms": float(lat.max()) if lat.size else None,
         "latency_histogram_ms": _histogram(lat),
         "realtime_factor": audio_s / max(fe_busy + learner_busy, 1e-9),
+        "achieved_speed": round(n_blocks * block / fe.sample_rate / max(sent_s, 1e-9), 2),
         "learner_busy_s": learner_busy,
         "learner_swap_wait_s": after.get("swap_wait_s", 0.0) - before.get("swap_wait_s", 0.0),
         "updates_deferred": counts.get("updates_deferred", 0),
@@ -340,6 +346,10 @@ def run(args: argparse.Namespace) -> int:
         f"{out['detections']} detections, {acc_txt}"
         f"{out['false_alarms']} false alarms), {lat_txt}, realtime factor "
         f"x{out['realtime_factor']:.0f}, {out['updates']} online updates")
+    if args.speed > 0 and out["achieved_speed"] < 0.9 * args.speed:
+        say(f"edgeprop run: warning: the stream was paced at x{args.speed:g} but went out at "
+            f"x{out['achieved_speed']:.3g} (the sender fell behind: a busy machine, or too many "
+            "streams); latencies include that backlog. Try a lower --speed or fewer --streams")
     if args.json:
         print_json(out)
     return 0
