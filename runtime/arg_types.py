@@ -101,6 +101,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def device(text: str) -> str:
+    """An audio input device: its index or (part of) its name. An empty one would match
+    every device's name; the default device is chosen by leaving --device out."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a device index or name (see "
+                                         "--list-devices), or leave --device out for the "
+                                         "default input device")
+    return text.strip()
+
+
 def name_list(text: str) -> list[str]:
     """Comma-separated names (spaces around them dropped, repeats once): at least one, so
     a stray "," is not taken as "none given" and silently widened to everything."""

@@ -123,6 +123,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     (["personalize", "--shots", "0"], "--shots"),
     (["pretrain", "--out", "/nonexistent-folder/x.npz"], "does not exist"),
     (["pretrain", "--b-th", "-1"], "--b-th"),
+    (["demo", "live", "--device", " "], "leave --device out for the default"),
     (["regress", "--only", ","], "names nothing"),  # not "every recording", not "none"
     (["bench", "all", "--skip", " , "], "names nothing"),
 ])
@@ -162,6 +163,23 @@ def test_serve_refuses_pub_with_workers(capsys):
     assert main(["personalize", "--out", str(SHIPPED), "--data", "."]) == 2
     err = capsys.readouterr().err  # (a read-only install refuses the folder itself)
     assert "refusing to overwrite the base checkpoint" in err or "cannot write in" in err
+
+
+def test_microphone_options_are_refused_where_no_microphone_is_used(tmp_path, capsys):
+    """--device and --mic-rate beside a file source would be silently ignored."""
+    clip = tmp_path / "clip.wav"
+    for argv, said in (
+            (["demo", "live", "--replay", str(clip), "--mic-rate", "48000"],
+             f"--mic-rate set up a microphone, but the audio comes from --replay {clip}"),
+            (["demo", "live", "--replay", str(clip), "--device", "2", "--mic-rate", "48000"],
+             "--device and --mic-rate set up a microphone"),
+            (["listen", "--file", str(clip), "--mic-rate", "44100"], "comes from --file"),
+            (["listen", "--stdin", "--mic-rate", "44100"], "comes from --stdin"),
+            (["personalize", "--data", str(tmp_path), "--device", "1"], "comes from --data"),
+            (["personalize", "--data", str(tmp_path), "--interactive"], "give one of them")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):

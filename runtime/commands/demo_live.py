@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.arg_types import pos_float
-from runtime.commands.listen import add_mic_rate_argument
+from runtime.arg_types import device, pos_float
+from runtime.commands.listen import add_mic_rate_argument, refuse_mic_options
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
 
@@ -35,7 +35,8 @@ LEVEL_FLOOR_DBFS = -100.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (default: the shipped model)")
-    parser.add_argument("--device", default=None, help="input device (index or name)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="input device (index or name)")
     parser.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     add_mic_rate_argument(parser)
     parser.add_argument("--replay", type=Path, default=None,
@@ -144,10 +145,8 @@ def run(args) -> int:
         from runtime.commands.listen import show_input_devices
 
         return show_input_devices(args.json, "no input devices")
-    if args.seconds is not None and args.seconds <= 0:
-        from edgeprop.errors import ConfigError
-
-        raise ConfigError("--seconds must be > 0")
+    if args.replay is not None:
+        refuse_mic_options(args, f"--replay {args.replay}")
 
     ckpt = load_model(args.model)
     labels = list(ckpt.labels or [])

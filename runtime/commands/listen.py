@@ -20,14 +20,15 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError, EdgepropError
-from runtime.arg_types import connect_endpoint, int_range, pos_float, sample_rate
+from runtime.arg_types import connect_endpoint, device, int_range, pos_float, sample_rate
 from runtime.console import add_output_flags, print_json, say
 from runtime.protocol import MAX_BATCH
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--device", help="input device index or name (default: system default)")
+    src.add_argument("--device", type=device,
+                     help="input device index or name (default: system default)")
     src.add_argument("--file", help="replay one audio file")
     src.add_argument("--folder", help="replay every .wav/.flac under a folder")
     src.add_argument("--stdin", action="store_true",
@@ -60,6 +61,17 @@ def add_mic_rate_argument(parser) -> None:
                         help="capture the microphone at this rate, Hz, resampled to 16 kHz "
                              "(default: 16 kHz if the device offers it, else the device's "
                              "default rate)")
+
+
+def refuse_mic_options(args: argparse.Namespace, source: str) -> None:
+    """--device and --mic-rate set up a microphone. When the audio comes from `source`
+    instead (a file, a folder, stdin) they would be silently ignored: say so."""
+    given = [flag for flag, name in (("--device", "device"), ("--mic-rate", "mic_rate"))
+             if getattr(args, name, None) is not None]
+    if given:
+        flags = " and ".join(given)
+        raise ConfigError(f"{flags} set up a microphone, but the audio comes from {source}; "
+                          f"drop {flags}")
 
 
 def show_input_devices(as_json: bool, none_hint: str) -> int:
@@ -106,6 +118,10 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
         return show_input_devices(
             args.json, "no audio input devices found; replay instead: "
                        "edgeprop listen --file clip.wav")
+    source_flag = next((f for f, on in (("--file", args.file), ("--folder", args.folder),
+                                        ("--stdin", args.stdin)) if on), None)
+    if source_flag is not None:
+        refuse_mic_options(args, source_flag)
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig
     from runtime import protocol as P

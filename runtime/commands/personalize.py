@@ -19,8 +19,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.arg_types import new_file, nonneg_int, output_folder, pos_float, pos_int
-from runtime.commands.listen import add_mic_rate_argument
+from runtime.arg_types import device, new_file, nonneg_int, output_folder, pos_float, pos_int
+from runtime.commands.listen import add_mic_rate_argument, refuse_mic_options
 from runtime.console import add_output_flags, print_json, say
 
 
@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live = parser.add_argument_group("interactive session")
     live.add_argument("--interactive", action="store_true",
                       help="force the microphone session (even without a terminal)")
-    live.add_argument("--device", default=None, help="input device (index or name)")
+    live.add_argument("--device", type=device, default=None,
+                      help="input device (index or name)")
     add_mic_rate_argument(live)
     live.add_argument("--takes", type=int, default=4,
                       help="utterances recorded per keyword (default %(default)s)")
@@ -170,6 +171,11 @@ def run(args) -> int:
 
     if args.out:  # before any work, not after the session
         refuse_base_as_out(args.out, Path(args.model) if args.model else SHIPPED_MODEL)
+    if args.data is not None:
+        if args.interactive:
+            raise ConfigError("--interactive records from the microphone and --data runs the "
+                              "protocol on a folder: give one of them")
+        refuse_mic_options(args, f"--data {args.data} (the non-interactive protocol)")
     if args.data is None:
         if args.speaker or args.all_speakers or args.speakers:
             raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
