@@ -170,7 +170,7 @@ def test_microphone_options_are_refused_where_no_microphone_is_used(tmp_path, ca
     clip = tmp_path / "clip.wav"
     for argv, said in (
             (["demo", "live", "--replay", str(clip), "--mic-rate", "48000"],
-             f"--mic-rate set up a microphone, but the audio comes from --replay {clip}"),
+             f"--mic-rate sets up a microphone, but the audio comes from --replay {clip}"),
             (["demo", "live", "--replay", str(clip), "--device", "2", "--mic-rate", "48000"],
              "--device and --mic-rate set up a microphone"),
             (["listen", "--file", str(clip), "--mic-rate", "44100"], "comes from --file"),

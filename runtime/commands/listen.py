@@ -70,8 +70,9 @@ def refuse_mic_options(args: argparse.Namespace, source: str) -> None:
              if getattr(args, name, None) is not None]
     if given:
         flags = " and ".join(given)
-        raise ConfigError(f"{flags} set up a microphone, but the audio comes from {source}; "
-                          f"drop {flags}")
+        verb = "set" if len(given) > 1 else "sets"
+        raise ConfigError(f"{flags} {verb} up a microphone, but the audio comes from "
+                          f"{source}; drop {flags}")
 
 
 def show_input_devices(as_json: bool, none_hint: str) -> int:
