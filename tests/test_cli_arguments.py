@@ -166,7 +166,8 @@ def test_serve_refuses_pub_with_workers(capsys):
 
 
 def test_microphone_options_are_refused_where_no_microphone_is_used(tmp_path, capsys):
-    """--device and --mic-rate beside a file source would be silently ignored."""
+    """--device and --mic-rate beside a file source would be silently ignored; a session
+    with no take left to adapt on is refused before the microphone opens."""
     clip = tmp_path / "clip.wav"
     for argv, said in (
             (["demo", "live", "--replay", str(clip), "--mic-rate", "48000"],
@@ -176,7 +177,9 @@ def test_microphone_options_are_refused_where_no_microphone_is_used(tmp_path, ca
             (["listen", "--file", str(clip), "--mic-rate", "44100"], "comes from --file"),
             (["listen", "--stdin", "--mic-rate", "44100"], "comes from --stdin"),
             (["personalize", "--data", str(tmp_path), "--device", "1"], "comes from --data"),
-            (["personalize", "--data", str(tmp_path), "--interactive"], "give one of them")):
+            (["personalize", "--data", str(tmp_path), "--interactive"], "give one of them"),
+            (["personalize", "--interactive", "--takes", "2", "--holdout", "2"],
+             "--holdout 2 leaves no take of --takes 2 to adapt on")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err

@@ -101,9 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--device", type=device, default=None,
                       help="input device (index or name)")
     add_mic_rate_argument(live)
-    live.add_argument("--takes", type=int, default=4,
+    live.add_argument("--takes", type=pos_int, default=4,
                       help="utterances recorded per keyword (default %(default)s)")
-    live.add_argument("--holdout", type=int, default=1,
+    live.add_argument("--holdout", type=nonneg_int, default=1,
                       help="of those, held back to test (default %(default)s)")
     live.add_argument("--keywords", default=None,
                       help="comma-separated keywords to record (default: all 10)")
@@ -327,7 +327,8 @@ def run_interactive(args) -> int:
     from runtime.sources import MicrophoneSource
 
     if args.takes < 1 or not 0 <= args.holdout < args.takes:
-        raise ConfigError("need --takes >= 1 and 0 <= --holdout < --takes")
+        raise ConfigError(f"--holdout {args.holdout} leaves no take of --takes {args.takes} "
+                          "to adapt on: need 0 <= --holdout < --takes")
     ckpt, base_path = load_base(args.model)
     labels = list(ckpt.labels)
     words = [lab for lab in labels if not lab.startswith("_")]
@@ -439,6 +440,9 @@ def run_interactive(args) -> int:
         result["n_test"] = int(len(y_test))
         say(f"held-back utterances: accuracy {100 * result['before']:.0f} % before, "
             f"{100 * result['after']:.0f} % after ({len(y_test)} utterances)")
+    else:
+        say("no takes were held back (--holdout 0), so there is no accuracy before and "
+            "after to show; --holdout 1 or more measures it")
     out = Path(args.out) if args.out else None
     earlier = P.default_personal_path(base_path, args.name)
     earlier = earlier if out is None and earlier.exists() else None
