@@ -216,6 +216,26 @@ def _model_config(path: Path, d: Any) -> ModelConfig:
         raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
 
 
+def _check_frontend(path: Path, frontend: dict | None) -> None:
+    """The stored feature chain parses in full with every setting present. A missing one
+    (the sample rate above all) would silently take its default and feed the weights
+    features they were never trained on; save_checkpoint callers store to_dict()."""
+    from edgeprop.frontend import FrontendConfig
+
+    if frontend is None:
+        return
+    missing = [f.name for f in fields(FrontendConfig)
+               if f.name not in frontend and f.name not in ("norm_mean", "norm_std")]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has an incomplete frontend config: "
+                              f"frontend.{', frontend.'.join(missing)} missing")
+    try:
+        FrontendConfig.from_dict(frontend)
+    except (EdgepropError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid frontend config: "
+                              f"{exc}") from None
+
+
 def _check_widths(path: Path, cfg: ModelConfig, encoder: dict | None,
                   frontend: dict | None) -> None:
     """Frontend features -> encoder -> model inputs must chain at every link.
@@ -223,8 +243,8 @@ def _check_widths(path: Path, cfg: ModelConfig, encoder: dict | None,
     Otherwise evaluate/profile feed the wrong width and the runtime starts, then
     rejects every stream ("frames of 1x40 != model's 1x80") without naming the file.
     No encoder means the current encoder at the model's width (what every consumer
-    falls back to); a frontend whose sizes are malformed is left to
-    evaluation.checkpoint_frontend, which parses it in full."""
+    falls back to). Sizes of the wrong type are skipped here: _check_frontend, run next,
+    parses the frontend in full."""
     from edgeprop.encoders import encoder_widths
     from edgeprop.frontend import FrontendConfig
 
@@ -306,7 +326,8 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
         if value is not None and not isinstance(value, want):
             raise CheckpointError(f"corrupt checkpoint {path}: {name} is a "
                                   f"{type(value).__name__}, not a {want[0].__name__}")
-    _check_widths(path, cfg, parts["encoder"], parts["frontend"])
+    _check_widths(path, cfg, parts["encoder"], parts["frontend"])  # the plainest message
+    _check_frontend(path, parts["frontend"])
     labels = parts["labels"]
     if labels is not None and not all(isinstance(s, str) for s in labels):
         raise CheckpointError(f"corrupt checkpoint {path}: labels must be names (strings), "

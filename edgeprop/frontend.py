@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -35,6 +37,19 @@ from edgeprop.audio import check_audio
 from edgeprop.errors import ConfigError
 
 FRONTEND_VERSION = 1  # bump when the maths changes, so hashes (and caches) change too
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return _is_int(v) or (isinstance(v, numbers.Real) and math.isfinite(v))
+
+
+#: from_dict's type check, by field annotation
+_SETTING_KINDS = {"int": ("an integer", _is_int), "float": ("a finite number", _is_real),
+                  "bool": ("true or false", lambda v: isinstance(v, bool))}
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,12 @@ class FrontendConfig:
         if unknown:
             raise ConfigError(f"unknown frontend settings: {sorted(unknown)}")
         kw = {k: v for k, v in d.items() if k in known}
+        for f in fields(cls):  # a stored or sent config: the wrong type is named, not a
+            if f.name in kw and f.type in _SETTING_KINDS:  # TypeError deep in the maths
+                kind, ok = _SETTING_KINDS[f.type]
+                if not ok(kw[f.name]):
+                    raise ConfigError(f"frontend setting {f.name} must be {kind}, got "
+                                      f"{kw[f.name]!r}")
         for k in ("norm_mean", "norm_std"):
             if kw.get(k) is not None:
                 kw[k] = tuple(float(v) for v in kw[k])

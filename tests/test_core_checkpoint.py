@@ -21,6 +21,7 @@ from edgeprop.checkpoint import (
 )
 from edgeprop.encoders import encoder_widths, make_encoder
 from edgeprop.errors import CheckpointError, ConfigError
+from edgeprop.frontend import FrontendConfig
 from edgeprop.network import ModelConfig, init_params
 from edgeprop.optim import Adam
 from edgeprop.shipped import SHIPPED_MODEL
@@ -47,8 +48,8 @@ def test_checkpoint_round_trips_weights_optimizer_and_configs_exactly(tmp_path):
     p = init_params(CFG, seed=3)
     opt = _trained_adam(p)
     # 3 mels, no deltas -> 3 features -> two-sided threshold -> 6 = CFG.n_in inputs
-    front = {"n_mels": 3, "deltas": False, "fmin": 20.0,
-             "window": np.hanning(8).astype(np.float32)}
+    front = FrontendConfig(n_mels=3, deltas=False).with_normalization(
+        [0.5, -1.0, 2.0], [1.0, 2.0, 0.25]).to_dict()
     enc = {"name": "threshold", "n_in": 3, "theta": 0.25, "two_sided": True}
     extra = {"step": 7, "note": "x", "thresholds": np.arange(6, dtype=np.float64),
              "nested": {"a": [1, 2]}}
@@ -67,8 +68,7 @@ def test_checkpoint_round_trips_weights_optimizer_and_configs_exactly(tmp_path):
     for slot in ("m", "v"):
         for a, b in zip(opt.bufs[slot], opt2.bufs[slot], strict=True):
             np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(ck.frontend["window"], front["window"])
-    assert ck.frontend["n_mels"] == 3 and ck.frontend["fmin"] == 20.0
+    assert ck.frontend == front and FrontendConfig.from_dict(ck.frontend).n_features == 3
     assert ck.encoder == enc
     thresholds = ck.extra.pop("thresholds")
     np.testing.assert_array_equal(thresholds, extra["thresholds"])
@@ -278,6 +278,27 @@ def test_model_field_missing_is_an_error_not_a_default(tmp_path, field):
     _save(path)
     _rewrite(path, edit_meta=lambda m: m["model"].pop(field))
     _raises(path, rf"{_at(path)} has an incomplete model config: model\.{field} missing")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda fe: fe.pop("sample_rate"), r"incomplete frontend config: frontend\.sample_rate "
+                                       "missing"),
+    (lambda fe: fe.update(n_mels="lots"), "invalid frontend config: frontend setting n_mels "
+                                          "must be an integer, got 'lots'"),
+    (lambda fe: fe.update(fmax=float("inf")), "fmax must be a finite number"),
+    (lambda fe: fe.update(deltas=1), "deltas must be true or false, got 1"),
+    (lambda fe: fe.update(hop_ms=-10.0), "need 0 < hop <= win samples"),
+    (lambda fe: fe.update(window=[1, 2]), r"unknown frontend settings: \['window'\]"),
+])
+def test_a_stored_frontend_is_checked_in_full_at_load(tmp_path, edit, says):
+    """A frontend that would silently take a default (the sample rate above all) or fail
+    deep in the feature maths is refused with the file named."""
+    path = tmp_path / "m.ckpt"
+    _save(path, frontend=FrontendConfig(n_mels=3, deltas=False).to_dict(),
+          encoder={"name": "threshold", "n_in": 3, "theta": 0.25, "two_sided": True})
+    load_checkpoint(path)  # as saved: fine
+    _rewrite(path, edit_meta=lambda m: edit(m["frontend"]))
+    _raises(path, f"checkpoint {_at(path)} has an .*{says}")
 
 
 def test_model_config_missing_altogether(tmp_path):
