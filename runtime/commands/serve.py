@@ -42,6 +42,7 @@ from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", type=endpoint, default="tcp://127.0.0.1:5555",
                         help="data_router endpoint frontends connect to "
                              "(default tcp://127.0.0.1:5555)")
-    parser.add_argument("--control", type=optional_endpoint, default="tcp://127.0.0.1:5556",
+    parser.add_argument("--control", type=optional_endpoint, default=None,
                         help="control_rep endpoint (default tcp://127.0.0.1:5556; '' to disable; "
                              "not served with --workers)")
     parser.add_argument("--pub", type=optional_endpoint, default="",
@@ -174,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
                         encoder=core.model.encoder, labels=core.model.labels)
         recorder = RecordingWriter(args.record, header_for(ck, note=f"serve {args.name}",
                                                            runtime=core.settings()))
+    control = DEFAULT_CONTROL if args.control is None else args.control  # "" = none
     node = LearnerNode(core, bind=None if args.connect else args.bind,
-                       connect=args.connect or None, control_bind=args.control or None,
+                       connect=args.connect or None, control_bind=control or None,
                        pub_bind=args.pub or None, recorder=recorder)
     stop = threading.Event()
     _install_signals(stop, args.name)
@@ -224,6 +226,9 @@ def _run_broker(args: argparse.Namespace) -> int:
     if args.pub:
         raise ConfigError("--pub is not served with --workers (the workers sit behind the "
                           "broker); serve one learner to publish outputs")
+    if args.control:
+        raise ConfigError("--control is not served with --workers (each worker's control "
+                          "socket stays private); serve one learner to control it")
     if args.connect:
         raise ConfigError("--connect is not used with --workers (the broker binds --bind and "
                           "its workers connect to it); give one or the other")
