@@ -27,29 +27,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
-import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
 from edgeprop.audio import check_audio
 from edgeprop.errors import ConfigError
+from edgeprop.network import is_int, is_real
 
 FRONTEND_VERSION = 1  # bump when the maths changes, so hashes (and caches) change too
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return _is_int(v) or (isinstance(v, numbers.Real) and math.isfinite(v))
-
-
 #: from_dict's type check, by field annotation
-_SETTING_KINDS = {"int": ("an integer", _is_int), "float": ("a finite number", _is_real),
-                  "bool": ("true or false", lambda v: isinstance(v, bool))}
+_SETTING_KINDS = {"int": ("an integer", is_int), "float": ("a number (not NaN)", is_real),
+                  "bool": ("true or false", lambda v: isinstance(v, (bool, np.bool_)))}
 
 
 @dataclass(frozen=True)

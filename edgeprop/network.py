@@ -77,9 +77,11 @@ class ModelConfig:
             raise ConfigError(f"neuron must be 'alif' or 'lif', got {self.neuron!r}")
         if self.feedback not in ("symmetric", "random"):
             raise ConfigError(f"feedback must be 'symmetric' or 'random', got {self.feedback!r}")
-        for name in ("tau_m", "tau_a", "tau_out", "v_th"):
+        for name in ("tau_m", "tau_a", "tau_out", "v_th", "gamma"):  # gamma 0: no gradient
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.beta < 0:  # adaptation raises the threshold after a spike, never lowers it
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
 
     def _check_types(self) -> None:
         """Each field has its declared kind, so a hand-edited config (a checkpoint's

@@ -254,6 +254,8 @@ except CheckpointError as exc:
     ("n_rec", 9.0, "n_rec must be an integer, got 9.0"),
     ("n_out", True, "n_out must be an integer, got True"),
     ("neuron", 1, "neuron must be a string, got 1"),
+    ("beta", -0.1, "beta must be >= 0, got -0.1"),
+    ("gamma", 0.0, "gamma must be > 0, got 0.0"),
     ("feedback", ["random"], "feedback must be a string, got ['random']"),
 ])
 def test_model_field_of_the_wrong_type_is_named(tmp_path, field, value, says):
@@ -285,7 +287,8 @@ def test_model_field_missing_is_an_error_not_a_default(tmp_path, field):
                                        "missing"),
     (lambda fe: fe.update(n_mels="lots"), "invalid frontend config: frontend setting n_mels "
                                           "must be an integer, got 'lots'"),
-    (lambda fe: fe.update(fmax=float("inf")), "fmax must be a finite number"),
+    (lambda fe: fe.update(fmax=float("nan")), "fmax must be a number .not NaN., got nan"),
+    (lambda fe: fe.update(fmax=float("inf")), r"need 0 <= fmin < fmax <= sample_rate/2"),
     (lambda fe: fe.update(deltas=1), "deltas must be true or false, got 1"),
     (lambda fe: fe.update(hop_ms=-10.0), "need 0 < hop <= win samples"),
     (lambda fe: fe.update(window=[1, 2]), r"unknown frontend settings: \['window'\]"),
