@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from edgeprop.atomic_file import atomic_write_text
 from edgeprop.audio import load_wav
 from edgeprop.errors import DatasetError
 
@@ -124,13 +125,26 @@ def fit_one_second(x: np.ndarray, n: int = 16000, peak: float = 0.5) -> np.ndarr
 WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 
 
-def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
-               takes: int = len(TAKES), progress=None) -> dict:
-    """Make (or reuse) one clip per word x voice x take; return a summary dict.
+@dataclass(frozen=True)
+class SynthPlan:
+    """A checked request: what `make_clips` will speak, and the voices left out (why)."""
 
-    Unavailable voices are skipped and listed with the reason under "missing_voices";
-    if none is available a DatasetError says what to install.
-    """
+    out_dir: Path
+    words: tuple[str, ...]
+    voices: tuple[Voice, ...]
+    missing: dict
+    takes: int
+
+    @property
+    def clips(self) -> int:
+        return len(self.voices) * len(self.words) * self.takes
+
+
+def plan_synthesis(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
+                   takes: int = len(TAKES)) -> SynthPlan:
+    """Every check before any work (so a bad word or no voice is said before a progress
+    bar starts). Unavailable voices are left out with the reason; if none is available
+    a DatasetError says what to install."""
     out_dir = Path(out_dir)
     if not 1 <= takes <= len(TAKES):
         raise DatasetError(f"takes must be 1..{len(TAKES)}, got {takes}")
@@ -143,9 +157,23 @@ def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
     parsed = [parse_voice(v) for v in voices]
     avail = available_voices()
     missing = {v.key: r for v in parsed if (r := missing_reason(v, avail))}
-    usable = [v for v in parsed if v.key not in missing]
+    usable = tuple(v for v in parsed if v.key not in missing)
     if not usable:
         raise DatasetError("no TTS voice available: " + "; ".join(missing.values()))
+    return SynthPlan(out_dir, tuple(words), usable, missing, takes)
+
+
+def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
+               takes: int = len(TAKES), progress=None) -> dict:
+    """Make (or reuse) one clip per word x voice x take; return a summary dict."""
+    return make_clips(plan_synthesis(out_dir, words, voices, takes), progress)
+
+
+def make_clips(plan: SynthPlan, progress=None) -> dict:
+    """Speak a checked plan; files made earlier with the same settings are reused.
+    `progress(1)` after each clip."""
+    out_dir, words, usable, missing, takes = (plan.out_dir, plan.words, plan.voices,
+                                              plan.missing, plan.takes)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "synth_manifest.json"
     try:
@@ -179,15 +207,8 @@ def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
                     made += 1
                 if progress:
                     progress(1)
-        _write_json(manifest_path, manifest)
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return {"out": str(out_dir), "made": made, "reused": reused,
             "clips": made + reused, "voices": [v.key for v in usable],
             "speakers": {v.key: v.speaker for v in usable}, "missing_voices": missing,
             "words": list(words), "takes": takes}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)

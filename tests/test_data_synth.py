@@ -80,3 +80,16 @@ def test_words_that_are_not_folder_names_are_refused_before_any_write(tmp_path, 
     with pytest.raises(DatasetError, match="not a word"):
         synthesize(tmp_path / "out", words=[word], voices=["flite:slt"], takes=1)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--words", "a/b"], "not a word: 'a/b'"),
+    (["--voices", "flite:nosuchvoice"], "no TTS voice available"),
+])
+def test_a_bad_request_is_one_line_before_any_progress_bar(tmp_path, capsys, argv, said):
+    from runtime.cli import main
+
+    assert main(["data", "synth", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1 and "synthesising" not in err
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgeprop.synth import DEFAULT_VOICES, KEYWORDS, TAKES, synthesize
+from edgeprop.synth import DEFAULT_VOICES, KEYWORDS, TAKES, make_clips, plan_synthesis
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    total = len(args.voices) * len(args.words) * args.takes
-    with progress("synthesising", total, args.quiet) as advance:
-        res = synthesize(args.out, args.words, args.voices, args.takes, progress=advance)
+    plan = plan_synthesis(args.out, args.words, args.voices, args.takes)  # errors first
+    with progress("synthesising", plan.clips, args.quiet) as advance:
+        res = make_clips(plan, progress=advance)
     for key, why in res["missing_voices"].items():
         say(f"skipped voice {key}: {why}")
     say(f"{res['out']}: {res['clips']} clips ({res['made']} made, {res['reused']} reused) "
