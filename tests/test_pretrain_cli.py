@@ -121,6 +121,17 @@ def test_evaluate_shipped_model_on_real_clips(eval_folder, work):
     assert 0.0 <= res["accuracy"] <= 1.0
 
 
+def test_evaluate_notes_a_folder_of_one_word(data_dir, work):
+    one = work / "one_word" / "yes"
+    one.mkdir(parents=True)
+    for f in sorted((data_dir / "yes").glob("*.wav"))[:3]:
+        (one / f.name).symlink_to(f)
+    proc = _cli("evaluate", "--data", one.parent, "--cache-dir", work / "cache", "--json",
+                "--quiet")
+    assert _json(proc)["n"] == 3
+    assert "every clip is 'yes', so this is that word's recall alone" in proc.stderr
+
+
 def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
     out, _ = tiny_model
     junk = work / "junk.npz"

@@ -51,6 +51,10 @@ def run(args) -> int:
         res = evaluate_clips(ckpt, clips, cache=cache, progress=adv)
     say(_table(res))
     say(f"accuracy {100 * res.accuracy:.2f} % on {res.n} clips of {data} ({model_path})")
+    present = [lab for lab in res.labels if res.per_class_n[lab]]
+    if len(present) == 1:
+        say(f"note: every clip is {present[0]!r}, so this is that word's recall alone; "
+            "how often other sounds are taken for it is not measured")
     if args.json:
         print_json(res.to_dict() | {"model": str(model_path), "data": str(data)})
     return 0
