@@ -55,3 +55,12 @@ def test_cli_rejects_mapping_that_does_not_fit():
     assert r.returncode == 2
     assert "overflows" in r.stderr and "PE 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_variants_on_a_handful_of_clips_warn_that_the_numbers_are_chance(data_dir, capsys):
+    out = profile_cmd.run_variants(_args("--variants", "--train-clips", "3", "--val-clips",
+                                         "4", "--quiet", "--data", str(data_dir)))
+    assert out["val_clips"] == 4 and out["accuracy_step_points"] == 25.0
+    assert len(out["variants"]) >= 2 and out["recommended"]
+    assert "warning: with 4 validation clips an accuracy moves in steps of 25.0 points" in \
+        capsys.readouterr().err

@@ -176,6 +176,10 @@ def _stepwise_wall(learner, x: np.ndarray, label: int) -> float:
     return time.perf_counter() - t0
 
 
+#: fewer validation clips than this and one clip is over 1 accuracy point
+MIN_VAL_CLIPS = 100
+
+
 def run_variants(args) -> dict:
     from edgeprop.datasets import speaker_split
     from edgeprop.evaluation import scan_for_model
@@ -196,6 +200,11 @@ def run_variants(args) -> dict:
         val = [val[i] for i in sorted(rng.choice(len(val), min(args.val_clips, len(val)),
                                                  replace=False))]
     say(f"features: {len(train)} train, {len(val)} validation clips (speaker-disjoint)")
+    if len(val) < MIN_VAL_CLIPS:
+        say(f"warning: with {len(val)} validation clips an accuracy moves in steps of "
+            f"{100 / max(len(val), 1):.1f} points, so the variants' differences (and the "
+            f"recommendation) are mostly chance; use --val-clips {MIN_VAL_CLIPS} or more "
+            "(0 = the whole split)")
     tx, vx = _features(ck, train), _features(ck, val)
     ty = np.array([c.label_index for c in train])
     vy = np.array([c.label_index for c in val])
@@ -215,6 +224,7 @@ def run_variants(args) -> dict:
         "data": f"{data.name}: speaker_split(0.2, seed {args.seed})",
         "train_clips": len(train),
         "val_clips": len(val),
+        "accuracy_step_points": 100 / max(len(val), 1),
         "lr": args.lr,
         "pes": args.pes,
         "shipped_val_accuracy": base_acc,
