@@ -93,6 +93,14 @@ def int_range(low: int, high: int):
     return check
 
 
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(float, text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1]")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1)."""
     value = _number(float, text)

@@ -44,9 +44,14 @@ import numpy as np
 from edgeprop.errors import ConfigError
 from edgeprop.losses import softmax
 from edgeprop.network import is_int
-from runtime.arg_types import nonneg_int, pos_int
+from runtime.arg_types import int_range, probability
 
 DEFAULT_IGNORE = ("_silence_", "_unknown_")
+
+
+#: window, hold and refractory are at most 10 s: a keyword lasts about 1 s, so longer
+#: smoothing or holding never fires and a longer refractory hides the next words
+MAX_DETECTOR_FRAMES = 1000
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,13 @@ class DetectorConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ConfigError(f"detection window must be >= 1 frame, got {self.window}")
+        for name, low in (("window", 1), ("hold", 1), ("refractory", 0)):
+            value = getattr(self, name)
+            if not low <= value <= MAX_DETECTOR_FRAMES:
+                raise ConfigError(f"detection {name} must be {low}-{MAX_DETECTOR_FRAMES} frames "
+                                  f"(10 ms each), got {value}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"detection threshold must be in [0, 1], got {self.threshold}")
-        if self.hold < 1:
-            raise ConfigError(f"detection hold must be >= 1 frame, got {self.hold}")
-        if self.refractory < 0:
-            raise ConfigError(f"refractory must be >= 0 frames, got {self.refractory}")
 
     def to_dict(self) -> dict:
         return {"window": self.window, "threshold": self.threshold, "hold": self.hold,
@@ -110,12 +114,14 @@ def add_detector_arguments(parser, *, default_from: str | None = None) -> None:
         default, said = (None, f": {default_from}") if default_from else (value, f" {value:g}")
         parser.add_argument(flag, type=typ, default=default, help=f"{what} (default{said})")
 
-    option("--window", pos_int, d.window, "detection smoothing, frames")
-    option("--threshold", float, d.threshold, "detection threshold")
-    option("--hold", pos_int, d.hold, "frames the top keyword must stay above the threshold "
-                                      "before it fires (1: fire on the first)")
-    option("--refractory", nonneg_int, d.refractory,
-           "frames after a detection during which none fires")
+    top = MAX_DETECTOR_FRAMES
+    option("--window", int_range(1, top), d.window, f"detection smoothing, frames (1-{top})")
+    option("--threshold", probability, d.threshold, "detection threshold, 0-1")
+    option("--hold", int_range(1, top), d.hold, "frames the top keyword must stay above the "
+                                                "threshold before it fires (1: fire on the "
+                                                f"first; up to {top})")
+    option("--refractory", int_range(0, top), d.refractory,
+           f"frames after a detection during which none fires (0-{top})")
 
 
 def detector_settings(args) -> dict:

@@ -124,6 +124,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     (["pretrain", "--out", "/nonexistent-folder/x.npz"], "does not exist"),
     (["pretrain", "--b-th", "-1"], "--b-th"),
     (["demo", "live", "--device", " "], "leave --device out for the default"),
+    (["serve", "--window", "5000"], "--window: 5000: must be in 1-1000"),
+    (["run", "--threshold", "nan"], "--threshold"),
     (["regress", "--only", ","], "names nothing"),  # not "every recording", not "none"
     (["bench", "all", "--skip", " , "], "names nothing"),
 ])

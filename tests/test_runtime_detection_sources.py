@@ -52,6 +52,9 @@ def test_detector_never_fires_on_ignored_classes_or_below_threshold():
         DetectorConfig(threshold=1.5)
     with pytest.raises(ConfigError, match="hold"):
         DetectorConfig(hold=0)
+    with pytest.raises(ConfigError, match=r"window must be 1-1000 frames \(10 ms each\), got "
+                                          "100000"):
+        DetectorConfig(window=100_000)  # 1000 s of smoothing: it would never fire
 
 
 def test_hold_lets_a_brief_lead_pass_and_fires_the_word_that_stays():
@@ -214,7 +217,7 @@ def test_bench_detector_scores_streams_of_unseen_speakers_per_hold(data_dir):
     assert 0.0 <= out["oracle_window_accuracy"] <= 1.0
     assert _bench_detector(*args)[1] == out  # deterministic for a seed
     bad, _ = _bench_detector("--data", str(data_dir), "--holds", "0,20")
-    assert bad.returncode == 2 and "every hold must be >= 1 frame" in bad.stderr
+    assert bad.returncode == 2 and "every hold must be 1-1000 frames" in bad.stderr
     assert bad.stderr.strip().count("\n") <= 2  # argparse usage + the message, no traceback
 
 

@@ -42,7 +42,12 @@ from edgeprop.errors import DatasetError
 from runtime.arg_types import nonneg_float, nonneg_int, pos_int
 from runtime.backends import BACKENDS, make_backend
 from runtime.console import add_output_flags, print_json, progress, say
-from runtime.detection import DEFAULT_IGNORE, DetectorConfig, add_detector_arguments
+from runtime.detection import (
+    DEFAULT_IGNORE,
+    MAX_DETECTOR_FRAMES,
+    DetectorConfig,
+    add_detector_arguments,
+)
 
 
 def _holds(text: str) -> list[int]:
@@ -51,8 +56,9 @@ def _holds(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated frame counts, e.g. "
                                          f"1,10,20") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every hold must be >= 1 frame")
+    if not out or min(out) < 1 or max(out) > MAX_DETECTOR_FRAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: every hold must be 1-"
+                                         f"{MAX_DETECTOR_FRAMES} frames")
     return sorted(set(out))
 
 
