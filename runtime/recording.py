@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from edgeprop.errors import CheckpointError, ConfigError, ProtocolError
+from edgeprop.network import is_int, is_real
 from runtime import protocol as P
 
 
@@ -235,17 +237,19 @@ def recorded_settings(rec: Recording) -> dict:
     (`serve --record`), or, recorded at a frontend, those its hello_reply announced."""
     from runtime.detection import DetectorConfig
 
-    rt, where = rec.header.runtime or {}, "header runtime"
-    if not rt:
-        reply = first_hello_reply(rec.outputs())
-        rt, where = ((reply.settings or {}) if reply is not None else {}), "hello_reply settings"
-    rt = dict(rt)  # a map: protocol checks both
-    for key, (types, what) in _SETTING_TYPES.items():
+    header = dict(rec.header.runtime or {})  # a map: protocol checks both
+    reply = first_hello_reply(rec.outputs())
+    announced = dict((reply.settings or {}) if reply is not None else {})
+    # the header's (the learner's own) win; a key it lacks comes from the hello_reply
+    # before any default does
+    rt = {**announced, **header}
+    for key, (ok, what) in _SETTING_CHECKS.items():
         v = rt.get(key)
-        if v is not None and (not isinstance(v, types) or  # and True is no lr
-                              isinstance(v, bool) and types is not bool):
+        if v is not None and not ok(v):
+            where = "header runtime" if key in header else "hello_reply settings"
             raise ProtocolError(f"{rec.path}: recorded learner setting {key!r} ({where}) is "
                                 f"{v!r}, not {what}")
+    where = "header runtime" if "detector" in header else "hello_reply settings"
     det = rt.get("detector")
     if isinstance(det, dict) and "hold" not in det:
         # recorded before the detector had a hold: it fired on the first frame above
@@ -259,12 +263,16 @@ def recorded_settings(rec: Recording) -> dict:
     return rt
 
 
-# the recorded learner settings a replay takes, and the type each must have (a replay
-# would otherwise fail deep in the learner on, say, lr "fast")
-_SETTING_TYPES = {"backend": (str, "a backend name"), "lr": ((int, float), "a number"),
-                  "learning": (bool, "true or false"),
-                  "apply_delay": (int, "a whole number of frames"),
-                  "late_updates": (str, "'wait' or 'defer'")}
+# the recorded learner settings a replay takes, and the values each may have (a replay
+# would otherwise fail deep in the learner on, say, lr "fast" or -1, without naming the
+# recording)
+_SETTING_CHECKS = {
+    "backend": (lambda v: v in ("emulator", "reference"), "'emulator' or 'reference'"),
+    "lr": (lambda v: is_real(v) and math.isfinite(v) and v > 0, "a number > 0"),
+    "learning": (lambda v: isinstance(v, bool), "true or false"),
+    "apply_delay": (lambda v: is_int(v) and v >= 0, "a whole number of frames >= 0"),
+    "late_updates": (lambda v: v in ("wait", "defer"), "'wait' or 'defer'"),
+}
 
 
 def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
@@ -275,6 +283,18 @@ def collect_posteriors(messages: list) -> dict[str, np.ndarray]:
             parts.setdefault(m.stream, []).append((m.seq, m.probs))
     return {s: np.concatenate([p for _, p in sorted(v, key=lambda x: x[0])])
             for s, v in parts.items()}
+
+
+def _rows_by_seq(messages: list) -> dict[str, dict[int, np.ndarray]]:
+    """{stream: {seq: posterior row}}: what compare_replay matches frame by frame (a
+    recording that lost outputs mid-stream must not shift every later frame)."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for m in messages:
+        if isinstance(m, P.Posteriors):
+            rows = out.setdefault(m.stream, {})
+            for k, row in enumerate(np.asarray(m.probs)):
+                rows[m.seq + k] = row
+    return out
 
 
 def read_recording(path: str | os.PathLike) -> Recording:
@@ -387,19 +407,25 @@ def compare_replay(recording: Recording, result: ReplayResult) -> dict:
     inputs: each stream is compared over the frames whose posteriors it holds, and
     `frames_recorded` < `frames_replayed` says so.
     """
-    want = recording.posteriors()
-    got = result.posteriors
+    want = _rows_by_seq(recording.outputs())
+    got = _rows_by_seq(result.outputs)
     max_diff = 0.0
     n = 0
     same_shape = set(want) == set(got)
     for s, w in want.items():
-        g = got.get(s)
-        if g is None or g.shape[0] < w.shape[0] or g.shape[1:] != w.shape[1:]:
+        g = got.get(s, {})
+        seqs = sorted(set(w) & set(g))  # frames matched by seq, not by position
+        if len(seqs) < len(w):  # the replay lacks frames the recording has outputs for
+            same_shape = False
+        rows_w = [w[q] for q in seqs]
+        rows_g = [g[q] for q in seqs]
+        if any(a.shape != b.shape for a, b in zip(rows_w, rows_g, strict=True)):
             same_shape = False
             continue
-        n += w.shape[0]
-        if w.size:
-            max_diff = max(max_diff, float(np.max(np.abs(g[:w.shape[0]].astype(np.float64) - w))))
+        n += len(seqs)
+        if seqs:
+            diff = np.abs(np.stack(rows_g).astype(np.float64) - np.stack(rows_w))
+            max_diff = max(max_diff, float(diff.max()))
     covered = {}  # stream -> first seq after its recorded posteriors
     for m in recording.outputs():
         if isinstance(m, P.Posteriors):
@@ -409,7 +435,7 @@ def compare_replay(recording: Recording, result: ReplayResult) -> dict:
     det_equal = sorted(map(key, recording.detections())) == sorted(map(key, replayed))
     rejected = rejected_inputs(recording, result)
     return {"frames_compared": n,
-            "frames_replayed": sum(int(g.shape[0]) for g in got.values()),
+            "frames_replayed": sum(len(g) for g in got.values()),
             "max_abs_diff": max_diff, "same_streams": same_shape,
             "detections_equal": det_equal, "rejected": len(rejected),
             "first_rejected": f"{rejected[0].kind}: {rejected[0].detail}" if rejected else None,

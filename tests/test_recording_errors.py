@@ -198,6 +198,11 @@ def test_serve_keeps_serving_when_its_recording_fails(ckpt, model_path, audio, t
     ({"lr": "fast"}, "setting 'lr' (header runtime) is 'fast', not a number"),
     ({"learning": "maybe"}, "setting 'learning' (header runtime) is 'maybe', not true or false"),
     ({"apply_delay": True}, "setting 'apply_delay' (header runtime) is True, not a whole"),
+    ({"lr": -1.0}, "setting 'lr' (header runtime) is -1.0, not a number > 0"),
+    ({"apply_delay": -5}, "setting 'apply_delay' (header runtime) is -5, not a whole number "
+                          "of frames >= 0"),
+    ({"backend": "gpu"}, "setting 'backend' (header runtime) is 'gpu', not 'emulator' or "
+                         "'reference'"),
     ({"detector": "x"}, "setting 'detector' (header runtime): detector settings must be a map"),
     ({"detector": {"window": "big"}}, "detector window must be a whole number of frames, "
                                       "got 'big'"),
@@ -209,6 +214,21 @@ def test_recorded_settings_of_the_wrong_type_name_the_recording_and_field(
     code, err = _edgeprop(capsys, "replay", "--quiet", bad, "--model", model_path)
     assert code == 2 and f"edgeprop replay: error: {bad}: recorded learner " in err, err
     assert said in err, err
+
+
+def test_a_partial_runtime_block_is_completed_from_the_hello_reply(recording, tmp_path):
+    """A header that names some settings takes the rest from what the recorded learner
+    announced in its hello_reply, not from the replay's defaults."""
+    from runtime.recording import first_hello_reply, recorded_settings
+
+    rec = read_recording(recording)
+    announced = first_hello_reply(rec.outputs()).settings
+    header = dataclasses.replace(rec.header, runtime={"lr": 0.5})
+    rt = recorded_settings(read_recording(_rewrite(recording, tmp_path / "part.rec",
+                                                   header=header)))
+    assert rt["lr"] == 0.5
+    for key in ("backend", "apply_delay", "learning", "detector"):
+        assert rt[key] == announced[key], key
 
 
 def test_a_rejected_hello_stops_the_replay_with_its_reason(recording, model_path, learner,
@@ -256,21 +276,36 @@ def test_a_hello_the_recorded_learner_rejected_too_replays_identical(ckpt, model
 def test_rejected_frames_are_reported_not_called_cut_short(recording, model_path, tmp_path,
                                                            capsys):
     i_frames = _index(recording, P.Frames, 3)
+    frames = read_recording(recording).frames()  # Frames messages
 
-    def half_the_channels(i, e):
-        if i != i_frames:
-            return [e]
-        f = e.message()
-        narrow = dataclasses.replace(f, spikes=np.ascontiguousarray(f.spikes[:, :, :40]))
-        return [P.RecordEntry(e.direction, e.t_ns, P.encode(narrow))]
+    def half_the_channels(only=None):
+        def edit(i, e):
+            if not isinstance(e.message(), P.Frames) or only is not None and i != only:
+                return [e]
+            f = e.message()
+            narrow = dataclasses.replace(f, spikes=np.ascontiguousarray(f.spikes[:, :, :40]))
+            return [P.RecordEntry(e.direction, e.t_ns, P.encode(narrow))]
+        return edit
 
-    bad = _rewrite(recording, tmp_path / "shape.rec", edit=half_the_channels)
+    bad = _rewrite(recording, tmp_path / "shape.rec", edit=half_the_channels())
     n_in = sum(e.direction == "in" for e in read_recording(bad).entries)
     code, err = _edgeprop(capsys, "replay", "--quiet", bad, "--model", model_path)
     assert code == 2, err
-    assert (f"error: {bad}: nothing to compare: the learner rejected 1 of the recording's "
-            f"{n_in} inbound messages (first: shape: want [n, 1, 80])") in err
+    assert (f"error: {bad}: nothing to compare: the learner rejected {len(frames)} of the "
+            f"recording's {n_in} inbound messages (first: shape: want [n, 1, 80])") in err
     assert "cut short" not in err and "DIFFERENT" not in err
+
+    # one message rejected: the frames after it are still matched by seq (not shifted
+    # onto the recorded ones before them), and differ because the network missed a piece
+    one = _rewrite(recording, tmp_path / "one.rec", edit=half_the_channels(i_frames))
+    assert cli.main(["replay", "--quiet", str(one), "--model", str(model_path), "--json"]) == 0
+    said = capsys.readouterr()
+    res = json.loads(said.out)
+    lost = read_recording(recording).entries[i_frames].message().n
+    n = sum(f.n for f in frames) - lost
+    assert res["rejected"] == 1 and res["frames"] == res["frames_replayed"] == n
+    assert "warning: the learner rejected 1 of the recording's" in said.err
+    assert "DIFFERENT" in said.err and "cut short" not in said.err
 
     # a rejected message the rest of the replay lines up without: a warning, still compared
     def one_more(i, e):

@@ -11,8 +11,9 @@ With --endpoint the inbound messages are sent, in order, to a running learner in
 (lossless: one DEALER, blocking sends), and its outputs are compared the same way; a
 learner that does not answer the hello within 10 s is an error, as for `listen`.
 
-The learner settings (backend, detector, learning, ...) are the recorded learner's,
-so a replay reproduces what was recorded; --backend, --no-learning and each of
+The learner settings (backend, detector, learning, ...) are the recorded learner's
+(the header's, completed from the recorded hello_reply), so a replay reproduces what
+was recorded; --backend, --no-learning and each of
 --window, --threshold, --hold, --refractory replace only the setting it names. A
 recording made before the detector had --hold replays with hold 1, the rule it ran.
 
@@ -20,8 +21,8 @@ A recording with no frames or no outputs is an error; one cut short (a killed
 recorder's `.part`) is compared over the frames it holds outputs for. A replay that
 compares nothing is an error too (exit 2, like every error; DIFFERENT exits 0): a
 hello the learner rejects (another model, a damaged hello), or recorded messages it
-rejects (damaged, wrong shape) so that no posteriors line up. Rejected messages are
-always reported, with the first reason.
+rejects (damaged, wrong shape) so that no posteriors line up. Posteriors are matched by
+stream and seq. Rejected messages are always reported, with the first reason.
 """
 
 from __future__ import annotations
