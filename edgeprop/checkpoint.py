@@ -47,6 +47,9 @@ class Checkpoint:
     labels: list[str] | None = None
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: the file it was loaded from (None when built in memory): for messages that must
+    #: name it, such as a resumed learner.ckpt whose optimizer state does not fit
+    path: str | None = field(default=None, compare=False)
 
 
 def params_hash(params: Params) -> str:
@@ -341,6 +344,7 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
         labels=None if labels is None else list(labels),
         extra=parts["extra"] or {},
         format_version=version,
+        path=str(path),
     )
     if labels is not None:  # named labels must fit the outputs (unnamed: at use)
         from edgeprop.evaluation import model_labels

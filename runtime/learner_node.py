@@ -244,8 +244,14 @@ class LearnerCore:
         self.backend_name = backend
         self.lr = float(lr)
         self.n_pes = n_pes
-        self.backend = make_backend(backend, self.cfg, checkpoint.params.copy(), lr=lr,
-                                    optimizer_state=checkpoint.optimizer_state, n_pes=n_pes)
+        try:
+            self.backend = make_backend(backend, self.cfg, checkpoint.params.copy(), lr=lr,
+                                        optimizer_state=checkpoint.optimizer_state, n_pes=n_pes)
+        except ConfigError as exc:
+            where = getattr(checkpoint, "path", None)
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
         self.warmup_s = self.backend.warmup()
         if apply_delay < 0:
             raise ConfigError(f"apply_delay must be >= 0 frames, got {apply_delay}")

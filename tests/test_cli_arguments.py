@@ -203,6 +203,21 @@ def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):
     assert "n_in=6 (expected 80), n_rec=9 (expected 120), n_out=4 (expected 12)" in err
 
 
+def test_serve_names_the_resumed_file_whose_optimizer_state_does_not_fit(tmp_path, capsys):
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.shipped import load_shipped
+    from runtime.learner_node import resume_path
+
+    ck = load_shipped()
+    save_checkpoint(resume_path(tmp_path), ck.cfg, ck.params, frontend=ck.frontend,
+                    encoder=ck.encoder, labels=ck.labels,
+                    optimizer_state={"kind": 1.0, "t": "x"})
+    assert main(["serve", "--checkpoint-dir", str(tmp_path), "--control", "",
+                 "--backend", "reference"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {resume_path(tmp_path)}: checkpoint optimizer state does not fit" in err
+
+
 def test_serve_will_not_resume_a_checkpoint_with_other_labels(tmp_path, capsys):
     from edgeprop.checkpoint import save_checkpoint
     from edgeprop.shipped import load_shipped

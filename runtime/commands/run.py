@@ -150,10 +150,14 @@ class _Learner:
             return dict(self.node.endpoints)
         from edgeprop.checkpoint import save_checkpoint
 
-        model = self.tmp / "model.ckpt"
         c = self.ckpt
-        save_checkpoint(model, c.cfg, c.params, optimizer_state=c.optimizer_state,
-                        frontend=c.frontend, encoder=c.encoder, labels=c.labels, extra=c.extra)
+        if c.path is not None:  # the file itself, so the learner's messages name it
+            model = Path(c.path)
+        else:
+            model = self.tmp / "model.ckpt"
+            save_checkpoint(model, c.cfg, c.params, optimizer_state=c.optimizer_state,
+                            frontend=c.frontend, encoder=c.encoder, labels=c.labels,
+                            extra=c.extra)
         ready = self.tmp / "ready.json"
         cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(model),
                "--backend", a.backend, "--bind", "tcp://127.0.0.1:*",
