@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [f"{r['name']}/{r['backend']}" for r in rows if not r["passed"]]
     say(_table(rows))
     if args.update:
-        say("goldens rewritten; what changed:")
+        say(f"goldens rewritten in {folder}; what changed (review it before committing):")
         for r in rows:
             for line in r.get("changes", []):
                 say(f"  {r['name']} ({r['backend']}): {line}")
