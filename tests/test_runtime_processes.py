@@ -115,17 +115,22 @@ def test_a_frontend_stops_waiting_for_a_learner_that_died(model, stream, tmp_pat
         proc.wait(10)
 
 
+def _stream_5s(model: Path, ep: dict, stream, name: str) -> None:
+    """5 s of labelled clips into a learner subprocess, to the confirmed end."""
+    fe = frontend_for(load_checkpoint(model), ep["data_router"], stream=name)
+    fe.start()
+    feed_stream(fe, stream, limit_s=5)
+    assert fe.finish()["eos_confirmed"]
+    fe.close()
+
+
 def test_sigint_checkpoints_and_exits_cleanly(model, stream, tmp_path):
     ck_dir = tmp_path / "ck"
     proc, ep = _serve(tmp_path, "--model", str(model), "--backend", "reference", "--bind",
                       "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                       "--checkpoint-dir", str(ck_dir), "--checkpoint-every", "1000")
     try:
-        fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="i")
-        fe.start()
-        feed_stream(fe, stream, limit_s=5)
-        assert fe.finish()["eos_confirmed"]
-        fe.close()
+        _stream_5s(model, ep, stream, "i")
         stats = control(ep["control_rep"], "stats").result
         assert stats["updates"] >= 2
         proc.send_signal(signal.SIGINT)
@@ -151,11 +156,7 @@ def test_a_full_disk_costs_no_learned_weights(model, stream, tmp_path, full_dir)
                       "--apply-delay", "0")
     rescue = None
     try:
-        fe = frontend_for(load_checkpoint(model), ep["data_router"], stream="d")
-        fe.start()
-        feed_stream(fe, stream, limit_s=5)
-        assert fe.finish()["eos_confirmed"]
-        fe.close()
+        _stream_5s(model, ep, stream, "d")
         _wait_for(lambda: control(ep["control_rep"], "stats").result["counts"].get(
             "checkpoint_failed", 0) >= 1)
         stats = control(ep["control_rep"], "stats").result
