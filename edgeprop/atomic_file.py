@@ -50,3 +50,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def rescue_folder(tag: str) -> Path:
+    """A fresh folder in the temp dir for weights whose own destination cannot take
+    them (a full disk, a folder gone): learned weights are never lost. The temp dir is
+    often another file system; the caller names the folder to the user."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)[:60] or "weights"
+    return Path(tempfile.mkdtemp(prefix=f"edgeprop-rescue-{safe}-"))

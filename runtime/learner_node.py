@@ -753,7 +753,7 @@ class LearnerCore:
         """The checkpoint on the way out. When checkpoint_dir cannot take it (a full disk,
         a folder removed), the weights go to a fresh rescue folder in the temp dir rather
         than being lost. Returns what the user must be told, or None when all went well."""
-        import tempfile
+        from edgeprop.atomic_file import rescue_folder
 
         try:
             self.save_checkpoint()
@@ -761,8 +761,7 @@ class LearnerCore:
         except (CheckpointError, OSError) as exc:
             first = f"the final checkpoint failed: {exc}"
         try:
-            rescue = tempfile.mkdtemp(prefix=f"edgeprop-rescue-{_safe(self.name)}-")
-            self.checkpoint_dir = Path(rescue)
+            self.checkpoint_dir = rescue_folder(self.name)
             saved = self.save_checkpoint()
         except (CheckpointError, OSError) as exc:
             since = (f"update {self.last_checkpoint['updates']} (its last checkpoint)"

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprop.atomic_file import rescue_folder
 from edgeprop.checkpoint import Checkpoint
 from edgeprop.datasets import (
     SILENCE,
@@ -62,7 +63,7 @@ from edgeprop.datasets import (
     scan_speech_commands,
     speaker_split,
 )
-from edgeprop.errors import ConfigError, DatasetError
+from edgeprop.errors import CheckpointError, ConfigError, DatasetError
 from edgeprop.frontend import FrontendConfig, speech_mean, toward_user
 from edgeprop.network import DTYPE, KWS_LABELS, Params, zero_diagonal
 from edgeprop.optim import OPTIMIZER_KINDS
@@ -872,7 +873,6 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
 
     path = Path(out) if out is not None else _unused(default_personal_path(base_path, speaker))
     refuse_base_as_out(path, base_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     extra = dict(ckpt.extra or {})
     earlier = extra.get("personalized")
     extra["personalized"] = {
@@ -889,8 +889,23 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
         extra["personalized"]["base_frontend_sha256"] = earlier["base_frontend_sha256"]
     if earlier:
         extra["personalized"]["earlier"] = earlier  # the session before (and its own earlier)
-    save_checkpoint(path, ckpt.cfg, params, frontend=fe, encoder=ckpt.encoder,
-                    labels=ckpt.labels, extra=extra)
+    def write(to: Path) -> None:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(to, ckpt.cfg, params, frontend=fe, encoder=ckpt.encoder,
+                        labels=ckpt.labels, extra=extra)
+
+    try:
+        write(path)
+    except (CheckpointError, OSError) as exc:  # a full disk must not cost the session
+        why = exc if isinstance(exc, CheckpointError) else f"cannot write {path}: {exc}"
+        rescued = rescue_folder(speaker) / path.name
+        try:
+            write(rescued)
+        except (CheckpointError, OSError) as again:
+            raise CheckpointError(f"{why}; a rescue copy in the temp dir failed too "
+                                  f"({again}): the adapted weights are lost") from None
+        raise CheckpointError(f"{why}; the adapted weights were saved to {rescued} instead "
+                              "(move it where you want it)") from None
     return path
 
 

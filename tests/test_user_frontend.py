@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,25 @@ def test_the_skip_rule_keeps_the_base_frontend_too(session, base):
     on = P.personalize_speaker(session, SPEAKER, dataclasses.replace(acfg, skip_above=0.0),
                                backend="reference")
     assert on["frontend_moved"] and on["_frontend"] != base
+
+
+def test_a_full_disk_does_not_cost_the_adapted_weights(shipped, tmp_path, full_dir):
+    """The session's weights go to a rescue folder, and the error says where."""
+    import re
+    import shutil
+
+    from edgeprop.checkpoint import CheckpointError, load_checkpoint, params_hash
+
+    weights = shipped.params.copy()
+    weights.w_out[0, 0] += 0.25  # "adapted"
+    with pytest.raises(CheckpointError) as err:
+        P.save_personalized(shipped, tmp_path / "base.npz", weights, SPEAKER,
+                            P.AdaptConfig(), out=full_dir / "me.npz")
+    said = str(err.value)
+    assert "No space left" in said and "the adapted weights were saved to " in said
+    rescued = Path(re.search(r"saved to (\S+) instead", said).group(1))
+    try:
+        assert rescued.name == "me.npz"
+        assert params_hash(load_checkpoint(rescued).params) == params_hash(weights)
+    finally:
+        shutil.rmtree(rescued.parent, ignore_errors=True)
