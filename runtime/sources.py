@@ -18,9 +18,12 @@ labelled clips: the label rides along to the learner).
         cannot capture mono is opened in stereo (or `capture_channels`) and mixed down.
     FileSource(path, block_ms=10, realtime=False, label=None)
     FolderSource(root, block_ms=10, realtime=False, gap_s=0.5, labelled=True)
-        every .wav/.flac under root, sorted, with gap_s of silence between files; a
-        file under a folder named like a class (yes/, _unknown_/ ...) is labelled.
+        every .wav/.flac under root (but _background_noise_/ below it), sorted, with
+        gap_s of silence between files; a file under a folder named like a class
+        (yes/, _unknown_/ ...) is labelled.
     StdinSource(sample_rate=16000, dtype="int16", block_ms=10, stream=sys.stdin.buffer)
+        raw PCM to its end (the last block may be shorter); an audio file piped in
+        (its header would be read as samples) or no audio at all is an AudioError.
 
 Replay is paced at real time with `realtime=True` (sleeping to each block's due time)
 or as fast as possible (the frontend's backpressure then sets the pace).
@@ -304,12 +307,16 @@ class FolderSource(Source):
         if not self.root.is_dir():
             raise AudioError(f"{self.root}: " + ("not a folder" if self.root.exists()
                                                  else "no such folder"))
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in (".wav", ".flac")
-                       and "_background_noise_" not in p.parts)
+        audio = [p for p in self.root.rglob("*") if p.suffix.lower() in (".wav", ".flac")]
+        # noise under the folder is skipped; the folder itself may be the noise (false alarms)
+        files = sorted(p for p in audio
+                       if "_background_noise_" not in p.relative_to(self.root).parts)
         if limit is not None:
             files = files[:limit]
-        if not files:
-            raise AudioError(f"{self.root}: no .wav or .flac files")
+        if not files:  # say why when there are files, all of them noise
+            raise AudioError(f"{self.root}: no .wav or .flac files" + (
+                f" outside _background_noise_/ (skipped: {len(audio)} noise files, not "
+                "utterances)" if audio else ""))
         self.files = files
         self.block = int(round(SAMPLE_RATE * block_ms / 1000))
         self.realtime = realtime
@@ -345,20 +352,47 @@ class StdinSource(Source):
 
     def blocks(self) -> Iterator[Block]:
         nbytes = self.block * self.dtype.itemsize
-        carry = b""
+        carry = head = b""  # head: the stream's first bytes, to tell an audio file
+        total = 0
         while True:
             chunk = self.stream.read(nbytes - len(carry))
             if not chunk:
-                return
+                break
+            if len(head) < 4:
+                head += chunk[:4 - len(head)]
+                _refuse_audio_file(head)
+            total += len(chunk)
             carry += chunk
             if len(carry) < nbytes:
                 continue
-            x = np.frombuffer(carry, self.dtype)
+            yield Block(self._samples(carry), time.monotonic_ns())
             carry = b""
-            if self.dtype.kind == "i":
-                x = x.astype(np.float32) / 32768.0
-            else:
-                x = x.astype(np.float32)
-                if not np.isfinite(x).all():
-                    raise AudioError("stdin PCM contains NaN/inf samples")
-            yield Block(x, time.monotonic_ns())
+        whole = len(carry) - len(carry) % self.dtype.itemsize
+        if whole:  # the last, shorter block (a file is replayed to its end too)
+            yield Block(self._samples(carry[:whole]), time.monotonic_ns())
+        if total < self.dtype.itemsize:
+            raise AudioError(f"stdin: no audio ({total} bytes before it ended); expected "
+                             f"raw 16 kHz mono {self.dtype.name} PCM piped in")
+
+    def _samples(self, raw: bytes) -> np.ndarray:
+        x = np.frombuffer(raw, self.dtype)
+        if self.dtype.kind == "i":
+            return x.astype(np.float32) / 32768.0
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise AudioError("stdin PCM contains NaN/inf samples")
+        return x
+
+
+# the first bytes of audio files: piped to --stdin, their header would be read as samples
+# (and a 44.1 kHz file played at the wrong speed)
+_FILE_MAGIC = {b"RIFF": "WAV", b"RIFX": "WAV", b"fLaC": "FLAC", b"OggS": "Ogg",
+               b"FORM": "AIFF", b"ID3": "MP3"}
+
+
+def _refuse_audio_file(head: bytes) -> None:
+    kind = next((k for magic, k in _FILE_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise AudioError(f"stdin holds a {kind} file, not raw PCM: replay it with "
+                         "`edgeprop listen --file PATH`, or pipe raw samples (e.g. sox "
+                         "IN -t raw -r 16000 -c 1 -e signed -b 16 -)")

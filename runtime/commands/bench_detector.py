@@ -140,10 +140,16 @@ def run(args: argparse.Namespace) -> int:
     pool, who = _clips(ckpt, data)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(pool))
+    if not any(c.label in keywords for c in pool):  # accuracy would divide by zero
+        raise DatasetError(f"{data}: no keyword clips ({', '.join(keywords)}) of speakers "
+                           f"{who}; the accuracy needs some")
     n_streams = min(args.streams, len(pool) // args.clips_per_stream)
     if n_streams == 0:
         raise DatasetError(f"{data}: only {len(pool)} clips of speakers {who}; one stream "
                            f"needs {args.clips_per_stream} (--clips-per-stream)")
+    if n_streams < args.streams:  # not silently fewer than asked
+        say(f"bench detector: only {len(pool)} clips of speakers {who}: {n_streams} of the "
+            f"{args.streams} streams asked for (--streams) of {args.clips_per_stream} clips")
     backend = make_backend(args.backend, ckpt.cfg, ckpt.params.copy())
     params = backend.params  # what a learner of this backend infers with (no learning)
     backend.close()
@@ -175,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
                 totals[h, pr]["kinds"].update(sc["false_alarm_kinds"])
             n_kw += sc["keyword_utterances"]
             adv()
+    if n_kw == 0:  # the draw held no keyword (a folder with very few of them)
+        raise DatasetError(f"{data}: the {n_streams} streams drawn hold no keyword clip; "
+                           "use a folder with more keyword clips, or more --streams")
     by_hold = [{"hold": h, "pause_reset": pr, "accuracy": t["detected"] / n_kw,
                 "detected": t["detected"],
                 "false_alarms": t["false_alarms"],

@@ -29,15 +29,20 @@ import numpy as np
 from runtime.arg_types import int_range, nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
+# samples x steps of one repeat: 640 MB of inputs, a minute or two per repeat on one core
+MAX_TIMESTEPS = 2_000_000
+EXACTNESS_BATCH = 4  # the batch grad_rel_err_vs_bptt is defined on
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # bounded: the benchmark holds (samples, steps, inputs) arrays in memory
     parser.add_argument("--steps", type=int_range(1, 100_000), default=100,
                         help="timesteps per sample (100 = 1 s; at most 100000)")
-    parser.add_argument("--repeats", type=pos_int, default=5,
-                        help="timed repeats (median reported)")
+    parser.add_argument("--repeats", type=int_range(1, 1000), default=5,
+                        help="timed repeats (median reported; at most 1000)")
     parser.add_argument("--samples", type=pos_int, default=20,
-                        help="samples per timed repeat of the numba learner")
+                        help="samples per timed repeat of the numba learner (samples x "
+                             f"steps at most {MAX_TIMESTEPS:,})")
     parser.add_argument("--seed", type=nonneg_int, default=0)
     add_output_flags(parser)
 
@@ -103,14 +108,19 @@ def run(args: argparse.Namespace) -> int:
     from edgeprop.errors import ConfigError
     from edgeprop.network import ModelConfig, init_params
 
-    if args.steps < 1 or args.repeats < 1 or args.samples < 1:
-        raise ConfigError("--steps, --repeats and --samples must be >= 1")
+    if args.samples * args.steps > MAX_TIMESTEPS:  # the inputs are held in memory at once
+        raise ConfigError(f"--samples {args.samples} x --steps {args.steps} = "
+                          f"{args.samples * args.steps:,} timesteps per repeat "
+                          f"({args.samples * args.steps * 320 / 1e9:.1f} GB of input); "
+                          f"at most {MAX_TIMESTEPS:,}")
     cfg = ModelConfig()  # the reference KWS network: 80-120-12 ALIF
     params = init_params(cfg, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     n_numpy = max(1, args.samples // 10)
-    xs = _inputs(rng, args.samples, args.steps, cfg.n_in)
-    labels = rng.integers(0, cfg.n_out, args.samples)
+    # at least the exactness batch is drawn (the same draw as --samples 4), timing the first
+    drawn = _inputs(rng, max(args.samples, EXACTNESS_BATCH), args.steps, cfg.n_in)
+    drawn_labels = rng.integers(0, cfg.n_out, len(drawn))
+    xs, labels = drawn[:args.samples], drawn_labels[:args.samples]
 
     learner = EpropLearner(cfg, params.copy(), kernel="numba")
     stepper = EpropLearner(cfg, params.copy(), kernel="numba")
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             slow.append(_time_train(ref, xs[:n_numpy], labels[:n_numpy]))
             advance()
     nb = learner.state_nbytes()
-    ex = _exactness(cfg, params, xs[:4], labels[:4])
+    # defined on a batch of 4, whatever --samples times
+    ex = _exactness(cfg, params, drawn[:EXACTNESS_BATCH], drawn_labels[:EXACTNESS_BATCH])
     steps_s = statistics.median(fast)
     numpy_s = statistics.median(slow)
     rel_err = max(ex["mean"].values())

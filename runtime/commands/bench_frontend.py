@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     step = max(1, len(clips) // max(1, args.clips))
     chosen = clips[::step][: args.clips]
     audio = load_clips(chosen)
-    say(f"bench frontend: {len(chosen)} clips from {root}")
+    say(f"bench frontend: {len(chosen)} clips from {root}"
+        + (f" (all it has; {args.clips} asked for)" if len(chosen) < args.clips else ""))
 
     base = FrontendConfig()
     raw = features(audio, base)
@@ -148,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
     # speed ----------------------------------------------------------------
     timed = audio[: args.timed_clips]
+    if len(timed) < args.timed_clips:  # the timed clips are taken from the --clips ones
+        say(f"bench frontend: timing {len(timed)} clips, not the {args.timed_clips} asked "
+            f"for (--timed-clips): only {len(chosen)} clips were loaded (--clips)")
     per_variant = _stream_times(timed, cfg, [None, *sorted(ENCODERS)], args.repeats)
     frontend_only = float(np.median(per_variant.pop(None)))
     stream_by_enc = {name: float(np.median(t)) for name, t in per_variant.items()}

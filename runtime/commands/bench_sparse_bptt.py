@@ -26,16 +26,19 @@ import tracemalloc
 
 import numpy as np
 
+from runtime.arg_types import int_range, pos_float
 from runtime.console import add_output_flags, print_json, progress, say
 
 SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=11,
-                        help="timed repeats (median; calls interleaved)")
-    parser.add_argument("--b-th", type=float, default=0.2, help="sparse band B_th")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int_range(1, 1000), default=11,
+                        help="timed repeats (median; calls interleaved; at most 1000)")
+    parser.add_argument("--b-th", type=pos_float, default=0.2, help="sparse band B_th")
+    # bounded: the SHD network's dense trace is ~0.6 GB at batch 1024
+    parser.add_argument("--batch", type=int_range(1, 1024), default=64,
+                        help="batch of both networks, 1-1024 (default 64)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the B_th sweep")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     add_output_flags(parser)
@@ -303,10 +306,6 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
 
 
 def run(args) -> int:
-    from edgeprop.errors import ConfigError
-
-    if args.repeats < 1 or args.batch < 1 or not args.b_th > 0:
-        raise ConfigError("--repeats and --batch must be >= 1 and --b-th > 0")
     torch_reason = None
     use_torch = not args.no_torch
     if use_torch:

@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "add --mode replay, or frames the learner is late for are dropped)")
     parser.add_argument("--list-devices", action="store_true", help="list input devices, exit")
     add_mic_rate_argument(parser)
-    parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default="int16")
-    parser.add_argument("--realtime", action="store_true", help="pace replay at real time")
+    parser.add_argument("--stdin-dtype", choices=("int16", "float32"), default=None,
+                        help="sample format of --stdin (default int16)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="pace --file / --folder replay at real time")
     parser.add_argument("--label", help="label of --file (rides along: the learner learns it)")
     parser.add_argument("--endpoint", type=connect_endpoint, default="tcp://127.0.0.1:5555",
                         help="learner/broker")
@@ -48,11 +50,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: live for mic/stdin, replay for file/folder")
     parser.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1,
                         help=f"frames per message, 1-{MAX_BATCH} (default 1)")
-    parser.add_argument("--block-ms", type=pos_float, default=10.0,
-                        help="audio block length in ms (default 10)")
+    parser.add_argument("--block-ms", type=block_ms, default=10.0,
+                        help=f"audio block length in ms, {MIN_BLOCK_MS:g}-{MAX_BLOCK_MS:g} "
+                             "(default 10)")
     parser.add_argument("--personal", action="store_true",
                         help="ask for personalised weights for this stream")
     add_output_flags(parser)
+
+
+MIN_BLOCK_MS = 1000 / 16000  # one sample at 16 kHz: a shorter block holds no sample
+MAX_BLOCK_MS = 1000.0  # the microphone's ring buffer holds 2 s: a longer block never fills
+
+
+def block_ms(text: str) -> float:
+    """--block-ms: at least one sample (0 samples per block divided by zero) and at most
+    1 s (a block longer than the microphone's buffer waits forever)."""
+    value = pos_float(text)
+    if not MIN_BLOCK_MS <= value <= MAX_BLOCK_MS:
+        raise argparse.ArgumentTypeError(f"{value:g}: must be {MIN_BLOCK_MS:g}-"
+                                         f"{MAX_BLOCK_MS:g} ms (one sample to 1 s)")
+    return value
+
+
+def refuse_source_options(args: argparse.Namespace, source: str | None) -> None:
+    """Options that only apply to one kind of source would be silently ignored with
+    another (`source`: the source flag given, None for the microphone): say so."""
+    where = source or "the microphone"
+    if args.label is not None and source != "--file":
+        why = ("labels each clip by its class folder (yes/, no/ ...)" if source == "--folder"
+               else "is not a labelled clip")
+        raise ConfigError(f"--label labels the clip of --file, but {where} {why}; "
+                          "drop --label")
+    if args.realtime and source not in ("--file", "--folder"):
+        hint = " (a file piped in: --mode replay reads it losslessly)" if source else ""
+        raise ConfigError(f"--realtime paces a --file or --folder replay, but {where} is "
+                          f"read as it arrives; drop --realtime{hint}")
+    if args.stdin_dtype is not None and source != "--stdin":
+        raise ConfigError(f"--stdin-dtype is the sample format of --stdin, but the audio "
+                          f"comes from {where}; drop --stdin-dtype")
 
 
 def add_mic_rate_argument(parser) -> None:
@@ -107,7 +142,13 @@ def _open_source(args: argparse.Namespace, labels: list[str]):
     if args.folder:
         return sources.FolderSource(args.folder, args.block_ms, args.realtime), "replay"
     if args.stdin:
-        return sources.StdinSource(dtype=args.stdin_dtype, block_ms=args.block_ms), "live"
+        import sys
+
+        if sys.stdin is None or sys.stdin.isatty():  # reading a terminal waits for typing
+            raise ConfigError("--stdin reads raw PCM piped in, but stdin is a terminal; "
+                              "e.g. arecord -f S16_LE -r 16000 -c 1 | edgeprop listen --stdin")
+        return sources.StdinSource(dtype=args.stdin_dtype or "int16",
+                                   block_ms=args.block_ms), "live"
     return sources.MicrophoneSource(args.device, block_ms=args.block_ms,
                                     capture_rate=args.mic_rate), "live"
 
@@ -123,6 +164,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
                                         ("--stdin", args.stdin)) if on), None)
     if source_flag is not None:
         refuse_mic_options(args, source_flag)
+    refuse_source_options(args, source_flag)
     from edgeprop.encoders import encoder_from_dict
     from edgeprop.frontend import FrontendConfig
     from runtime import protocol as P
