@@ -35,7 +35,8 @@ def _user_error(out: subprocess.CompletedProcess, verb: str) -> str:
     err = out.stderr.decode()
     assert out.returncode == 2, err[-2000:]
     assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("listen: stream")]
+    lines = [ln for ln in err.strip().splitlines()
+             if not ln.startswith(("listen: stream", "record: stream"))]
     assert len(lines) == 1 and lines[0].startswith(f"edgeprop {verb}: error: "), err
     return lines[0]
 

@@ -152,7 +152,7 @@ def test_record_out_of_space_mid_stream_fails_and_leaves_nothing(ckpt, model_pat
     assert "Traceback" not in proc.stderr
     assert f"edgeprop record: error: {out}: cannot write the recording: File too large" \
         in proc.stderr
-    assert "listen: 100 frames" not in proc.stderr  # no summary of a failed record
+    assert "record: 100 frames" not in proc.stderr  # no summary of a failed record
     assert sorted(os.listdir(tmp_path)) == ["a.wav"]
 
 

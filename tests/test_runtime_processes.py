@@ -241,6 +241,7 @@ def test_listen_record_and_replay_commands_round_trip(model, data_dir, tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
         listened = json.loads(out.stdout)
         assert listened["frames"] == 100 and listened["eos_confirmed"]
+        assert "record: 100 frames" in out.stderr  # its lines name the command typed
         out = subprocess.run([sys.executable, "-m", "runtime.cli", "replay", str(rec),
                               "--model", str(model), "--json"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)

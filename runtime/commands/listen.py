@@ -182,6 +182,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
 
         recorder = RecordingWriter(recorder_path, header_for(ckpt, note="edgeprop record"))
 
+    verb = "record" if recorder_path else "listen"  # the command the user typed
     tell = (lambda *parts: None) if args.quiet else say
 
     def show(msg) -> None:
@@ -189,20 +190,20 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
             tell(f"  {msg.t:8.2f} s  {msg.label:<8} p={msg.score:.2f}")
 
     node = FrontendNode(args.endpoint, fe, encoder_from_dict(model.encoder),
-                        stream=args.stream or f"listen-{os.getpid()}",
+                        stream=args.stream or f"{verb}-{os.getpid()}",
                         mode=args.mode or default_mode, batch=args.batch,
                         personal=args.personal, recorder=recorder, on_output=show)
     node.keep_posteriors = False
     t0 = time.perf_counter()
     try:
         reply = node.start()
-        tell(f"listen: stream {node.stream!r} accepted by {reply.session or 'learner'} "
+        tell(f"{verb}: stream {node.stream!r} accepted by {reply.session or 'learner'} "
             f"(params {reply.params_hash[:12]}), {node.mode} mode")
         try:
             for blk in source.blocks():
                 node.feed(blk.samples, label=blk.label, window=blk.window, t_in_ns=blk.t_in_ns)
         except KeyboardInterrupt:
-            tell("listen: interrupted; ending the stream")
+            tell(f"{verb}: interrupted; ending the stream")
         stats = node.finish()
         if not stats["eos_confirmed"]:
             raise EdgepropError(f"the learner at {args.endpoint} did not confirm the end of "
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     if recorder is not None:
         stats["recording"] = str(recorder.path)
     p50, p99 = stats["latency_p50_ms"], stats["latency_p99_ms"]
-    tell(f"listen: {stats['frames']} frames, {stats['dropped']} dropped, "
+    tell(f"{verb}: {stats['frames']} frames, {stats['dropped']} dropped, "
         f"{stats['detections']} detections"
         + (f", latency p50 {p50:.2f} ms p99 {p99:.2f} ms" if p50 is not None else ""))
     if args.json:
