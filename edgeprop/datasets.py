@@ -64,6 +64,9 @@ def require_data_dir(arg: str | Path | None) -> Path:
     if path is None:
         raise DatasetError(f"no Speech Commands folder at {_dev_data_candidates()[0]}; "
                            "pass --data DIR")
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"{path}: not a folder (expected a Speech Commands folder of "
+                           "word folders); pass --data DIR")
     if not path.is_dir():
         raise DatasetError(f"{path}: no such folder (expected a Speech Commands folder); "
                            "pass --data DIR")
@@ -242,8 +245,30 @@ def scan_speech_commands(
         if counts.get(lab, 0) == 0:
             skipped.append((str(root / lab), f"label {lab!r} has no clips"))
     if not clips:
-        raise DatasetError(f"{root}: no clips found for labels {list(labels)}")
+        files = skipped_files(root, skipped, labels)
+        why = (f"; all {len(files)} files were skipped, e.g. {files[0][0]}: {files[0][1]}"
+               if files else "")
+        raise DatasetError(f"{root}: no clips found for labels {list(labels)}{why}")
     return ScanResult(clips, skipped, tuple(labels))
+
+
+def skipped_files(root: str | Path, skipped: list[tuple[str, str]],
+                  labels: tuple[str, ...] = KWS_LABELS) -> list[tuple[str, str]]:
+    """The skipped entries that are files (not the "label has no clips" notes): the
+    ones a user would want to hear about, since they meant them to be clips."""
+    empty = {str(Path(root) / lab) for lab in labels}
+    return [(p, why) for p, why in skipped if p not in empty]
+
+
+def skipped_note(files: list[tuple[str, str]]) -> str | None:
+    """One line naming the first skipped file and why, with how many more: a file left
+    out in silence looks like a clip that was used."""
+    if not files:
+        return None
+    path, why = files[0]
+    more = (f" (and {len(files) - 1} more; `edgeprop data info` lists them)"
+            if len(files) > 1 else "")
+    return f"note: skipped {path}: {why}{more}"
 
 
 def _split_groups(groups: list[str], sizes: dict[str, int], fraction: float,

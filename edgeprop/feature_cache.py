@@ -42,6 +42,17 @@ class FeatureCache:
         self.batch_size = batch_size
         self.hits = 0
         self.misses = 0
+        # the first failed write (read-only or full cache): caching only saves time, so
+        # it never fails the command; callers may tell the user (see `write_note`)
+        self.write_error: OSError | None = None
+
+    def write_note(self) -> str | None:
+        """One line for the user when the cache could not be written, else None."""
+        if self.write_error is None:
+            return None
+        exc = self.write_error
+        return (f"note: feature cache {self.cache_dir} is not writable ({exc.strerror or exc}"
+                "); features were computed but not kept (set --cache-dir)")
 
     def _entry(self, clip: Clip, cfg_hash: str) -> Path:
         st = clip.path.stat()
@@ -83,8 +94,11 @@ class FeatureCache:
             feats = features(audio, cfg)
             for (i, entry), f in zip(chunk, feats, strict=True):
                 out[i] = f
-                if entry is not None:
-                    atomic_save_npy(entry, f)
+                if entry is not None and self.write_error is None:
+                    try:
+                        atomic_save_npy(entry, f)
+                    except OSError as exc:
+                        self.write_error = exc
             self.misses += len(chunk)
             if progress:
                 progress(len(chunk))

@@ -37,6 +37,7 @@ from edgeprop.datasets import (
     load_clip,
     n_real_speakers,
     scan_speech_commands,
+    skipped_files,
     speaker_split,
 )
 from edgeprop.errors import ConfigError, DatasetError
@@ -124,6 +125,9 @@ class KWSData:
     # speech_mean (frontend.speech_mean), the reference of frontend.toward_user, and
     # the hash of the frontend config whose units it is in
     frontend_stats: dict = field(default_factory=dict)
+    # files of the data (and synth) folders that are not clips: (path, reason)
+    skipped: list = field(default_factory=list)
+    cache_note: str | None = None  # FeatureCache.write_note: the cache was not writable
 
 
 def _aug_cache_path(clips: list[Clip], cfg: FrontendConfig, seed: int, copy: int,
@@ -209,13 +213,15 @@ def prepare_data(
     root = Path(root)
     scan = scan_speech_commands(root)
     clips = list(scan.clips)
+    skipped = skipped_files(root, scan.skipped)
     if max_clips is not None and max_clips < len(clips):
         pick = np.random.default_rng(tcfg.seed).choice(len(clips), max_clips, replace=False)
         clips = [clips[i] for i in sorted(pick)]
     train, val = speaker_split(clips, tcfg.val_fraction, seed=tcfg.seed)
     if synth_dir is not None:
-        synth = scan_speech_commands(synth_dir).clips
-        train = train + list(synth)  # synthetic voices only ever train
+        synth = scan_speech_commands(synth_dir)
+        skipped += skipped_files(synth_dir, synth.skipped)
+        train = train + list(synth.clips)  # synthetic voices only ever train
     if not train or not val:
         raise DatasetError(f"{root}: too few speakers for a speaker-disjoint split "
                            f"({len(train)} train / {len(val)} val clips)")
@@ -227,7 +233,14 @@ def prepare_data(
     raw_val = cache.features(val, cfg, progress=adv)
     fcfg = fit_normalization(raw_train, cfg)  # clean training features only
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
-    train_x = np.empty((1 + tcfg.n_aug,) + raw_train.shape, DTYPE)
+    shape = (1 + tcfg.n_aug,) + raw_train.shape
+    try:
+        train_x = np.empty(shape, DTYPE)
+    except MemoryError:
+        gib = math.prod(shape) * np.dtype(DTYPE).itemsize / 2**30
+        raise ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} training "
+                          f"clips need {gib:,.1f} GiB of memory; lower --n-aug or "
+                          "--max-clips") from None
     train_x[0] = normalize(raw_train, fcfg)
     stats = {"frontend_hash": fcfg.hash(),
              "speech_mean": speech_mean(train_x[0], fcfg).tolist()}
@@ -252,7 +265,8 @@ def prepare_data(
         "noise_recordings": len(noise) if tcfg.n_aug else 0,
     }
     return KWSData(fcfg, train_x, np.array([c.label_index for c in train]),
-                   val_x, np.array([c.label_index for c in val]), info, stats)
+                   val_x, np.array([c.label_index for c in val]), info, stats, skipped,
+                   cache.write_note())
 
 
 # ---------------------------------------------------------------- model maths
@@ -435,10 +449,12 @@ def train(
     """Train from `st` (fresh when None) up to tcfg.epochs; callbacks see every epoch.
 
     on_epoch_end(record, state) is where the CLI writes its periodic checkpoint.
-    stop_after ends the run early after that epoch count (to be resumed later).
+    stop_after ends the run early after that many epochs of this call (to be resumed
+    later), counted from `st.epoch`: so repeating the same command with --resume goes on
+    instead of stopping at once.
     """
     st = st or init_train_state(cfg, tcfg)
-    last = tcfg.epochs if stop_after is None else min(tcfg.epochs, stop_after)
+    last = tcfg.epochs if stop_after is None else min(tcfg.epochs, st.epoch + stop_after)
     while st.epoch < last:
         t0 = time.perf_counter()
         adv = on_epoch_start(st.epoch) if on_epoch_start else None

@@ -19,8 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--max-clips", "60", "--epochs", "2", "--n-aug", "1", "--seed", "3", "--quiet"]
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+def _env(**extra: str) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **extra)
+
+
+def _cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or _env()
     return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -151,9 +155,108 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
         (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"), "freq_warp must be"),
         (("pretrain", "--weight-decay", "-1", "--out", work / "x.npz"),
          "--weight-decay: -1.0: must be >= 0"),
+        (("pretrain", "--data", junk, "--out", work / "x.npz"), "junk.npz: not a folder"),
+        (("evaluate", "--model", out, "--data", junk), "junk.npz: not a folder"),
+        (("pretrain", "--dense", "--b-th", "0.3", "--out", work / "x.npz"),
+         "--b-th is the band of sparse BPTT, which --dense does not use"),
+        (("pretrain", "--synth", work / "nope", "--out", work / "x.npz"),
+         "--synth " + str(work / "nope") + ": no such folder"),
+        # the memory the augmented copies need, not a numpy MemoryError traceback
+        (("pretrain", "--n-aug", "100000000", "--max-clips", "60", "--out", work / "x.npz",
+          "--cache-dir", work / "cache", "--quiet"), "GiB of memory; lower --n-aug"),
     ]
     for args, msg in cases:
         proc = _cli(*args)
         assert proc.returncode == 2, proc.stderr
         assert msg in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_of_unnamed_clips_says_why_it_has_none(work, data_dir):
+    root = work / "unnamed"
+    (root / "yes").mkdir(parents=True)
+    for i, f in enumerate(sorted((data_dir / "yes").glob("*.wav"))[:2]):
+        (root / "yes" / f"take{i}.wav").symlink_to(f)
+    proc = _cli("evaluate", "--data", root, "--quiet")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "all 2 files were skipped" in proc.stderr
+    assert "take0.wav: name has no '<8 hex>_nohash_<n>' speaker id" in proc.stderr
+
+
+def test_resume_file_is_never_overwritten_nor_resumed_with_other_settings(work, data_dir):
+    out = work / "steps.npz"
+    common = ["pretrain", "--data", data_dir, "--out", out, "--cache-dir", work / "cache",
+              "--json", "--max-clips", "60", "--epochs", "3", "--n-aug", "1", "--seed", "3",
+              "--quiet", "--stop-after", "1"]
+    assert _json(_cli(*common))["stopped_after"] == 1
+    resume_file = work / "steps.npz.resume.npz"
+    before = resume_file.read_bytes()
+    cases = [
+        # a fresh run (--resume forgotten) would overwrite the interrupted one
+        ((), "holds an interrupted run: add --resume to continue it"),
+        (("--resume", "--lr", "0.01"), "other settings: --lr 0.002 (now --lr 0.01)"),
+        (("--resume", "--dense"), "sparse BPTT (now --dense)"),
+        (("--resume", "--max-clips", "50"), "--max-clips 60 (now 50)"),
+    ]
+    for extra, msg in cases:
+        proc = _cli(*common, *extra)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+        # one line: refused before the data is prepared ("data: ..." not said)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert resume_file.read_bytes() == before
+    # the same command plus --resume goes on by --stop-after epochs each time
+    assert _json(_cli(*common, "--resume"))["stopped_after"] == 2
+    done = _json(_cli(*common, "--resume"))
+    assert done["epochs_run"] == 3 and out.is_file() and not resume_file.exists()
+
+
+def test_odd_folder_and_unwritable_cache_are_notes_not_errors(work, data_dir):
+    """A stray file, classes without clips and a cache that cannot be written are said,
+    and the commands still finish (a cache only saves time)."""
+    root = work / "two_words"
+    for word in ("yes", "no"):
+        (root / word).mkdir(parents=True)
+        for f in sorted((data_dir / word).glob("*.wav"))[:6]:
+            (root / word / f.name).symlink_to(f)
+    (root / "yes" / "notes.txt").write_text("recorded on tuesday")
+    blocker = work / "cache_is_a_file"
+    blocker.write_text("")
+    env = _env(EDGEPROP_CACHE=str(blocker / "sub"))
+    out = work / "two_words.npz"
+    proc = _cli("pretrain", "--data", root, "--out", out, "--epochs", "1", "--n-aug", "0",
+                "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: skipped {root / 'yes' / 'notes.txt'}: not a .wav file" in proc.stderr
+    assert "note: no training clips of up, down" in proc.stderr
+    assert f"note: feature cache {blocker / 'sub'} is not writable" in proc.stderr
+    proc = _cli("evaluate", "--model", out, "--data", root, "--json", "--quiet", env=env)
+    assert _json(proc)["n"] == 12
+    assert "not a .wav file" in proc.stderr and "is not writable" in proc.stderr
+
+
+def test_ctrl_c_keeps_the_finished_epochs_and_says_how_to_resume(work, data_dir):
+    import signal
+    import time
+
+    out = work / "long.npz"
+    resume_file = work / "long.npz.resume.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "pretrain", "--data", str(data_dir), "--out",
+         str(out), "--cache-dir", str(work / "cache"), "--max-clips", "60", "--n-aug", "1",
+         "--epochs", "100000", "--quiet"],
+        cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True,
+        # a shell without job control starts background jobs with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not resume_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resume_file.exists()
+        proc.send_signal(signal.SIGINT)  # mid-epoch, most likely inside a numba kernel
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "SystemError" not in err
+    assert f"kept in {resume_file}; continue with the same flags plus --resume" in err
+    assert load_checkpoint(resume_file).extra["next_epoch"] >= 1

@@ -37,20 +37,31 @@ def _table(res) -> str:
 
 def run(args) -> int:
     from edgeprop.checkpoint import load_checkpoint
-    from edgeprop.datasets import require_data_dir
-    from edgeprop.evaluation import evaluate_clips, scan_for_model
+    from edgeprop.datasets import (
+        require_data_dir,
+        scan_speech_commands,
+        skipped_files,
+        skipped_note,
+    )
+    from edgeprop.evaluation import checkpoint_frontend, evaluate_clips, model_labels
     from edgeprop.feature_cache import FeatureCache
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
 
     ckpt = load_checkpoint(args.model) if args.model is not None else load_shipped()
     model_path = args.model or SHIPPED_MODEL
     data = require_data_dir(args.data)
-    clips = scan_for_model(data, ckpt)
+    checkpoint_frontend(ckpt)  # a checkpoint unfit for audio fails before the bar starts
+    scan = scan_speech_commands(data, tuple(model_labels(ckpt)))
+    clips = scan.clips
     cache = FeatureCache(args.cache_dir)
     with progress("evaluating", len(clips), args.quiet) as adv:
         res = evaluate_clips(ckpt, clips, cache=cache, progress=adv)
     say(_table(res))
     say(f"accuracy {100 * res.accuracy:.2f} % on {res.n} clips of {data} ({model_path})")
+    for note in (skipped_note(skipped_files(data, scan.skipped, scan.labels)),
+                 cache.write_note()):
+        if note:
+            say(note)
     present = [lab for lab in res.labels if res.per_class_n[lab]]
     if len(present) == 1:
         say(f"note: every clip is {present[0]!r}, so this is that word's recall alone; "

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,11 +72,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-clips", type=pos_int, default=None,
                         help="use a seeded random subset of this many clips (quick runs)")
     parser.add_argument("--stop-after", type=pos_int, default=None,
-                        help="stop after this many epochs, keeping <out>.resume.npz for "
-                             "--resume (splits a long run)")
+                        help="stop after this many epochs of this run, keeping "
+                             "<out>.resume.npz for --resume (splits a long run: repeat the "
+                             "command with --resume)")
     parser.add_argument("--cache-dir", type=output_folder, default=None,
                         help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")
     add_output_flags(parser)
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during training takes effect between batches: raised inside a numba
+    kernel, KeyboardInterrupt comes out as a SystemError traceback. The handler only
+    notes the signal; `check`, called from the training callbacks, raises it."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self.old = None
+
+    def _note(self, signum, frame) -> None:
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            self.hit = False
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.old = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            self.old = None
+        if exc_type is None:
+            self.check()
 
 
 def _resume_path(out: Path) -> Path:
@@ -97,6 +131,44 @@ def _train_config(args):
     return TrainConfig(**kw)
 
 
+def _flag(name: str, value) -> str:
+    """A TrainConfig setting as the flag that sets it (sparse=False is --dense)."""
+    if name == "sparse":
+        return "sparse BPTT" if value else "--dense"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def _same_folder(a, b) -> bool:
+    """Two optional folder names, one relative and one absolute alike, name the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_resume(ck, resume_file: Path, tcfg, data_dir: Path, args) -> None:
+    """Refuse a resume file of another run (settings or data), naming what differs,
+    before any data is prepared: resuming it would silently train a different recipe.
+    --epochs may change (to lengthen a run)."""
+    from edgeprop.errors import CheckpointError
+    from edgeprop.training import TrainConfig
+
+    saved = TrainConfig.from_dict(ck.extra.get("train_config", {})).to_dict()
+    now = tcfg.to_dict()
+    diffs = [f"{_flag(k, saved[k])} (now {_flag(k, now[k])})"
+             for k in now if k != "epochs" and saved[k] != now[k]]
+    info = ck.extra.get("data_info", {})
+    if "data" in info and not _same_folder(info["data"], data_dir):
+        diffs.append(f"--data {info['data']} (now {data_dir})")
+    if "synth" in info and not _same_folder(info["synth"], args.synth):
+        diffs.append(f"--synth {info['synth']} (now {args.synth})")
+    if "max_clips" in ck.extra and ck.extra["max_clips"] != args.max_clips:
+        diffs.append(f"--max-clips {ck.extra['max_clips']} (now {args.max_clips})")
+    if diffs:
+        raise CheckpointError(f"{resume_file} was written by a run with other settings: "
+                              f"{', '.join(diffs)}; resume with that run's flags, or delete "
+                              "it to start over")
+
+
 def run(args) -> int:
     import json
     import os
@@ -106,23 +178,35 @@ def run(args) -> int:
     from edgeprop import training
     from edgeprop.atomic_file import atomic_write_text
     from edgeprop.checkpoint import load_checkpoint, save_checkpoint
-    from edgeprop.datasets import require_data_dir
-    from edgeprop.errors import CheckpointError, DatasetError
+    from edgeprop.datasets import require_data_dir, skipped_note
+    from edgeprop.errors import CheckpointError, ConfigError, DatasetError
     from edgeprop.network import KWS_LABELS, Params
     from edgeprop.optim import Adam
 
     t_start = time.perf_counter()
     data_dir = require_data_dir(args.data)
-    if args.epochs is not None and args.epochs < 0:
-        raise DatasetError("--epochs must be >= 0")
+    if args.synth is not None and not args.synth.is_dir():
+        raise DatasetError(f"--synth {args.synth}: no such folder (expected a folder of "
+                           "synthetic voices in the Speech Commands layout)")
+    if args.dense and args.b_th is not None and not args.compare_dense:
+        raise ConfigError("--b-th is the band of sparse BPTT, which --dense does not use; "
+                          "drop one of them (or add --compare-dense)")
     tcfg = _train_config(args)
     cfg = training.kws_model_config()
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CheckpointError(f"cannot write {out}: folder {out.parent} does not exist")
     resume_file = _resume_path(out)
-    if args.resume and not resume_file.is_file():  # said before the data is prepared
+    # all said before the data is prepared
+    if args.resume and not resume_file.is_file():
         raise CheckpointError(f"nothing to resume: {resume_file} does not exist")
+    if not args.resume and resume_file.exists():  # a fresh run would overwrite it
+        raise CheckpointError(f"{resume_file} holds an interrupted run: add --resume to "
+                              "continue it, or delete it to start over")
+    ck = None
+    if args.resume:
+        ck = load_checkpoint(resume_file, expect=cfg)
+        _check_resume(ck, resume_file, tcfg, data_dir, args)
 
     def stage(name: str, total: int):
         while stages:  # one bar at a time: close the previous stage
@@ -143,14 +227,23 @@ def run(args) -> int:
     say(f"data: {data.info['n_train']} train clips ({data.info['train_speakers']} speakers) "
         f"x {data.train_x.shape[0]} versions, {data.info['n_val']} val clips "
         f"({data.info['val_speakers']} speakers, disjoint)")
+    for note in (skipped_note(data.skipped), data.cache_note):
+        if note:
+            say(note)
+    absent = [lab for i, lab in enumerate(KWS_LABELS) if not (data.train_y == i).any()]
+    if absent:
+        say(f"note: no training clips of {', '.join(absent)}; the model will not learn "
+            "to tell them")
 
     state = None
-    if args.resume:
-        ck = load_checkpoint(resume_file, expect=cfg)
-        saved = training.TrainConfig.from_dict(ck.extra.get("train_config", {}))
-        if saved.to_dict() | {"epochs": 0} != tcfg.to_dict() | {"epochs": 0}:
-            raise CheckpointError(f"{resume_file} was written with other settings "
-                                  f"({saved}); resume with the same flags")
+    if ck is not None:
+        then = ck.extra.get("data_info", {})
+        keys = ("n_train", "n_val", "augmented_copies", "noise_recordings")
+        if any(k in then and then[k] != data.info[k] for k in keys):
+            raise CheckpointError(
+                f"{resume_file} was written for other data ({then.get('n_train')} train / "
+                f"{then.get('n_val')} val clips, now {data.info['n_train']} / "
+                f"{data.info['n_val']}): the folder changed; delete it to start over")
         opt = Adam(lr=tcfg.lr)
         opt.load_state_dict(ck.optimizer_state or {})
         state = training.TrainState(ck.params, opt, int(ck.extra["next_epoch"]),
@@ -159,13 +252,25 @@ def run(args) -> int:
             state.ema = Params(*(np.asarray(a, np.float32) for a in ck.extra["ema"]))
         say(f"resuming at epoch {state.epoch} from {resume_file}")
 
-    extra_common = {"train_config": tcfg.to_dict(), "data_info": data.info}
+    extra_common = {"train_config": tcfg.to_dict(), "data_info": data.info,
+                    "max_clips": args.max_clips}
     tell = (lambda *parts: None) if args.quiet else say  # per-epoch lines are progress
 
     def on_epoch_start(epoch: int):
         ctx = progress(f"epoch {epoch + 1}/{tcfg.epochs}", data.train_y.shape[0], args.quiet)
         bars.append(ctx)
-        return ctx.__enter__()
+        adv = ctx.__enter__()
+
+        def advance(n: int = 1) -> None:
+            adv(n)
+            interrupt.check()
+
+        return advance
+
+    def interrupted() -> None:
+        if resume_file.is_file():  # the finished epochs are not lost: say how to go on
+            say(f"the finished epochs are kept in {resume_file}; continue with the same "
+                "flags plus --resume")
 
     def on_epoch_end(rec: dict, st) -> None:
         while bars:
@@ -180,11 +285,17 @@ def run(args) -> int:
                         labels=list(KWS_LABELS),
                         extra=extra_common | {"next_epoch": st.epoch, "history": st.history}
                         | ({"ema": list(st.ema.arrays())} if st.ema is not None else {}))
+        interrupt.check()  # after the epoch is saved
 
     bars: list = []
+    interrupt = _DeferredInterrupt()
     try:
-        state = training.train(cfg, data, tcfg, state, on_epoch_start=on_epoch_start,
-                               on_epoch_end=on_epoch_end, stop_after=args.stop_after)
+        with interrupt:
+            state = training.train(cfg, data, tcfg, state, on_epoch_start=on_epoch_start,
+                                   on_epoch_end=on_epoch_end, stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        interrupted()
+        raise
     finally:
         while bars:
             bars.pop().__exit__(None, None, None)
@@ -209,10 +320,15 @@ def run(args) -> int:
                 bars.pop().__exit__(None, None, None)
             tell(f"{name} epoch {rec['epoch'] + 1}/{tcfg.epochs}: train "
                 f"{rec['train_acc']:.3f} val {rec['val_acc']:.3f}")
+            interrupt.check()
 
         try:
-            st2 = training.train(cfg, data, other, on_epoch_start=on_epoch_start,
-                                 on_epoch_end=cmp_end)
+            with interrupt:
+                st2 = training.train(cfg, data, other, on_epoch_start=on_epoch_start,
+                                     on_epoch_end=cmp_end)
+        except KeyboardInterrupt:
+            interrupted()
+            raise
         finally:
             while bars:
                 bars.pop().__exit__(None, None, None)
