@@ -101,12 +101,18 @@ def probability(text: str) -> float:
     return value
 
 
-def fraction(text: str) -> float:
-    """A number in [0, 1)."""
-    value = _number(float, text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1)")
-    return value
+def below(high: float):
+    """A type: a number in [0, high) (the bound named in the error)."""
+    def check(text: str) -> float:
+        value = _number(float, text)
+        if not 0.0 <= value < high:
+            raise argparse.ArgumentTypeError(f"{value}: must be in [0, {high:g})")
+        return value
+
+    return check
+
+
+fraction = below(1.0)  # [0, 1): augmentation strengths, shares
 
 
 def device(text: str) -> str:

@@ -152,7 +152,8 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
         # before any data is prepared
         (("pretrain", "--data", empty, "--out", work / "x.npz", "--resume", "--quiet"),
          "nothing to resume"),
-        (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"), "freq_warp must be"),
+        (("pretrain", "--freq-warp", "0.7", "--out", work / "x.npz"),
+         "--freq-warp: 0.7: must be in [0, 0.5)"),
         (("pretrain", "--weight-decay", "-1", "--out", work / "x.npz"),
          "--weight-decay: -1.0: must be >= 0"),
         (("pretrain", "--data", junk, "--out", work / "x.npz"), "junk.npz: not a folder"),

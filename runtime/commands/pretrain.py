@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from runtime.arg_types import (
+    below,
     fraction,
     new_file,
     nonneg_float,
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=fraction, default=None,
                         help="speed perturbation of the augmented copies, U(1-s, 1+s) "
                              f"(default {d.speed:g})")
-    parser.add_argument("--freq-warp", type=float, default=None,
+    parser.add_argument("--freq-warp", type=below(0.5), default=None,
                         help="vocal-tract-length warp of the mel axis, factor U(1-w, 1+w)")
     parser.add_argument("--weight-decay", type=nonneg_float, default=None,
                         help=f"L2 on the input and recurrent weights (default {d.weight_decay:g})")
