@@ -165,10 +165,19 @@ def new_file(text: str) -> Path:
     return path
 
 
+def folder(text: str) -> Path:
+    """A folder to read. Whether it exists is the command's to say (with its own hint);
+    an empty name is refused here, since Path("") would silently be the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a folder (or leave the option out "
+                                         "for its default)")
+    return Path(text)
+
+
 def output_folder(text: str) -> Path:
     """A folder to write into (made when missing): it must not be a file, and it (or the
     nearest folder above it that exists) must be writable."""
-    path = Path(text)
+    path = folder(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
     existing = path.absolute()

@@ -23,7 +23,7 @@ from edgeprop.atomic_file import atomic_write_text
 from edgeprop.datasets import DEV_DATA, default_data_dir
 from edgeprop.errors import ConfigError
 from runtime import bench_report
-from runtime.arg_types import name_list, new_file
+from runtime.arg_types import folder, name_list, new_file
 from runtime.console import add_output_flags, print_json, say
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated benchmarks to leave out")
     parser.add_argument("--quick", action="store_true",
                         help="leave out the slow ones (sparse-bptt, personalize)")
-    parser.add_argument("--data", default=str(default_data_dir() or DEV_DATA),
+    parser.add_argument("--data", type=folder, default=str(default_data_dir() or DEV_DATA),
                         help="Speech Commands folder for detector and personalize "
                              "(default ../shared/...)")
     parser.add_argument("--timeout", type=float, default=1800.0,
@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             # shown relative to the repo (the subprocess runs there), so the reproduce
             # line in the report works on any checkout with ../shared beside it
-            data = os.path.relpath(args.data, REPO) if os.path.isabs(args.data) else args.data
+            data = os.path.relpath(args.data, REPO) if os.path.isabs(args.data) \
+                else str(args.data)
             argv = [a.replace("{data}", data) for a in BENCHMARKS[name][0]]
             argv += extras.get(name, [])
             if not args.quiet:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import DatasetError
-from runtime.arg_types import nonneg_float, nonneg_int, pos_int
+from runtime.arg_types import folder, nonneg_float, nonneg_int, pos_int
 from runtime.backends import BACKENDS, make_backend
 from runtime.console import add_output_flags, print_json, progress, say
 from runtime.detection import (
@@ -65,7 +65,7 @@ def _holds(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (default: the shipped model)")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--backend", choices=BACKENDS, default="emulator",
                         help="whose inference weights (default emulator: its int8 copy)")

@@ -36,12 +36,12 @@ from edgeprop.frontend import (
     librosa_log_mel,
     raw_log_mel,
 )
-from runtime.arg_types import nonneg_int, pos_int
+from runtime.arg_types import folder, nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--clips", type=pos_int, default=200,
                         help="clips for sparsity and exactness (default 200, every k-th)")

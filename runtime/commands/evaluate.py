@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime.arg_types import output_folder
+from runtime.arg_types import folder, output_folder
 from runtime.console import add_output_flags, print_json, progress, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint (default: the shipped edgeprop/assets/kws_srnn.npz)")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--cache-dir", type=output_folder, default=None,
                         help="feature cache folder (default $EDGEPROP_CACHE or ~/.cache/edgeprop)")

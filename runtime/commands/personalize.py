@@ -19,7 +19,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.arg_types import device, new_file, nonneg_int, output_folder, pos_float, pos_int
+from runtime.arg_types import (
+    device,
+    folder,
+    new_file,
+    nonneg_int,
+    output_folder,
+    pos_float,
+    pos_int,
+)
 from runtime.commands.listen import add_mic_rate_argument, refuse_mic_options
 from runtime.console import add_output_flags, print_json, say
 
@@ -31,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AdaptConfig()
     parser.add_argument("--model", type=Path, default=None,
                         help="base checkpoint (default: the shipped model); never modified")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder: run the non-interactive protocol")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--speaker", default=None, help="speaker hash (8 hex digits)")

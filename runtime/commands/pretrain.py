@@ -19,6 +19,7 @@ from pathlib import Path
 
 from runtime.arg_types import (
     below,
+    folder,
     fraction,
     new_file,
     nonneg_float,
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from edgeprop.training import TrainConfig
 
     d = TrainConfig()  # the defaults the help names are the ones training uses
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default ../shared/data/speech_commands_dev)")
     parser.add_argument("--out", type=new_file, default=Path("kws_srnn.npz"),
                         help="checkpoint to write (default ./kws_srnn.npz)")
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", action="store_true", help="dense BPTT instead of sparse")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>.resume.npz written by an interrupted run")
-    parser.add_argument("--synth", type=Path, default=None,
+    parser.add_argument("--synth", type=folder, default=None,
                         help="extra folder of synthetic voices (Speech Commands layout), "
                              "training only")
     parser.add_argument("--lr", type=pos_float, default=None,

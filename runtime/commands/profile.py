@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import ConfigError, DatasetError
-from runtime.arg_types import nonneg_int, pos_float, pos_int
+from runtime.arg_types import folder, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s",
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", default="mean", choices=["mean", "per_step"])
     parser.add_argument("--samples", type=int, default=3,
                         help="training samples to run for the time/energy/traffic figures")
-    parser.add_argument("--data", type=Path, default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default: ../shared/data/speech_commands_dev)")
     parser.add_argument("--multiprocess", action="store_true",
                         help="run PE groups in worker processes (ZeroMQ)")

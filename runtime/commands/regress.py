@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgeprop.datasets import require_data_dir
 from edgeprop.errors import ConfigError
-from runtime.arg_types import name_list, nonneg_int, pos_float
+from runtime.arg_types import folder, name_list, nonneg_int, pos_float
 from runtime.console import add_output_flags, print_json, progress, say
 
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rewrite the goldens from this run and print what changed")
     parser.add_argument("--build-recordings", action="store_true",
                         help="rebuild the recordings from --data, then write their goldens")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder for --build-recordings (default "
                              "../shared/data/speech_commands_dev, or $EDGEPROP_DATA)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="clip choice seed for the build")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import CheckpointError, EdgepropError
-from runtime.arg_types import int_range, nonneg_float, nonneg_int, pos_float, pos_int
+from runtime.arg_types import folder, int_range, nonneg_float, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 from runtime.protocol import MAX_BATCH
@@ -64,8 +64,9 @@ def _histogram(lat_ms: np.ndarray) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint (default: the shipped model)")
     parser.add_argument("--backend", choices=("emulator", "reference"), default="emulator")
-    parser.add_argument("--clips", help="a Speech Commands folder to take clips from instead "
-                                        "of the embedded ones")
+    parser.add_argument("--clips", type=folder,
+                        help="a Speech Commands folder to take clips from instead of the "
+                             "embedded ones")
     parser.add_argument("--per-label", type=pos_int, default=3, help="clips per label with --clips")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="stream order and gaps")
     parser.add_argument("--noise-gain", type=nonneg_float, default=0.1,
