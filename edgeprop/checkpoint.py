@@ -234,7 +234,7 @@ def _check_frontend(path: Path, frontend: dict | None) -> None:
                               f"frontend.{', frontend.'.join(missing)} missing")
     try:
         FrontendConfig.from_dict(frontend)
-    except (EdgepropError, TypeError, ValueError) as exc:
+    except (EdgepropError, TypeError, ValueError, ArithmeticError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid frontend config: "
                               f"{exc}") from None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.checkpoint import Checkpoint
-from edgeprop.datasets import Clip, scan_speech_commands
+from edgeprop.datasets import Clip, ScanResult, scan_speech_commands
 from edgeprop.errors import CheckpointError, DatasetError
 from edgeprop.frontend import FrontendConfig
 from edgeprop.network import KWS_LABELS
@@ -134,10 +134,15 @@ def evaluate_clips(ckpt: Checkpoint, clips: list[Clip], *, cache=None,
 
 def scan_for_model(root: str | Path, ckpt: Checkpoint) -> list[Clip]:
     """Clips of a Speech Commands folder, labelled with the checkpoint's label set."""
+    return scan_folder_for_model(root, ckpt).clips
+
+
+def scan_folder_for_model(root: str | Path, ckpt: Checkpoint) -> ScanResult:
+    """The whole scan (clips and what was skipped, for a note) with the model's labels."""
     labels = tuple(model_labels(ckpt))
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder (expected a Speech Commands folder)")
-    return scan_speech_commands(root, labels).clips
+    return scan_speech_commands(root, labels)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -39,7 +40,8 @@ FRONTEND_VERSION = 1  # bump when the maths changes, so hashes (and caches) chan
 
 
 #: from_dict's type check, by field annotation
-_SETTING_KINDS = {"int": ("an integer", is_int), "float": ("a number (not NaN)", is_real),
+_SETTING_KINDS = {"int": ("an integer", is_int),
+                  "float": ("a finite number", lambda v: is_real(v) and math.isfinite(v)),
                   "bool": ("true or false", lambda v: isinstance(v, (bool, np.bool_)))}
 
 

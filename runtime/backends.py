@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeprop.errors import ConfigError
+from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import ModelConfig, Params
 
 BACKENDS = ("emulator", "reference")
@@ -150,6 +150,6 @@ def make_backend(name: str, cfg: ModelConfig, params: Params, *, lr: float = DEF
         try:
             learner.load_optimizer_state(optimizer_state)
         except Exception as exc:
-            raise ConfigError(f"checkpoint optimizer state does not fit the {name} backend: "
-                              f"{exc}") from None
+            raise CheckpointError(f"checkpoint optimizer state does not fit the {name} "
+                                  f"backend: {exc}") from None
     return cls(learner, cfg, params, kwargs)

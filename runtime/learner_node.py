@@ -247,11 +247,11 @@ class LearnerCore:
         try:
             self.backend = make_backend(backend, self.cfg, checkpoint.params.copy(), lr=lr,
                                         optimizer_state=checkpoint.optimizer_state, n_pes=n_pes)
-        except ConfigError as exc:
+        except CheckpointError as exc:  # its optimizer state: name the file
             where = getattr(checkpoint, "path", None)
             if where is None:
                 raise
-            raise ConfigError(f"{where}: {exc}") from None
+            raise CheckpointError(f"{where}: {exc}") from None
         self.warmup_s = self.backend.warmup()
         if apply_delay < 0:
             raise ConfigError(f"apply_delay must be >= 0 frames, got {apply_delay}")
@@ -760,6 +760,7 @@ class LearnerCore:
             return None
         except (CheckpointError, OSError) as exc:
             first = f"the final checkpoint failed: {exc}"
+        wanted = self.checkpoint_dir
         try:
             self.checkpoint_dir = rescue_folder(self.name)
             saved = self.save_checkpoint()
@@ -769,7 +770,8 @@ class LearnerCore:
             return (f"{first}; a rescue copy in the temp dir failed too ({exc}): the learning "
                     f"since {since} is lost")
         return (f"{first}; the weights were saved to {saved['path']} instead: resume with "
-                f"--checkpoint-dir {self.checkpoint_dir}")
+                f"--checkpoint-dir {self.checkpoint_dir}, or copy {CHECKPOINT_NAME} back "
+                f"into {wanted} once it has room")
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> dict:
         from edgeprop.checkpoint import save_checkpoint

@@ -898,10 +898,10 @@ def save_personalized(ckpt: Checkpoint, base_path: Path, params: Params, speaker
         write(path)
     except (CheckpointError, OSError) as exc:  # a full disk must not cost the session
         why = exc if isinstance(exc, CheckpointError) else f"cannot write {path}: {exc}"
-        rescued = rescue_folder(speaker) / path.name
         try:
+            rescued = rescue_folder(speaker) / path.name
             write(rescued)
-        except (CheckpointError, OSError) as again:
+        except (CheckpointError, OSError) as again:  # the temp dir is full too
             raise CheckpointError(f"{why}; a rescue copy in the temp dir failed too "
                                   f"({again}): the adapted weights are lost") from None
         raise CheckpointError(f"{why}; the adapted weights were saved to {rescued} instead "

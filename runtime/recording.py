@@ -60,6 +60,7 @@ import numpy as np
 from edgeprop.errors import CheckpointError, ConfigError, ProtocolError
 from edgeprop.network import is_int, is_real
 from runtime import protocol as P
+from runtime.backends import BACKENDS
 
 
 class RecordingWriter:
@@ -267,7 +268,7 @@ def recorded_settings(rec: Recording) -> dict:
 # would otherwise fail deep in the learner on, say, lr "fast" or -1, without naming the
 # recording)
 _SETTING_CHECKS = {
-    "backend": (lambda v: v in ("emulator", "reference"), "'emulator' or 'reference'"),
+    "backend": (lambda v: v in BACKENDS, " or ".join(map(repr, BACKENDS))),
     "lr": (lambda v: is_real(v) and math.isfinite(v) and v > 0, "a number > 0"),
     "learning": (lambda v: isinstance(v, bool), "true or false"),
     "apply_delay": (lambda v: is_int(v) and v >= 0, "a whole number of frames >= 0"),
@@ -346,6 +347,9 @@ def _not_a_recording(path: Path) -> str:
 
 @dataclass
 class ReplayResult:
+    """What a replay's learner sent back. `outputs` (every message, in order) is what
+    compare_replay reads; `posteriors` is their per-stream stack, for callers."""
+
     posteriors: dict[str, np.ndarray]
     detections: list[P.Detection]
     params: Any

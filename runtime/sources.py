@@ -349,6 +349,16 @@ class StdinSource(Source):
         self.dtype = np.dtype("<i2" if dtype == "int16" else "<f4")
         self.block = int(round(sample_rate * block_ms / 1000))
         self.stream = stream if stream is not None else sys.stdin.buffer
+        peek = getattr(self.stream, "peek", None)  # a pipe: look without consuming
+        if peek is not None:  # so a wrong input is said before a learner session opens
+            head = peek(4)[:4]
+            if not head:
+                raise self._no_audio(0)
+            _refuse_audio_file(head)
+
+    def _no_audio(self, total: int) -> AudioError:
+        return AudioError(f"stdin: no audio ({total} bytes before it ended); expected raw "
+                          f"16 kHz mono {self.dtype.name} PCM piped in")
 
     def blocks(self) -> Iterator[Block]:
         nbytes = self.block * self.dtype.itemsize
@@ -371,8 +381,7 @@ class StdinSource(Source):
         if whole:  # the last, shorter block (a file is replayed to its end too)
             yield Block(self._samples(carry[:whole]), time.monotonic_ns())
         if total < self.dtype.itemsize:
-            raise AudioError(f"stdin: no audio ({total} bytes before it ended); expected "
-                             f"raw 16 kHz mono {self.dtype.name} PCM piped in")
+            raise self._no_audio(total)
 
     def _samples(self, raw: bytes) -> np.ndarray:
         x = np.frombuffer(raw, self.dtype)

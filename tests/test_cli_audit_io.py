@@ -91,12 +91,15 @@ def test_an_audio_file_or_nothing_on_stdin_is_an_error(learner, tmp_path):
     x, _ = sf.read(CLIP, dtype="int16")
     sf.write(tmp_path / "a.wav", x, 16000)
     rec = tmp_path / "a.rec"
-    err = _user_error(_cli("record", rec, "--stdin", "--endpoint", learner,
-                           data=(tmp_path / "a.wav").read_bytes()), "record")
+    out = _cli("record", rec, "--stdin", "--endpoint", learner,
+               data=(tmp_path / "a.wav").read_bytes())
+    err = _user_error(out, "record")
     assert "stdin holds a WAV file, not raw PCM" in err and "--file" in err
     assert not rec.exists()
-    err = _user_error(_cli("listen", "--stdin", "--endpoint", learner, data=b""), "listen")
-    assert "stdin: no audio (0 bytes before it ended)" in err
+    out_empty = _cli("listen", "--stdin", "--endpoint", learner, data=b"")
+    assert "stdin: no audio (0 bytes before it ended)" in _user_error(out_empty, "listen")
+    for run in (out, out_empty):  # said before the learner was asked for a session
+        assert b"accepted by" not in run.stderr
 
 
 def test_stdin_streams_the_last_short_block_like_a_file(learner, tmp_path):

@@ -287,8 +287,8 @@ def test_model_field_missing_is_an_error_not_a_default(tmp_path, field):
                                        "missing"),
     (lambda fe: fe.update(n_mels="lots"), "invalid frontend config: frontend setting n_mels "
                                           "must be an integer, got 'lots'"),
-    (lambda fe: fe.update(fmax=float("nan")), "fmax must be a number .not NaN., got nan"),
-    (lambda fe: fe.update(fmax=float("inf")), r"need 0 <= fmin < fmax <= sample_rate/2"),
+    (lambda fe: fe.update(fmax=float("nan")), "fmax must be a finite number, got nan"),
+    (lambda fe: fe.update(hop_ms=float("inf")), "hop_ms must be a finite number, got inf"),
     (lambda fe: fe.update(deltas=1), "deltas must be true or false, got 1"),
     (lambda fe: fe.update(hop_ms=-10.0), "need 0 < hop <= win samples"),
     (lambda fe: fe.update(window=[1, 2]), r"unknown frontend settings: \['window'\]"),

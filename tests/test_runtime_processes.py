@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,7 +168,8 @@ def test_a_full_disk_costs_no_learned_weights(model, stream, tmp_path, full_dir)
         assert proc.wait(30) == 1
         err = proc.stderr.read()
         assert "Traceback" not in err and "No space left" in err
-        rescue = Path(err.rsplit("resume with --checkpoint-dir ", 1)[1].split()[0])
+        rescue = Path(re.search(r"resume with --checkpoint-dir (\S+?),", err).group(1))
+        assert f"or copy learner.ckpt back into {full_dir} once it has room" in err
         ck = load_checkpoint(rescue / "learner.ckpt")
         assert params_hash(ck.params) == stats["params_hash"]  # nothing learned was lost
     finally:

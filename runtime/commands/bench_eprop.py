@@ -29,7 +29,8 @@ import numpy as np
 from runtime.arg_types import int_range, nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
-# samples x steps of one repeat: 640 MB of inputs, a minute or two per repeat on one core
+# samples x steps of one repeat: 640 MB of float32 inputs (about 3x that while they
+# are drawn in float64), a minute or two per repeat on one core
 MAX_TIMESTEPS = 2_000_000
 EXACTNESS_BATCH = 4  # the batch grad_rel_err_vs_bptt is defined on
 
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.samples * args.steps > MAX_TIMESTEPS:  # the inputs are held in memory at once
         raise ConfigError(f"--samples {args.samples} x --steps {args.steps} = "
                           f"{args.samples * args.steps:,} timesteps per repeat "
-                          f"({args.samples * args.steps * 320 / 1e9:.1f} GB of input); "
+                          f"({args.samples * args.steps * 320 / 1e9:.1f} GB of input, about 3x "
+                          "that while it is drawn); "
                           f"at most {MAX_TIMESTEPS:,}")
     cfg = ModelConfig()  # the reference KWS network: 80-120-12 ALIF
     params = init_params(cfg, seed=args.seed)

@@ -37,13 +37,8 @@ def _table(res) -> str:
 
 def run(args) -> int:
     from edgeprop.checkpoint import load_checkpoint
-    from edgeprop.datasets import (
-        require_data_dir,
-        scan_speech_commands,
-        skipped_files,
-        skipped_note,
-    )
-    from edgeprop.evaluation import checkpoint_frontend, evaluate_clips, model_labels
+    from edgeprop.datasets import require_data_dir, skipped_files, skipped_note
+    from edgeprop.evaluation import checkpoint_frontend, evaluate_clips, scan_folder_for_model
     from edgeprop.feature_cache import FeatureCache
     from edgeprop.shipped import SHIPPED_MODEL, load_shipped
 
@@ -51,7 +46,7 @@ def run(args) -> int:
     model_path = args.model or SHIPPED_MODEL
     data = require_data_dir(args.data)
     checkpoint_frontend(ckpt)  # a checkpoint unfit for audio fails before the bar starts
-    scan = scan_speech_commands(data, tuple(model_labels(ckpt)))
+    scan = scan_folder_for_model(data, ckpt)
     clips = scan.clips
     cache = FeatureCache(args.cache_dir)
     with progress("evaluating", len(clips), args.quiet) as adv:

@@ -188,8 +188,10 @@ def run(args) -> int:
     t_start = time.perf_counter()
     data_dir = require_data_dir(args.data)
     if args.synth is not None and not args.synth.is_dir():
-        raise DatasetError(f"--synth {args.synth}: no such folder (expected a folder of "
-                           "synthetic voices in the Speech Commands layout)")
+        what = "not a folder" if args.synth.exists() else "no such folder"
+        raise DatasetError(f"--synth {args.synth}: {what} (expected a folder of synthetic "
+                           "voices in the Speech Commands layout, e.g. from edgeprop data "
+                           "synth)")
     if args.dense and args.b_th is not None and not args.compare_dense:
         raise ConfigError("--b-th is the band of sparse BPTT, which --dense does not use; "
                           "drop one of them (or add --compare-dense)")
@@ -309,7 +311,12 @@ def run(args) -> int:
                         "resume": str(resume_file)})
         return 0
     seconds = time.perf_counter() - t_start
-    val_acc = training.accuracy(cfg, state.model(), data.val_x, data.val_y)
+    try:  # all epochs are in the resume file: Ctrl-C here is said the same way
+        with interrupt:
+            val_acc = training.accuracy(cfg, state.model(), data.val_x, data.val_y)
+    except KeyboardInterrupt:
+        interrupted()
+        raise
     comparison = None
     if args.compare_dense:
         other = dataclasses.replace(tcfg, sparse=not tcfg.sparse)

@@ -200,11 +200,16 @@ def run_variants(args) -> dict:
         val = [val[i] for i in sorted(rng.choice(len(val), min(args.val_clips, len(val)),
                                                  replace=False))]
     say(f"features: {len(train)} train, {len(val)} validation clips (speaker-disjoint)")
+    if not val:
+        raise DatasetError(f"{data}: no validation clips in the speaker split; --variants "
+                           "needs a folder with more speakers")
     if len(val) < MIN_VAL_CLIPS:
+        fix = (f"use --val-clips {MIN_VAL_CLIPS} or more (0 = the whole split)"
+               if args.val_clips else "the split holds no more: use a folder with more "
+                                      "speakers")
         say(f"warning: with {len(val)} validation clips an accuracy moves in steps of "
-            f"{100 / max(len(val), 1):.1f} points, so the variants' differences (and the "
-            f"recommendation) are mostly chance; use --val-clips {MIN_VAL_CLIPS} or more "
-            "(0 = the whole split)")
+            f"{100 / len(val):.1f} points, so the variants' differences (and the "
+            f"recommendation) are mostly chance; {fix}")
     tx, vx = _features(ck, train), _features(ck, val)
     ty = np.array([c.label_index for c in train])
     vy = np.array([c.label_index for c in val])
@@ -224,7 +229,7 @@ def run_variants(args) -> dict:
         "data": f"{data.name}: speaker_split(0.2, seed {args.seed})",
         "train_clips": len(train),
         "val_clips": len(val),
-        "accuracy_step_points": 100 / max(len(val), 1),
+        "accuracy_step_points": 100 / len(val),
         "lr": args.lr,
         "pes": args.pes,
         "shipped_val_accuracy": base_acc,

@@ -105,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
                 advance()
     failed = [f"{r['name']}/{r['backend']}" for r in rows if not r["passed"]]
     say(_table(rows))
-    if args.update:
-        say(f"goldens rewritten in {folder}; what changed (review it before committing):")
-        for r in rows:
+    updated = [r for r in rows if r.get("tier") == "updated"]
+    if updated:  # a row that failed (unreadable, timed out) kept its old golden
+        say(f"{len(updated)} goldens rewritten in {folder}; what changed (review it before "
+            "committing):")
+        for r in updated:
             for line in r.get("changes", []):
                 say(f"  {r['name']} ({r['backend']}): {line}")
     total = time.monotonic() - t0

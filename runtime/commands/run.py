@@ -47,9 +47,9 @@ from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 from runtime.protocol import MAX_BATCH
 
+MAX_STREAMS = 64  # each stream is a frontend node with its own socket and thread
 # Fixed edges (ms) so histograms from different runs line up in docs/BENCHMARKS.md;
 # latencies above the last edge are counted in the last bin.
-MAX_STREAMS = 64  # each stream is a frontend node with its own socket and thread
 LATENCY_EDGES_MS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0,
                     100.0)
 
