@@ -115,6 +115,29 @@ def check_audio(
     return x
 
 
+def probe_audio(path: str | os.PathLike) -> None:
+    """The checks load_wav makes before it reads any sample (the file, its header, its
+    length and rate), as AudioErrors naming the file. Headers only, so a whole folder
+    can be checked before any of it is streamed or learned from."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if not p.is_file():
+        raise AudioError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise AudioError(f"{p}: empty file (0 bytes)")
+    _check_riff(p)
+    try:
+        info = sf.info(str(p))
+    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
+        raise AudioError(f"{p}: corrupt or unsupported audio ({exc})") from None
+    if info.frames == 0:
+        raise AudioError(f"{p}: empty audio (0 frames)")
+    if not AUDIO_RATES[0] <= info.samplerate <= AUDIO_RATES[1]:
+        raise AudioError(f"{p}: sample rate {info.samplerate} Hz is not an audio rate "
+                         f"({AUDIO_RATES[0]}-{AUDIO_RATES[1]} Hz); is its header damaged?")
+
+
 def load_wav(
     path: str | os.PathLike,
     sample_rate: int = 16000,
@@ -132,23 +155,13 @@ def load_wav(
     Errors are AudioError naming the file; see the module table for the policy.
     """
     p = Path(path)
-    if not p.exists():
-        raise AudioError(f"{p}: no such file")
-    if not p.is_file():
-        raise AudioError(f"{p}: not a file")
-    if p.stat().st_size == 0:
-        raise AudioError(f"{p}: empty file (0 bytes)")
-    _check_riff(p)
+    probe_audio(p)
     try:
-        info = sf.info(str(p))
         data, rate = sf.read(str(p), start=start, stop=stop, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:
         raise AudioError(f"{p}: corrupt or unsupported audio ({exc})") from None
-    if info.frames == 0 or data.shape[0] == 0:
+    if data.shape[0] == 0:
         raise AudioError(f"{p}: empty audio (0 frames)")
-    if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1]:
-        raise AudioError(f"{p}: sample rate {rate} Hz is not an audio rate "
-                         f"({AUDIO_RATES[0]}-{AUDIO_RATES[1]} Hz); is its header damaged?")
     if rate != sample_rate:
         if not resample:
             raise AudioError(f"{p}: sample rate {rate} Hz, expected {sample_rate} Hz")

@@ -300,6 +300,23 @@ class FileSource(Source):
                       self.block / SAMPLE_RATE, self.realtime)
 
 
+def _probe_all(files: list[Path]) -> None:
+    """Every file's header, before the first is streamed: a corrupt file found half-way
+    would end a replay whose earlier files the learner already learned from."""
+    from edgeprop.audio import probe_audio
+
+    bad = []
+    for f in files:
+        try:
+            probe_audio(f)
+        except AudioError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise AudioError(f"{len(bad)} of {len(files)} audio files cannot be read, so nothing "
+                         f"was streamed: {bad[0]}{more}; fix or remove them")
+
+
 class FolderSource(Source):
     def __init__(self, root: str | Path, block_ms: float = 10.0, realtime: bool = False,
                  gap_s: float = 0.5, labelled: bool = True, limit: int | None = None):
@@ -317,6 +334,7 @@ class FolderSource(Source):
             raise AudioError(f"{self.root}: no .wav or .flac files" + (
                 f" outside _background_noise_/ (skipped: {len(audio)} noise files, not "
                 "utterances)" if audio else ""))
+        _probe_all(files)
         self.files = files
         self.block = int(round(SAMPLE_RATE * block_ms / 1000))
         self.realtime = realtime

@@ -133,6 +133,17 @@ def test_folder_of_noise_is_replayed_but_noise_under_a_folder_is_skipped(tmp_pat
     assert "no .wav or .flac files outside _background_noise_/" in err
 
 
+def test_a_corrupt_file_in_a_folder_is_found_before_anything_is_streamed(learner, tmp_path):
+    """Half-way through, the learner would already have learned from the files before."""
+    (tmp_path / "yes").mkdir()
+    (tmp_path / "yes" / CLIP.name).write_bytes(CLIP.read_bytes())
+    (tmp_path / "yes" / "zz_broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    out = _cli("listen", "--folder", tmp_path, "--endpoint", learner)
+    err = _user_error(out, "listen")
+    assert "1 of 2 audio files cannot be read, so nothing was streamed: " in err
+    assert "zz_broken.wav" in err and b"accepted by" not in out.stderr
+
+
 @pytest.mark.parametrize("argv, says", [
     (["eprop", "--samples", "1000", "--steps", "10000"], "10,000,000 timesteps per repeat"),
     (["eprop", "--repeats", "5000"], "--repeats: 5000: must be in 1-1000"),
