@@ -82,6 +82,17 @@ nonneg_float = _at_least(float, 0.0, strict=False)  # finite, >= 0 (gains, secon
 pos_float = _at_least(float, 0.0, strict=True)      # finite, > 0 (learning rates, timeouts)
 
 
+def learning_rate(text: str) -> float:
+    """An optimizer step size: finite, > 0 and at most 1. Above that Adam moves each
+    weight by about the rate every step, so a typo (1e30) would train a model of
+    noise that still gets written, or learn one online."""
+    value = pos_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g}: a learning rate is at most 1 (the "
+                                         "defaults are 1e-4 to 2e-3)")
+    return value
+
+
 def int_range(low: int, high: int):
     """A type: an integer in [low, high] (the bound named in the error)."""
     def check(text: str) -> int:

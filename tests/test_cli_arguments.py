@@ -126,6 +126,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     (["demo", "live", "--device", " "], "leave --device out for the default"),
     (["serve", "--window", "5000"], "--window: 5000: must be in 1-1000"),
     (["run", "--threshold", "nan"], "--threshold"),
+    (["pretrain", "--lr", "1e30"], "a learning rate is at most 1"),  # not a model of noise
+    (["serve", "--lr", "2"], "a learning rate is at most 1"),
     (["evaluate", "--data", ""], "--data: empty"),  # not silently the current folder
     (["run", "--clips", " "], "--clips: empty"),
     (["regress", "--only", ","], "names nothing"),  # not "every recording", not "none"

@@ -22,6 +22,7 @@ from pathlib import Path
 from runtime.arg_types import (
     device,
     folder,
+    learning_rate,
     new_file,
     nonneg_int,
     output_folder,
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
                         help="where e-prop runs (default: the SpiNNaker 2 emulator)")
     parser.add_argument("--seed", type=nonneg_int, default=d.seed)
-    parser.add_argument("--lr", type=pos_float, default=d.lr,
+    parser.add_argument("--lr", type=learning_rate, default=d.lr,
                         help="learning rate (default %(default)s)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_KINDS), default=d.optimizer,
                         help="adam, plain sgd, or sgd with momentum (default %(default)s)")

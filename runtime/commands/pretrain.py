@@ -21,6 +21,7 @@ from runtime.arg_types import (
     below,
     folder,
     fraction,
+    learning_rate,
     new_file,
     nonneg_float,
     nonneg_int,
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synth", type=folder, default=None,
                         help="extra folder of synthetic voices (Speech Commands layout), "
                              "training only")
-    parser.add_argument("--lr", type=pos_float, default=None,
+    parser.add_argument("--lr", type=learning_rate, default=None,
                         help=f"Adam learning rate (default {d.lr:g})")
     parser.add_argument("--batch-size", type=pos_int, default=None,
                         help=f"clips per batch (default {d.batch_size})")

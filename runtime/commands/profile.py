@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import ConfigError, DatasetError
-from runtime.arg_types import folder, nonneg_int, pos_float, pos_int
+from runtime.arg_types import folder, learning_rate, nonneg_int, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s",
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--variants: clips to fine-tune on (default 200)")
     parser.add_argument("--val-clips", type=nonneg_int, default=0,
                         help="--variants: validation clips (0 = all of the split)")
-    parser.add_argument("--lr", type=pos_float, default=1e-4, help="Adam learning rate")
+    parser.add_argument("--lr", type=learning_rate, default=1e-4, help="Adam learning rate")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint to map (default: the shipped kws_srnn.npz)")
     parser.add_argument("--seed", type=nonneg_int, default=0)

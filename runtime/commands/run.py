@@ -42,7 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import CheckpointError, EdgepropError
-from runtime.arg_types import folder, int_range, nonneg_float, nonneg_int, pos_float, pos_int
+from runtime.arg_types import (
+    folder,
+    int_range,
+    learning_rate,
+    nonneg_float,
+    nonneg_int,
+    pos_int,
+)
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_flags, detector_settings
 from runtime.protocol import MAX_BATCH
@@ -83,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pause-reset", action="store_true",
                         help="do not flag pauses: the network state is never zeroed in the "
                              "stream (the rule before 2026-12-03)")
-    parser.add_argument("--lr", type=pos_float, default=1e-4, help="online learning rate (Adam)")
+    parser.add_argument("--lr", type=learning_rate, default=1e-4,
+                        help="online learning rate (Adam)")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
                              "(deterministic) or use it when ready (real time under load)")

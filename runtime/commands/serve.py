@@ -31,6 +31,7 @@ from pathlib import Path
 from edgeprop.errors import CheckpointError, ConfigError
 from runtime.arg_types import (
     endpoint,
+    learning_rate,
     new_file,
     nonneg_int,
     optional_connect_endpoint,
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "if present")
     parser.add_argument("--checkpoint-every", type=pos_float, default=30.0,
                         help="seconds between checkpoints (when weights changed)")
-    parser.add_argument("--lr", type=pos_float, default=1e-4,
+    parser.add_argument("--lr", type=learning_rate, default=1e-4,
                         help="online learning rate (Adam)")
     parser.add_argument("--no-learning", action="store_true", help="inference only")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
