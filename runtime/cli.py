@@ -10,8 +10,10 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
 # verb -> (module, one-line help); a verb whose value is a dict is a group of sub-verbs.
 VERBS: dict[str, object] = {
@@ -96,6 +98,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prog: str):
+    """A warning reaches the user as one line like every other message ("edgeprop VERB:
+    warning: ..."), not as a source path, line number and code line."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
 def _path_error(exc: OSError) -> str:
     """One line for a path the user gave that cannot be used (missing folder, a folder
     where a file belongs, ...): the path and what is wrong with it."""
@@ -121,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        with _one_line_warnings(prog):
+            return int(module.run(args) or 0)
     except EdgepropError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -150,3 +150,18 @@ def test_a_bind_error_names_its_cause(tmp_path):
     out = _cli("serve", "--bind", far, "--control", "", "--quiet")  # quiet: the error alone
     err = _user_error(out, "serve")
     assert "check the endpoint" in err and "another learner" not in err
+
+
+def test_a_warning_is_one_line_naming_the_command(capsys):
+    """Not a source path, a line number and a line of code under it."""
+    import warnings
+
+    from runtime.cli import _one_line_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with _one_line_warnings("edgeprop pretrain"):
+            warnings.warn("recurrent layer is near silent", UserWarning, stacklevel=1)
+        shown = warnings.showwarning
+    assert capsys.readouterr().err == "edgeprop pretrain: warning: recurrent layer is near silent\n"
+    assert shown is not None and shown.__name__ != "show"  # put back afterwards
