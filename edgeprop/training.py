@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -130,6 +131,14 @@ class KWSData:
     cache_note: str | None = None  # FeatureCache.write_note: the cache was not writable
 
 
+def _physical_memory() -> int:
+    """Bytes of RAM (Linux and macOS; unknown elsewhere: no limit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 62
+
+
 def _aug_cache_path(clips: list[Clip], cfg: FrontendConfig, seed: int, copy: int,
                     aug_desc: str, cache_dir: Path) -> Path:
     h = hashlib.sha256()
@@ -234,13 +243,17 @@ def prepare_data(
     fcfg = fit_normalization(raw_train, cfg)  # clean training features only
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
     shape = (1 + tcfg.n_aug,) + raw_train.shape
+    need = math.prod(shape) * np.dtype(DTYPE).itemsize
+    too_much = ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} "
+                           f"training clips need {need / 2**30:,.1f} GiB of memory (this "
+                           f"machine has {_physical_memory() / 2**30:,.0f} GiB); lower "
+                           "--n-aug or --max-clips")
+    if need > 0.8 * _physical_memory():  # np.empty may still succeed (overcommit) and
+        raise too_much                   # the filling be killed by the kernel
     try:
         train_x = np.empty(shape, DTYPE)
     except MemoryError:
-        gib = math.prod(shape) * np.dtype(DTYPE).itemsize / 2**30
-        raise ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} training "
-                          f"clips need {gib:,.1f} GiB of memory; lower --n-aug or "
-                          "--max-clips") from None
+        raise too_much from None
     train_x[0] = normalize(raw_train, fcfg)
     stats = {"frontend_hash": fcfg.hash(),
              "speech_mean": speech_mean(train_x[0], fcfg).tolist()}
