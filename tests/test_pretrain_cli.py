@@ -207,6 +207,9 @@ def test_resume_file_is_never_overwritten_nor_resumed_with_other_settings(work, 
     assert resume_file.read_bytes() == before
     # the same command plus --resume goes on by --stop-after epochs each time
     assert _json(_cli(*common, "--resume"))["stopped_after"] == 2
+    shorter = _cli(*common, "--resume", "--epochs", "1")  # would write 2 epochs as "1"
+    assert shorter.returncode == 2
+    assert "has already run 2 epochs, more than --epochs 1; give --epochs 2" in shorter.stderr
     done = _json(_cli(*common, "--resume"))
     assert done["epochs_run"] == 3 and out.is_file() and not resume_file.exists()
 

@@ -170,6 +170,11 @@ def _check_resume(ck, resume_file: Path, tcfg, data_dir: Path, args) -> None:
         raise CheckpointError(f"{resume_file} was written by a run with other settings: "
                               f"{', '.join(diffs)}; resume with that run's flags, or delete "
                               "it to start over")
+    done = int(ck.extra.get("next_epoch", 0))
+    if tcfg.epochs < done:  # it would write a model of more epochs than asked for
+        raise CheckpointError(f"{resume_file} has already run {done} epochs, more than "
+                              f"--epochs {tcfg.epochs}; give --epochs {done} or more (the "
+                              "learning-rate schedule then follows the new length)")
 
 
 def run(args) -> int:
