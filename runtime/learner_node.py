@@ -89,6 +89,11 @@ log = logging.getLogger("edgeprop.learner")
 
 CHECKPOINT_NAME = "learner.ckpt"
 
+#: control commands that change what the streams get (weights, learning, state): a
+#: recording holds them, from control_rep too, so that its replay is identical. The
+#: others (stats, checkpoint, ...) change no output, and a replay must not write files.
+REPLAYED_CONTROL = ("teach", "learning", "reset")
+
 
 def step_frame(cfg: ModelConfig, params: Params, state: State, rows: np.ndarray,
                pause: bool = False) -> tuple[State, np.ndarray]:
@@ -709,7 +714,17 @@ class LearnerCore:
         return {"learning": self.learning}
 
     def _cmd_checkpoint(self, stream: str, args: dict) -> dict:
-        return self.save_checkpoint(args.get("path"))
+        """A path on the learner's host (relative: to its working folder; the reply
+        names it absolute). Checked here, so that an empty one or a folder gets a reply
+        that says so, not a temp file's OSError."""
+        path = args.get("path")
+        if path is not None:
+            if not path.strip():
+                raise ConfigError("argument 'path' is empty: give a file name, or leave it "
+                                  "out to write the checkpoint dir's learner.ckpt")
+            if Path(path).is_dir():
+                raise ConfigError(f"argument 'path': {path} is a folder; give a file name")
+        return self.save_checkpoint(path)
 
     def _cmd_stats(self, stream: str, args: dict) -> dict:
         return self.stats()
@@ -795,11 +810,15 @@ class LearnerCore:
         for sess in self.sessions.values():
             if sess.weights is not None:
                 self._save_personal(sess)
-        self._last_ckpt = time.monotonic()
-        self._updates_at_ckpt = updates
+        if self.checkpoint_dir is not None and \
+                Path(path).absolute() == resume_path(self.checkpoint_dir).absolute():
+            # only learner.ckpt is resumed from: a copy elsewhere (`checkpoint` with a
+            # path) must not put off the periodic one, or a kill -9 would lose its updates
+            self._last_ckpt = time.monotonic()
+            self._updates_at_ckpt = updates
         self.counts["checkpoints"] += 1
-        self.last_checkpoint = {"path": str(path), "params_hash": self.params_hash(params),
-                                "updates": updates}
+        self.last_checkpoint = {"path": str(Path(path).absolute()),  # for peers elsewhere
+                                "params_hash": self.params_hash(params), "updates": updates}
         log.info("%s: checkpoint %s (updates %d)", self.name, path, updates)
         return dict(self.last_checkpoint)
 
@@ -979,7 +998,12 @@ class LearnerNode:
             req = P.decode(parts[0])
             if not isinstance(req, P.ControlRequest):
                 raise P.WireError("unknown_type", f"{req.TYPE} on control socket")
+            replayed = req.cmd in REPLAYED_CONTROL
+            if replayed:
+                self._record("in", parts[0])
             reply = core.control(req)
+            if replayed:
+                self._record("out", P.encode(reply))
         except P.WireError as exc:
             core._fault(exc.kind, f"control socket: {exc.detail}")
             reply = P.ControlReply("?", False, {}, exc.detail)

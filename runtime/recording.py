@@ -375,9 +375,10 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
     rec = recording if isinstance(recording, Recording) else read_recording(recording)
     want = header_for(checkpoint).frontend_hash
     if want and rec.header.frontend_hash and rec.header.frontend_hash != want:
-        raise CheckpointError("recording was made with another frontend config "
-                              f"({rec.header.frontend_hash[:12]} vs checkpoint "
-                              f"{want[:12]}); replay it with its own model")
+        raise CheckpointError(f"{rec.path}: recorded with another frontend config "
+                              f"({rec.header.frontend_hash[:12]}, the model's is "
+                              f"{want[:12]}); replay it with the --model it was recorded "
+                              f"with (params {rec.header.params_hash[:12]})")
     rt = recorded_settings(rec)
     pick = lambda given, key, default: given if given is not None else rt.get(key, default)
     core = LearnerCore(checkpoint, backend=pick(backend, "backend", "reference"),

@@ -268,6 +268,11 @@ def load_protocol_recording(path: Path) -> StreamRecording:
     frames = sorted(rec.frames(), key=lambda f: f.seq)
     if not frames:
         raise ProtocolError(f"{path}: the recording holds no frames")
+    streams = list(dict.fromkeys(f.stream for f in frames))
+    if len(streams) > 1:  # their frames would be interleaved by seq into one nonsense stream
+        raise ProtocolError(f"{path}: holds {len(streams)} streams ({', '.join(map(repr, streams))}"
+                            "); regress replays one stream per recording: record each with "
+                            "`edgeprop record`, or check it with `edgeprop replay`")
     arr = np.concatenate([np.asarray(f.spikes) for f in frames])
     labels = np.concatenate([np.asarray(f.labels if f.labels is not None
                                         else [P.NO_LABEL] * f.n) for f in frames])

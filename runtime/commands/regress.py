@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         paths = [p for p in paths if p.stem in want]
         missing = want - {p.stem for p in paths}
         if missing:
-            raise ConfigError(f"no recordings named {sorted(missing)} in {folder}")
+            have = ", ".join(p.stem for p in R.list_recordings(folder)) or "none"
+            raise ConfigError(f"no recording named {', '.join(sorted(missing))} in {folder} "
+                              f"(it holds: {have})")
     if not paths:
         raise ConfigError(f"{folder}: no recordings (build them with --build-recordings)")
     backends = ["emulator", "reference"] if args.backend == "all" else [args.backend]

@@ -9,7 +9,9 @@ posteriors and the same detections.
 
 With --endpoint the inbound messages are sent, in order, to a running learner instead
 (lossless: one DEALER, blocking sends), and its outputs are compared the same way; a
-learner that does not answer the hello within 10 s is an error, as for `listen`.
+learner that does not answer the hello within 10 s is an error, as for `listen`. That
+learner keeps its own settings and weights: --backend, --no-learning, --save and the
+detector options are refused with --endpoint rather than ignored.
 
 The learner settings (backend, detector, learning, ...) are the recorded learner's
 (the header's, completed from the recorded hello_reply), so a replay reproduces what
@@ -30,7 +32,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from edgeprop.errors import EdgepropError, ProtocolError
+from edgeprop.errors import ConfigError, EdgepropError, ProtocolError
 from runtime.arg_types import connect_endpoint, new_file
 from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
@@ -60,6 +62,19 @@ def _detector(args: argparse.Namespace, recorded: dict) -> dict | None:
     (replay_recording then takes the recorded one as it is)."""
     given = {k: v for k, v in detector_settings(args).items() if v is not None}
     return {**(recorded.get("detector") or {}), **given} if given else None
+
+
+def _offline_only(args: argparse.Namespace) -> None:
+    """Refuse the options a running learner (--endpoint) cannot take: its backend,
+    learning, detector and weights are its own, so they would be silently ignored."""
+    given = [flag for flag, value in (("--backend", args.backend), ("--save", args.save),
+                                      ("--no-learning", args.no_learning or None),
+                                      *((f"--{k}", v) for k, v in detector_settings(args).items()))
+             if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not used with --endpoint (the running learner "
+                          "keeps its own settings and weights; ask it for a checkpoint over "
+                          "its control socket); leave --endpoint out to replay offline")
 
 
 def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
@@ -184,6 +199,8 @@ def _replay(args: argparse.Namespace) -> int:
         replay_recording,
     )
 
+    if args.endpoint:
+        _offline_only(args)
     rec = read_recording(args.recording)
     rec.require_frames()
     ckpt = load_model(args.model)

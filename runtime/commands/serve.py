@@ -12,7 +12,9 @@ state, update count): a learner killed with SIGKILL loses at most --checkpoint-e
 seconds of learning. SIGINT / SIGTERM: a final checkpoint, then a clean exit 0. A
 periodic checkpoint that cannot be written (a full disk) is logged and retried while
 serving goes on; a final one that cannot be written goes to a rescue folder in the
-temp dir, named on stderr, and serve exits 1.
+temp dir, named on stderr, and serve exits 1. With --workers, a worker that dies is
+restarted, but one that stops on a user error (exit 2: a damaged learner.ckpt, ...)
+stops the broker and the other workers with it, exit 2.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
                              "(deterministic) or use it when ready (real time under load)")
-    parser.add_argument("--apply-delay", type=int, default=100,
+    parser.add_argument("--apply-delay", type=nonneg_int, default=100,
                         help="frames after a labelled window ends until its update is used "
                              "(learning runs on its own thread meanwhile); 0 = inline")
     add_detector_arguments(parser)
@@ -127,6 +129,12 @@ def build_core(args: argparse.Namespace):
 
         path = resume_path(args.checkpoint_dir)
         fix = "pass the --model it learned from, or another --checkpoint-dir"
+        try:  # a damaged file is not "another model": say which it is
+            load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ConfigError(f"cannot resume: {exc}; move {path} away to start from "
+                              f"{args.model or 'the shipped model'}, or pass another "
+                              "--checkpoint-dir") from None
         try:  # load_checkpoint's own model check (expect=) names what differs
             resumed = load_checkpoint(path, expect=ckpt.cfg)
         except CheckpointError as exc:
@@ -147,11 +155,11 @@ def build_core(args: argparse.Namespace):
                        apply_delay=args.apply_delay, late_updates=args.late_updates)
 
 
-def _install_signals(stop: threading.Event, who: str) -> None:
+def _install_signals(stop: threading.Event, who: str,
+                     then: str = "final checkpoint, then stop") -> None:
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        logging.getLogger("edgeprop.learner").warning(
-            "%s: %s received: final checkpoint, then stop", who, name)
+        logging.getLogger("edgeprop.learner").warning("%s: %s received: %s", who, name, then)
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -218,11 +226,19 @@ def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
         cmd += ["--checkpoint-dir", str(Path(args.checkpoint_dir) / f"worker-{k}")]
     if args.no_learning:
         cmd.append("--no-learning")
+    if args.quiet:
+        cmd.append("--quiet")
     return cmd
+
+
+#: a worker that exits with this code met a user error (a bad --model, ...) and said
+#: so on stderr: restarting it would print the same error twice a second for ever
+USER_ERROR_EXIT = 2
 
 
 def _run_broker(args: argparse.Namespace) -> int:
     from runtime.broker import Broker
+    from runtime.learner_node import load_model
 
     if args.pub:
         raise ConfigError("--pub is not served with --workers (the workers sit behind the "
@@ -233,9 +249,14 @@ def _run_broker(args: argparse.Namespace) -> int:
     if args.connect:
         raise ConfigError("--connect is not used with --workers (the broker binds --bind and "
                           "its workers connect to it); give one or the other")
+    if args.record:
+        raise ConfigError("--record is not served with --workers (each worker sees only its "
+                          "own streams); serve one learner to record it, or record at the "
+                          "frontend with `edgeprop record`")
+    load_model(args.model)  # a bad --model is one error here, not one per worker start
     broker = Broker(args.bind, "tcp://127.0.0.1:*")
     stop = threading.Event()
-    _install_signals(stop, "broker")
+    _install_signals(stop, "broker", "stopping the workers")  # the broker learns nothing
     thread = threading.Thread(target=broker.run, args=(stop,), daemon=True)
     thread.start()
     if not broker.ready.wait(10):
@@ -243,22 +264,30 @@ def _run_broker(args: argparse.Namespace) -> int:
     if broker.error is not None:
         raise broker.error
     ep = broker.endpoints["workers_router"]
-    procs = [subprocess.Popen(_worker_cmd(args, ep, k)) for k in range(args.workers)]
-    deadline = time.monotonic() + 60
-    while len(broker.workers) < args.workers and time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.1)
-    say(f"broker: {len(broker.workers)}/{args.workers} workers up; clients on "
-        f"{broker.endpoints['clients_router']}")
-    _write_ready(args.ready_file, dict(broker.endpoints, workers=len(broker.workers)))
-    try:
-        while not stop.is_set():
-            stop.wait(0.5)
+    procs: list[subprocess.Popen] = []
+    failed = ""
+    try:  # from the first worker on: whatever happens, none is left running
+        procs = [subprocess.Popen(_worker_cmd(args, ep, k)) for k in range(args.workers)]
+        deadline = time.monotonic() + 60
+        while (len(broker.workers) < args.workers and time.monotonic() < deadline
+               and not stop.is_set()):
+            if any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.1)
+        say(f"broker: {len(broker.workers)}/{args.workers} workers up; clients on "
+            f"{broker.endpoints['clients_router']}")
+        _write_ready(args.ready_file, dict(broker.endpoints, workers=len(broker.workers)))
+        while not stop.is_set() and not failed:
             for k, p in enumerate(procs):
-                if p.poll() is not None and not stop.is_set():
-                    say(f"broker: worker-{k} exited ({p.returncode}); restarting it")
-                    procs[k] = subprocess.Popen(_worker_cmd(args, ep, k))
+                if p.poll() is None or stop.is_set():
+                    continue
+                if p.returncode == USER_ERROR_EXIT:
+                    failed = (f"worker-{k} stopped on an error (exit {p.returncode}, its "
+                              "message is above); not restarting it")
+                    break
+                say(f"broker: worker-{k} exited ({p.returncode}); restarting it")
+                procs[k] = subprocess.Popen(_worker_cmd(args, ep, k))
+            stop.wait(0.5)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -270,6 +299,8 @@ def _run_broker(args: argparse.Namespace) -> int:
                 p.kill()
         stop.set()
         thread.join(5)
+    if failed:
+        raise ConfigError(failed)
     if args.json:
         print_json(broker.stats())
     return 0

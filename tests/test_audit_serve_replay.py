@@ -1,0 +1,225 @@
+"""What a user of serve, its control socket, replay and regress stumbles on, fixed.
+
+Real parts only: learners on loopback TCP (in-process nodes or `edgeprop serve`
+subprocesses), REQ clients on their control sockets, recordings written by a learner.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from runtime_support import control, feed_stream, frontend_for, small_checkpoint, start_learner
+
+from runtime import protocol as P
+from runtime.cli import main
+from runtime.learner_node import LearnerCore, Model, resume_path
+from runtime.recording import (
+    RecordingWriter,
+    compare_replay,
+    header_for,
+    read_recording,
+    replay_recording,
+)
+from runtime.stream import build_stream, embedded_clips
+
+
+def _serve(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", "serve",
+                           "--bind", "tcp://127.0.0.1:*", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- a learner-side recording
+
+@pytest.fixture(scope="module")
+def recording(ckpt, tmp_path_factory):
+    """Two streams recorded at the learner, with reset and learning-off sent on its
+    control socket half-way (as a user's tool would)."""
+    path = tmp_path_factory.mktemp("rec") / "two.rec"
+    settings = LearnerCore(ckpt, backend="reference", apply_delay=0).settings()
+    node = start_learner(ckpt, recorder=RecordingWriter(path, header_for(ckpt, runtime=settings)),
+                         apply_delay=0)
+    stream = build_stream(embedded_clips()[:3], seed=0)
+    try:
+        fes = [frontend_for(ckpt, node.endpoints["data_router"], stream=s) for s in "ab"]
+        for fe in fes:
+            fe.start()
+            feed_stream(fe, stream, limit_s=1.0)
+        time.sleep(0.3)  # let the learner take them (not needed for determinism)
+        ep = node.endpoints["control_rep"]
+        assert control(ep, "reset", stream="a").ok
+        assert control(ep, "learning", on=False).ok
+        for fe in fes:
+            feed_stream(fe, stream, limit_s=2.0)
+            assert fe.finish()["eos_confirmed"]
+            fe.close()
+    finally:
+        node.stop()  # closes the recorder
+        node.core.close()
+    return path
+
+
+def test_control_socket_commands_are_recorded_so_the_replay_is_identical(recording, ckpt):
+    rec = read_recording(recording)
+    cmds = [m.cmd for m in rec.inputs() if isinstance(m, P.ControlRequest)]
+    assert cmds == ["reset", "learning"]
+    cmp = compare_replay(rec, replay_recording(rec, ckpt))
+    assert cmp["identical"], cmp
+    assert cmp["frames_compared"] == 600
+
+
+def test_replay_against_another_model_names_the_recording(recording, capsys):
+    assert main(["replay", str(recording)]) == 2  # the shipped model: other frontend
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"edgeprop replay: error: {recording}: recorded with another "
+                          "frontend config") and len(err.splitlines()) == 1, err
+
+
+def test_replay_refuses_offline_options_with_endpoint(recording, capsys):
+    argv = ["replay", str(recording), "--endpoint", "tcp://127.0.0.1:9", "--save",
+            str(recording.with_name("w.ckpt")), "--hold", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: --save, --hold: not used with --endpoint" in err
+    assert not recording.with_name("w.ckpt").exists()
+
+
+def test_regress_refuses_a_recording_of_several_streams(recording, tmp_path, capsys):
+    folder = tmp_path / "recs"
+    folder.mkdir()
+    (folder / "two.rec").write_bytes(recording.read_bytes())
+    assert main(["regress", "--recordings", str(folder), "--backend", "reference",
+                 "--quiet"]) == 1
+    assert "holds 2 streams ('a', 'b'); regress replays one stream" in capsys.readouterr().err
+
+
+def test_regress_only_with_unknown_names_lists_the_recordings(capsys):
+    assert main(["regress", "--only", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no recording named nope in" in err and "it holds: clean_speech," in err
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _learn_one_window(core: LearnerCore) -> None:
+    m = Model.from_checkpoint(small_checkpoint())
+    core.handle(P.Hello("s", m.frontend_hash, m.encoder_id, m.cfg.n_in, m.substeps))
+    x = np.full((5, m.substeps, m.cfg.n_in), 0.5, np.float32)
+    core.handle(P.Frames("s", 0, 0.0, 0.01, m.encoder_id, x, labels=[3] * 5, windows=[0] * 5))
+    core.handle(P.EndOfStream("s", 4))
+    assert core.updates == 1
+
+
+def test_a_checkpoint_to_another_path_does_not_put_off_learner_ckpt(tmp_path):
+    """Else a kill -9 after `checkpoint {path}` would lose the updates on resume."""
+    core = LearnerCore(small_checkpoint(), backend="reference", apply_delay=0,
+                       checkpoint_dir=tmp_path / "d", checkpoint_every=0.0)
+    try:
+        _learn_one_window(core)
+        reply = core.control(P.ControlRequest("checkpoint", args={"path": str(tmp_path / "c")}))
+        assert reply.ok, reply.error
+        core.tick()
+        from edgeprop.checkpoint import load_checkpoint
+
+        resumed = load_checkpoint(resume_path(tmp_path / "d"))
+        assert resumed.extra["runtime"]["updates"] == 1
+    finally:
+        core.close()
+
+
+def test_checkpoint_request_path_errors_are_words_and_the_path_comes_back_absolute(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    node = start_learner(small_checkpoint())
+    ep = node.endpoints["control_rep"]
+    try:
+        empty = control(ep, "checkpoint", path="")
+        assert not empty.ok and empty.error.startswith("argument 'path' is empty")
+        folder = control(ep, "checkpoint", path=str(tmp_path))
+        assert not folder.ok and folder.error == (f"argument 'path': {tmp_path} is a folder; "
+                                                  "give a file name")
+        ok = control(ep, "checkpoint", path="rel.ckpt")
+        assert ok.ok and ok.result["path"] == str(tmp_path / "rel.ckpt")
+        assert (tmp_path / "rel.ckpt").is_file()
+    finally:
+        node.stop()
+        node.core.close()
+
+
+def test_a_damaged_learner_ckpt_is_called_damaged_not_another_model(tmp_path, capsys):
+    resume_path(tmp_path).write_bytes(b"junk")
+    assert main(["serve", "--checkpoint-dir", str(tmp_path), "--control", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeprop serve: error: cannot resume: ") and "another model" \
+        not in err and f"move {resume_path(tmp_path)} away" in err, err
+
+
+# ---------------------------------------------------------------- serve options, the broker
+
+def test_negative_apply_delay_is_a_usage_error_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--apply-delay", "-1"])
+    assert exc.value.code == 2
+    assert "argument --apply-delay: -1: must be >= 0" in capsys.readouterr().err
+
+
+def test_workers_refuse_record_instead_of_ignoring_it(tmp_path, capsys):
+    assert main(["serve", "--workers", "1", "--record", str(tmp_path / "x.rec")]) == 2
+    assert "--record is not served with --workers" in capsys.readouterr().err
+
+
+def test_workers_with_a_bad_model_fail_once_before_starting_any(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("junk")
+    assert main(["serve", "--workers", "2", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not an edgeprop checkpoint" in err and len(err.splitlines()) == 1, err
+
+
+def test_broker_stops_on_a_worker_that_meets_a_user_error_instead_of_restarting_it(tmp_path):
+    (tmp_path / "worker-1").mkdir()
+    resume_path(tmp_path / "worker-1").write_bytes(b"junk")
+    t0 = time.monotonic()
+    res = _serve("--workers", "2", "--checkpoint-dir", str(tmp_path), "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert time.monotonic() - t0 < 20
+    assert "error: worker-1 stopped on an error (exit 2" in res.stderr
+    assert "); restarting it" not in res.stderr
+    assert " INFO " not in res.stderr  # --quiet reached the workers
+
+
+def test_broker_stops_its_workers_when_the_ready_file_cannot_be_written(tmp_path):
+    (tmp_path / "r.json.tmp").mkdir()  # the ready file's temp name: writing it fails
+    res = _serve("--workers", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--ready-file", str(tmp_path / "r.json"), "--quiet")
+    assert res.returncode == 2, res.stderr
+    assert "r.json.tmp: Is a directory" in res.stderr
+    assert resume_path(tmp_path / "ck" / "worker-0").is_file()  # stopped, not orphaned
+
+
+def test_sigint_stops_the_broker_and_its_workers_cleanly(tmp_path):
+    import json
+    import signal
+
+    ready = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--workers", "1",
+                             "--bind", "tcp://127.0.0.1:*", "--checkpoint-dir",
+                             str(tmp_path / "ck"), "--ready-file", str(ready)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert json.loads(ready.read_text())["workers"] == 1
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "broker: SIGINT received: stopping the workers" in err  # not "final checkpoint"
+    assert resume_path(tmp_path / "ck" / "worker-0").is_file()
