@@ -180,8 +180,8 @@ def folder(text: str) -> Path:
     """A folder to read. Whether it exists is the command's to say (with its own hint);
     an empty name is refused here, since Path("") would silently be the current folder."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("empty: give a folder (or leave the option out "
-                                         "for its default)")
+        raise argparse.ArgumentTypeError("empty: give a folder (an empty name would "
+                                         "silently be the current one)")
     return Path(text)
 
 

@@ -707,13 +707,42 @@ def adapt_speaker(session: Session, speaker: str, shots: list[Clip], acfg: Adapt
     return run, info, fe
 
 
+def split_for(session: Session, speaker: str, acfg: AdaptConfig) -> SpeakerSplit:
+    """The protocol's split of one speaker (what personalize_speaker adapts and tests on)."""
+    return split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
+                         include_unknown=acfg.include_unknown,
+                         labels=tuple(session.ckpt.labels or KWS_LABELS))
+
+
+def check_speakers(session: Session, speakers: list[str],
+                   acfg: AdaptConfig) -> dict[str, SpeakerSplit]:
+    """Every speaker's split, before any work: a hash not in the folder, or a speaker with
+    nothing to adapt or test on, is one DatasetError naming them all (not a crash after
+    the speakers before it were adapted)."""
+    splits, bad = {}, []
+    for spk in speakers:
+        try:
+            splits[spk] = split_for(session, spk, acfg)
+        except DatasetError as exc:
+            bad.append(str(exc))
+            continue
+        if not splits[spk].shots:
+            n = sum(c.speaker == spk for c in session.clips)
+            bad.append(f"speaker {spk!r} has {n} clip{'s' if n != 1 else ''} here and no "
+                       "keyword clip to adapt on")
+    if bad:
+        more = (f" (and {len(bad) - 1} more speaker{'s' if len(bad) > 2 else ''})"
+                if len(bad) > 1 else "")
+        raise DatasetError(f"{bad[0]}{more}; `edgeprop data info {session.data_dir}` lists "
+                           "the speakers and their clips")
+    return splits
+
+
 def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
                         backend: str = "reference", curve: bool = False) -> dict:
     """The non-interactive protocol for one speaker; returns a JSON-able result (and, under
     `_params` and `_frontend`, the adapted weights and frontend config)."""
-    split = split_speaker(session.clips, speaker, acfg.shots, acfg.seed,
-                          include_unknown=acfg.include_unknown,
-                          labels=tuple(session.ckpt.labels or KWS_LABELS))
+    split = split_for(session, speaker, acfg)
     y_test = np.array([c.label_index for c in split.test], np.int64)
     before = accuracy_of(session.ckpt, session.ckpt.params, session.features.inputs(split.test),
                          y_test)
@@ -727,6 +756,7 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
         "seconds_per_learned_utterance": run.seconds / max(run.n_utterances, 1),
         "seconds_per_adapt_utterance": run.seconds / max(len(split.shots), 1),
         "frontend_moved": fe is not session.features,
+        "skipped": bool(vinfo.get("skipped")),  # documented output, also when False
         "seen_in_pretraining": None if session.seen is None else speaker in session.seen,
         "backend": backend,
     }

@@ -10,12 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 from edgeprop.datasets import scan_speech_commands
-from runtime.arg_types import nonneg_int
+from runtime.arg_types import folder, nonneg_int
 from runtime.console import add_output_flags, print_json, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="Speech Commands folder (word folders, _background_noise_...)")
+    parser.add_argument("dir", type=folder,
+                        help="Speech Commands folder (word folders, _background_noise_...)")
     parser.add_argument("--silence-per-noise-file", type=nonneg_int, default=None,
                         help="1 s silence clips cut per background-noise file "
                              "(default: only when there is no _silence_ folder)")
@@ -25,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
+    if root.exists() and not root.is_dir():  # the scan would say "no such folder"
+        from edgeprop.errors import DatasetError
+
+        raise DatasetError(f"{root}: a file, not a folder (expected a Speech Commands "
+                           "folder: yes/, no/, ..., _background_noise_/)")
     res = scan_speech_commands(root, silence_per_noise_file=args.silence_per_noise_file)
     by_label = res.counts_by_label()
     by_speaker = res.counts_by_speaker()

@@ -118,6 +118,13 @@ def render(state: LiveState, dropped: int, source_name: str, elapsed: float):
                  subtitle="Ctrl-C to stop")
 
 
+def replay_rate(path: Path) -> int:
+    """The replay file's own sample rate (it is resampled to 16 kHz on loading)."""
+    import soundfile as sf
+
+    return int(sf.info(str(path)).samplerate)
+
+
 def _open_source(args):
     from runtime.sources import FileSource, MicrophoneSource
 
@@ -127,7 +134,12 @@ def _open_source(args):
 
             what = "a folder, not an audio file" if args.replay.is_dir() else "no such audio file"
             raise AudioError(f"{args.replay}: {what}")
-        return FileSource(args.replay, realtime=True), f"replay {args.replay.name}"
+        src = FileSource(args.replay, realtime=True)  # checks and loads it (AudioError)
+        name = f"replay {args.replay.name}"
+        rate = replay_rate(args.replay)
+        if rate != src.sample_rate:  # said, as for a microphone, not done silently
+            name += f" ({rate} Hz, resampled to {src.sample_rate // 1000} kHz)"
+        return src, name
     src = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     name = f"microphone {args.device if args.device is not None else '(default)'}"
     if (src.capture_rate, src.channels) != (src.sample_rate, 1):
@@ -169,6 +181,8 @@ def run(args) -> int:
         source, source_name = _open_source(args)
         ui = not (args.no_ui or args.quiet or not sys.stderr.isatty())
         live = None
+        if not ui and not args.quiet:  # the panel shows it; the lines say it once
+            say(f"source: {source_name}")
         if ui:
             from rich.console import Console
             from rich.live import Live
@@ -235,6 +249,7 @@ def run(args) -> int:
         "mic_status_overflows": int(getattr(source, "status_overflows", 0) or 0),
         "mic_rate": getattr(source, "capture_rate", None),
         "mic_channels": getattr(source, "channels", None),
+        "replay_rate": replay_rate(args.replay) if args.replay is not None and source else None,
         "latency_p50_ms": stats.get("latency_p50_ms"),
         "latency_p99_ms": stats.get("latency_p99_ms"),
         "level_dbfs_max": max(levels) if levels else None,

@@ -14,6 +14,7 @@ checkpoint. The base checkpoint is never written; see docs/personalization.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import replace
@@ -22,19 +23,60 @@ from pathlib import Path
 from runtime.arg_types import (
     device,
     folder,
+    fraction,
     learning_rate,
     new_file,
     nonneg_int,
     output_folder,
     pos_float,
     pos_int,
+    probability,
 )
 from runtime.commands.listen import add_mic_rate_argument, refuse_mic_options
 from runtime.console import add_output_flags, print_json, say
 
+MIN_CLIPS = 30  # --all-speakers: the sweep's default bar
+SMALL_TEST = 10  # fewer test clips than this and the after/before figures are mostly chance
+# the interactive session's options and their defaults (refused with --data when changed)
+LIVE_DEFAULTS = {"takes": 4, "holdout": 1, "keywords": None, "name": "me", "timeout": 8.0}
+
+
+def speaker_hash(text: str) -> str:
+    """A speaker hash as the folder spells it (file names are <hash>_nohash_<n>.wav):
+    spaces dropped, lower case, never empty."""
+    text = text.strip().lower()
+    if not text:
+        raise argparse.ArgumentTypeError("empty: give a speaker hash, e.g. 97f4c236 "
+                                         "(edgeprop data info DIR lists them)")
+    return text
+
+
+def speaker_list(text: str) -> list[str]:
+    """--speakers A,B: hashes as speaker_hash spells them, each once (a repeat would count
+    twice in the means), at least one (checked in run, a ConfigError like before)."""
+    from edgeprop.errors import ConfigError
+
+    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"--speakers {text!r} names no speaker; give comma-separated "
+                          "hashes, e.g. --speakers 837a0f64,97f4c236")
+    return names
+
+
+def report_file(text: str) -> Path:
+    """--report: a markdown file to write (new_file). The plot is written beside it as
+    <stem>.png, so a .png name would have the report overwrite its own plot."""
+    path = new_file(text)
+    if path.suffix.lower() == ".png":
+        raise argparse.ArgumentTypeError(f"{text}: give the markdown file (e.g. "
+                                         f"{path.with_suffix('.md')}); the plot is written "
+                                         f"beside it as {path.name}")
+    return path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from edgeprop.optim import OPTIMIZER_KINDS
+    from firmware_model.precision import VARIANTS
     from runtime.personalization import AdaptConfig
 
     d = AdaptConfig()
@@ -43,11 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder: run the non-interactive protocol")
     who = parser.add_mutually_exclusive_group()
-    who.add_argument("--speaker", default=None, help="speaker hash (8 hex digits)")
+    who.add_argument("--speaker", type=speaker_hash, default=None,
+                     help="speaker hash (8 hex digits)")
     who.add_argument("--all-speakers", action="store_true",
                      help="sweep every speaker with >= --min-clips clips")
-    who.add_argument("--speakers", default=None, help="comma-separated speaker hashes to sweep")
-    parser.add_argument("--min-clips", type=pos_int, default=30)
+    who.add_argument("--speakers", default=None,
+                     help="comma-separated speaker hashes to sweep")
+    parser.add_argument("--min-clips", type=pos_int, default=None,
+                        help=f"--all-speakers: the clips a speaker needs (default {MIN_CLIPS})")
     parser.add_argument("--shots", type=pos_int, default=d.shots,
                         help="adaptation utterances per keyword (default %(default)s)")
     parser.add_argument("--backend", choices=["emulator", "reference"], default="emulator",
@@ -57,22 +102,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate (default %(default)s)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_KINDS), default=d.optimizer,
                         help="adam, plain sgd, or sgd with momentum (default %(default)s)")
-    parser.add_argument("--passes", type=int, default=d.passes,
+    parser.add_argument("--passes", type=nonneg_int, default=d.passes,
                         help="passes over the shots (default %(default)s)")
     parser.add_argument("--update", choices=["pass", "utterance"], default=d.update,
                         help="optimizer step once per pass on the gradients accumulated over "
                              "it, or after every utterance (default %(default)s)")
     parser.add_argument("--learn", default=",".join(d.learn),
                         help="layers that learn, of w_in,w_rec,w_out (default %(default)s)")
-    parser.add_argument("--augment", type=int, default=d.augment,
+    parser.add_argument("--augment", type=nonneg_int, default=d.augment,
                         help="noisy copies of the shots (background noise, shift, gain), "
                              "replayed in turn on passes after the first (default "
                              "%(default)s)")
-    parser.add_argument("--rehearsal", type=int, default=d.rehearsal,
+    parser.add_argument("--rehearsal", type=nonneg_int, default=d.rehearsal,
                         help="generic clips of other speakers per pass (default %(default)s)")
-    parser.add_argument("--silence", type=int, default=d.silence,
+    parser.add_argument("--silence", type=nonneg_int, default=d.silence,
                         help="_silence_ clips per pass (default %(default)s)")
-    parser.add_argument("--pull", type=float, default=d.pull,
+    parser.add_argument("--pull", type=fraction, default=d.pull,
                         help="pull toward the base weights after each update, in [0, 1)")
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
@@ -83,13 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
                         help="undo any update that lowers accuracy on the adaptation data "
                              "(shots + rehearsal clips; never the test set)")
-    parser.add_argument("--user-norm", type=float, default=None, metavar="FRACTION",
+    parser.add_argument("--user-norm", type=probability, default=None, metavar="FRACTION",
                         help="before e-prop, move the frontend's normalisation this fraction "
                              "of the way to the speaker's speech mean, measured on the shots "
                              f"(default {d.user_norm}, or 0 for a checkpoint whose frontend "
                              "already moved in an earlier session; 0 = keep the frontend)")
-    parser.add_argument("--precision", default=d.precision,
-                        help="emulator storage format (default %(default)s, the chip's "
+    parser.add_argument("--precision", default=None, choices=list(VARIANTS),
+                        help=f"emulator storage format (default {d.precision}, the chip's "
                              "default; fp32 is bit-exact with --backend reference)")
     parser.add_argument("--no-unknown", action="store_true",
                         help="do not use the speaker's _unknown_ clips as shots")
@@ -99,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the personalised checkpoint (default: "
                              "<base>.<speaker>.npz beside the base; for the shipped "
                              "model, in <user data dir>/personal/)")
-    parser.add_argument("--report", type=new_file, default=None,
+    parser.add_argument("--report", type=report_file, default=None,
                         help="write a markdown report with a PNG plot of accuracy against "
                              "adaptation utterances")
     parser.add_argument("--cache-dir", type=output_folder, default=None,
@@ -110,14 +155,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--device", type=device, default=None,
                       help="input device (index or name)")
     add_mic_rate_argument(live)
-    live.add_argument("--takes", type=pos_int, default=4,
+    live.add_argument("--takes", type=pos_int, default=LIVE_DEFAULTS["takes"],
                       help="utterances recorded per keyword (default %(default)s)")
-    live.add_argument("--holdout", type=nonneg_int, default=1,
+    live.add_argument("--holdout", type=nonneg_int, default=LIVE_DEFAULTS["holdout"],
                       help="of those, held back to test (default %(default)s)")
-    live.add_argument("--keywords", default=None,
+    live.add_argument("--keywords", default=LIVE_DEFAULTS["keywords"],
                       help="comma-separated keywords to record (default: all 10)")
-    live.add_argument("--name", default="me", help="speaker name for the saved checkpoint")
-    live.add_argument("--timeout", type=pos_float, default=8.0,
+    live.add_argument("--name", default=LIVE_DEFAULTS["name"],
+                      help="speaker name for the saved checkpoint")
+    live.add_argument("--timeout", type=pos_float, default=LIVE_DEFAULTS["timeout"],
                       help="seconds to wait for each utterance (default %(default)s)")
     add_output_flags(parser)
 
@@ -137,15 +183,17 @@ def adapt_config(args, ckpt):
                        silence=args.silence,
                        include_unknown=not args.no_unknown, validate=args.validate,
                        guard=args.guard, skip_above=args.skip_above,
-                       user_norm=user_norm, precision=args.precision, seed=args.seed)
+                       user_norm=user_norm, precision=args.precision or AdaptConfig().precision,
+                       seed=args.seed)
 
 
 def _warm_up(args, ckpt, acfg) -> float:
     """The learner's kernels loaded before any adaptation is timed (reported apart)."""
     from runtime.personalization import warm_up_learner
 
-    say(f"loading the {args.backend}'s e-prop kernels (the first run after an install "
-        "compiles them, about a minute) ...")
+    if not args.quiet:
+        say(f"loading the {args.backend}'s e-prop kernels (the first run after an install "
+            "compiles them, about a minute) ...")
     return warm_up_learner(args.backend, ckpt, acfg)
 
 
@@ -185,6 +233,11 @@ def run(args) -> int:
             raise ConfigError("--interactive records from the microphone and --data runs the "
                               "protocol on a folder: give one of them")
         refuse_mic_options(args, f"--data {args.data} (the non-interactive protocol)")
+        _refuse_live_options(args)
+    if args.precision not in (None, "fp32") and args.backend == "reference":
+        raise ConfigError(f"--precision {args.precision} is the emulator's storage format; "
+                          "--backend reference learns in fp32: drop --precision, or use "
+                          "--backend emulator")
     if args.data is None:
         if args.speaker or args.all_speakers or args.speakers:
             raise ConfigError("--speaker/--all-speakers need --data DIR (a Speech Commands "
@@ -196,15 +249,50 @@ def run(args) -> int:
     return _run_dataset(args)
 
 
-def _run_dataset(args) -> int:
+def _refuse_live_options(args) -> None:
+    """The interactive session's options do nothing with --data: say so, not ignore them."""
     from edgeprop.errors import ConfigError
+
+    given = [f"--{k}" for k, v in LIVE_DEFAULTS.items() if getattr(args, k) != v]
+    if given:
+        raise ConfigError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} up the "
+                          f"microphone session, but --data {args.data} runs the protocol on "
+                          f"the folder: drop {', '.join(given)} (--shots sets the utterances "
+                          "per keyword)")
+
+
+def _refuse_sweep_options(args) -> None:
+    """Options that one mode would silently ignore, refused before any work."""
+    from edgeprop.errors import ConfigError
+
+    if args.speakers is not None:
+        speaker_list(args.speakers)  # a stray "," names no one
+    if args.speaker is None and not args.speakers and not args.all_speakers:
+        raise ConfigError("say whose voice: --speaker HASH, --speakers A,B or --all-speakers")
+    if args.min_clips is not None and not args.all_speakers:
+        raise ConfigError("--min-clips chooses the speakers of --all-speakers; with "
+                          "--speaker/--speakers the speakers are named: drop --min-clips")
+    if args.out is not None and args.speaker is None:
+        raise ConfigError("--out saves one speaker's checkpoint; use it with --speaker")
+
+
+def _shortfall(split, shots: int, words: list[str]) -> str | None:
+    """What the speaker lacks for `shots` of every keyword, or None: "no 'up', 1 of 'go'"."""
+    from collections import Counter
+
+    have = Counter(c.label for c in split.shots)
+    short = [f"no {w!r}" if not have[w] else f"{have[w]} of {w!r}"
+             for w in words if have[w] < shots]
+    return ", ".join(short) or None
+
+
+def _run_dataset(args) -> int:
+    from edgeprop.errors import DatasetError, EdgepropError
     from edgeprop.network import KWS_LABELS
     from runtime import personalization as P
     from runtime.console import progress
 
-    if args.speakers is not None and not args.speakers.replace(",", "").strip():
-        raise ConfigError(f"--speakers {args.speakers!r} names no speaker; give "
-                          "comma-separated hashes, e.g. --speakers 837a0f64,97f4c236")
+    _refuse_sweep_options(args)
     ckpt, base_path = load_base(args.model)
     acfg = adapt_config(args, ckpt)
     cache = None
@@ -213,30 +301,35 @@ def _run_dataset(args) -> int:
 
         cache = FeatureCache(args.cache_dir)
     session = P.Session.open(ckpt, args.data, cache)
+    min_clips = MIN_CLIPS if args.min_clips is None else args.min_clips
+    if args.speaker is not None:
+        speakers = [args.speaker]
+    elif args.speakers:
+        speakers = speaker_list(args.speakers)
+    else:
+        speakers = session.speakers(min_clips)
+        if not speakers:
+            raise DatasetError(f"{session.data_dir}: no speaker has >= {min_clips} clips "
+                               "(--min-clips)")
+    splits = P.check_speakers(session, speakers, acfg)  # before any work, every speaker
+    if acfg.user_norm:
+        session.reference_speech_mean()  # a model without one fails here, not after warm-up
     common = {"model": str(base_path), "data": str(args.data), "backend": args.backend,
               "adapt_config": acfg.to_dict(), "warmup_seconds": _warm_up(args, ckpt, acfg)}
     t0 = time.perf_counter()
     if args.speaker is None:
-        if args.speakers:
-            speakers = [s.strip().lower() for s in args.speakers.split(",") if s.strip()]
-        elif args.all_speakers:
-            speakers = session.speakers(args.min_clips)
-        else:
-            raise ConfigError("say whose voice: --speaker HASH, --speakers A,B or "
-                              "--all-speakers")
-        if args.out is not None:
-            raise ConfigError("--out saves one speaker's checkpoint; use it with --speaker")
         with progress("speakers", len(speakers), args.quiet) as adv:
             def on_speaker(r: dict) -> None:
                 adv()
                 say(f"{r['speaker']}: {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
                     f"(adapt {r['n_adapt']}, test {r['n_test']})")
 
-            out = P.sweep(session, acfg, min_clips=args.min_clips, backend=args.backend,
+            out = P.sweep(session, acfg, min_clips=min_clips, backend=args.backend,
                           speakers=speakers, curve=args.report is not None,
                           on_speaker=on_speaker)
-        result = common | {"min_clips": args.min_clips} | out
-        say(f"{out['n_speakers']} speakers: mean {100 * out['mean_before']:.2f} % -> "
+        result = common | {"min_clips": min_clips} | out
+        n = out["n_speakers"]
+        say(f"{n} speaker{'s' if n != 1 else ''}: mean {100 * out['mean_before']:.2f} % -> "
             f"{100 * out['mean_after']:.2f} %, relative error reduction "
             f"{100 * out['relative_error_reduction']:.1f} %, worst delta "
             f"{100 * out['worst_delta']:+.1f} points, "
@@ -251,13 +344,22 @@ def _run_dataset(args) -> int:
                     f"{100 * h['mean_before']:.2f} % -> {100 * h['mean_after']:.2f} %, "
                     f"relative error reduction {100 * h['relative_error_reduction']:.1f} %")
     else:
-        r = P.personalize_speaker(session, args.speaker.lower(), acfg, backend=args.backend,
+        r = P.personalize_speaker(session, args.speaker, acfg, backend=args.backend,
                                   curve=args.report is not None)
         params, frontend = r.pop("_params"), r.pop("_frontend")
         words = [lab for lab in (ckpt.labels or KWS_LABELS) if not lab.startswith("_")]
-        if r["n_adapt"] < args.shots * len(words):
-            say(f"{r['speaker']} has fewer than {args.shots} clips of some keywords here: "
-                f"adapting on {r['n_adapt']} shots, not {args.shots} per keyword")
+        short = _shortfall(splits[args.speaker], args.shots, words)
+        if short:
+            say(f"{r['speaker']} has {short} here: adapting on {r['n_adapt']} shots, not "
+                f"{args.shots} of each keyword")
+        if r["n_test"] < SMALL_TEST:
+            n = r["n_test"]
+            say(f"warning: only {n} of {r['speaker']}'s clips {'is' if n == 1 else 'are'} "
+                f"left to test on, so one clip moves the accuracy by {100 / n:.0f} points; "
+                "use fewer --shots, or a speaker with more clips")
+        if r["skipped"]:
+            say(f"the base model already got {100 * r['shot_accuracy_before']:.0f} % of the "
+                f"shots right (--skip-above {acfg.skip_above:g}): it is kept as it is")
         say(f"{r['speaker']}: accuracy {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
             f"on {r['n_test']} held-out clips, adapted on {r['n_adapt']} "
             f"({r['n_learned']} learned utterances, {r['adapt_seconds']:.2f} s, {args.backend})")
@@ -274,7 +376,15 @@ def _run_dataset(args) -> int:
     result["command"] = "edgeprop personalize " + " ".join(
         sys.argv[2:] if sys.argv[1:2] == ["personalize"] else sys.argv[1:])
     if args.report is not None:
-        png = write_report(result, args.report)
+        try:
+            png = write_report(result, args.report)
+        except OSError as exc:  # the results are not lost with the report: print them
+            if args.json:
+                print_json(result)
+            where = "on stdout (--json)" if args.json else "above"
+            raise EdgepropError(f"--report {args.report}: cannot write "
+                                f"{exc.filename or args.report}: {exc.strerror or exc}; "
+                                f"the results are {where}") from None
         result["report"] = str(args.report)
         result["plot"] = str(png)
         say(f"wrote {args.report} and {png}")
@@ -522,22 +632,34 @@ def write_report(result: dict, md_path: Path) -> Path:
     if curve:
         ax.plot([p["n_adapt"] for p in curve], [100 * p["accuracy"] for p in curve], "o-",
                 label="mean over speakers" if per else result.get("speaker", ""))
+    first = True
     for r in per:
         c = r.get("curve") or []
-        if c:
+        if c:  # labelled once: a reader must know what the grey lines are
             ax.plot([p["n_adapt"] for p in c], [100 * p["accuracy"] for p in c], "-",
-                    color="0.8", lw=0.8, zorder=0)
-    ax.set_xlabel("adaptation utterances (per speaker)")
+                    color="0.8", lw=0.8, zorder=0, label="each speaker" if first else None)
+            first = False
+    who = f"{len(per)} speakers" if per else f"speaker {result.get('speaker', '')}"
+    shots = (result.get("adapt_config") or {}).get("shots")
+    ax.set_xlabel("adaptation utterances (per speaker)"
+                  + (f"; up to {shots} per keyword" if shots else ""))
     ax.set_ylabel("accuracy on the speaker's other clips (%)")
-    ax.set_title(f"personalization ({result.get('backend')}), {Path(result['data']).name}")
+    ax.set_title(f"personalization ({result.get('backend')}), {who}, "
+                 f"{Path(result['data']).name}")
     ax.grid(alpha=0.3)
     if curve:
         ax.legend()
     fig.tight_layout()
     tmp = png.with_name("." + png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(png)
+    except OSError as exc:  # name the user's file, not the hidden temporary one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(png)) from None
+    finally:
+        plt.close(fig)
 
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
     lines = ["# Personalization report", "", f"Command: `{result.get('command', '')}`", "",
@@ -568,10 +690,30 @@ def write_report(result: dict, md_path: Path) -> Path:
         for r in per:
             lines.append(f"| {r['speaker']} | {r['seen_in_pretraining']} | {pct(r['before'])} "
                          f"| {pct(r['after'])} | {r['n_adapt']} | {r['n_test']} |")
+        lines.append("")
     else:
+        seen = result.get("seen_in_pretraining")
         lines += [f"Speaker {result['speaker']}: {pct(result['before'])} -> "
-                  f"{pct(result['after'])} on {result['n_test']} clips, adapted on "
-                  f"{result['n_adapt']} ({result['adapt_seconds']:.2f} s).", ""]
-    lines += ["", f"![accuracy against adaptation utterances]({png.name})", ""]
-    atomic_write_text(md_path, "\n".join(lines))
+                  f"{pct(result['after'])} on {result['n_test']} held-out clips, adapted on "
+                  f"{result['n_adapt']} ({result.get('n_learned', '?')} learned utterances, "
+                  f"{result['adapt_seconds']:.2f} s).", "",
+                  "Seen in pretraining: " + ("unknown (the checkpoint does not record its "
+                                             "split)" if seen is None else str(seen))
+                  + f"; base kept by the skip rule: {bool(result.get('skipped'))}; "
+                  f"frontend moved toward the speaker: {bool(result.get('frontend_moved'))}.",
+                  ""]
+        if result.get("out"):
+            lines += [f"Personalised checkpoint: `{result['out']}`.", ""]
+    if curve:
+        lines += ["Accuracy against adaptation utterances (the plot's points"
+                  + (", mean over speakers" if per else "") + "):", "",
+                  "| shots per keyword | adaptation utterances | accuracy |", "|---|---|---|"]
+        lines += [f"| {p['shots']} | {p['n_adapt']:g} | {pct(p['accuracy'])} |"
+                  for p in curve]
+        lines.append("")
+    lines += [f"![accuracy against adaptation utterances]({png.name})", ""]
+    try:
+        atomic_write_text(md_path, "\n".join(lines))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(md_path)) from None
     return png

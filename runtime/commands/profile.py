@@ -19,32 +19,54 @@ from pathlib import Path
 import numpy as np
 
 from edgeprop.errors import ConfigError, DatasetError
-from runtime.arg_types import folder, learning_rate, nonneg_int, pos_int
+from runtime.arg_types import folder, int_range, learning_rate, nonneg_int, pos_float, pos_int
 from runtime.console import add_output_flags, print_json, progress, say
 
 WALL_FIELDS = ("emulator_realtime_factor", "emulator_wall_s_per_step", "wall_s",
                "emulator_realtime_factor_cpu", "one_call_speedup")
 
 
+MAX_CLOCK_MHZ = 300.0  # the Cortex-M4F range the chip model accepts (firmware_model.chip)
+# options of one mode only, and their defaults: given in the other mode they are refused
+PROFILE_ONLY = {"precision": None, "clock": 150.0, "loss": "mean", "samples": 3,
+                "multiprocess": False}
+VARIANTS_ONLY = {"train_clips": 200, "val_clips": 0}
+
+
+def clock_mhz(text: str) -> float:
+    """A PE clock in MHz, in (0, 300]: checked before the model loads."""
+    value = pos_float(text)  # finite, > 0
+    if value > MAX_CLOCK_MHZ:
+        raise argparse.ArgumentTypeError(f"{value:g}: a PE clock in MHz, in (0, "
+                                         f"{MAX_CLOCK_MHZ:g}] (the Cortex-M4F range; default 150)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from firmware_model.chip import PES_PER_CHIP
     from firmware_model.precision import DEFAULT_PRECISION, VARIANTS
 
-    parser.add_argument("--pes", type=int, default=12, help="number of PEs (default 12)")
-    parser.add_argument("--precision", default=DEFAULT_PRECISION, choices=list(VARIANTS),
-                        help=f"storage variant (default {DEFAULT_PRECISION})")
-    parser.add_argument("--clock", type=float, default=150.0, help="PE clock in MHz")
-    parser.add_argument("--loss", default="mean", choices=["mean", "per_step"])
-    parser.add_argument("--samples", type=int, default=3,
-                        help="training samples to run for the time/energy/traffic figures")
+    parser.add_argument("--pes", type=int_range(1, PES_PER_CHIP), default=12,
+                        help="number of PEs (default 12)")
+    parser.add_argument("--precision", default=None, choices=list(VARIANTS),
+                        help=f"storage variant (default {DEFAULT_PRECISION}; --variants "
+                             "measures them all)")
+    parser.add_argument("--clock", type=clock_mhz, default=None,
+                        help="PE clock in MHz (default 150)")
+    parser.add_argument("--loss", default=None, choices=["mean", "per_step"],
+                        help="e-prop loss (default mean)")
+    parser.add_argument("--samples", type=pos_int, default=None,
+                        help="training samples to run for the time/energy/traffic figures "
+                             "(default 3)")
     parser.add_argument("--data", type=folder, default=None,
                         help="Speech Commands folder (default: ../shared/data/speech_commands_dev)")
     parser.add_argument("--multiprocess", action="store_true",
                         help="run PE groups in worker processes (ZeroMQ)")
     parser.add_argument("--variants", action="store_true",
                         help="memory and validation accuracy of every storage variant")
-    parser.add_argument("--train-clips", type=pos_int, default=200,
+    parser.add_argument("--train-clips", type=pos_int, default=None,
                         help="--variants: clips to fine-tune on (default 200)")
-    parser.add_argument("--val-clips", type=nonneg_int, default=0,
+    parser.add_argument("--val-clips", type=nonneg_int, default=None,
                         help="--variants: validation clips (0 = all of the split)")
     parser.add_argument("--lr", type=learning_rate, default=1e-4, help="Adam learning rate")
     parser.add_argument("--model", type=Path, default=None,
@@ -104,6 +126,8 @@ def _profile_inputs(cfg, ck, data: Path | None, n: int, seed: int):
 
             clips = scan_speech_commands(data).clips
         clips = sorted(clips, key=lambda c: c.key)
+        if n > len(clips):
+            raise ConfigError(f"--samples {n}: {data} holds only {len(clips)} clips")
         pick = np.random.default_rng(seed).choice(len(clips), size=n, replace=False)
         chosen = [clips[i] for i in sorted(pick)]
         return _features(ck, chosen), [c.label_index for c in chosen], f"{n} clips of {data.name}"
@@ -112,11 +136,33 @@ def _profile_inputs(cfg, ck, data: Path | None, n: int, seed: int):
     return x, list(rng.integers(0, cfg.n_out, n)), "seeded random input (no data folder)"
 
 
+def _settle(args, variants: bool) -> None:
+    """Refuse the options the other mode would silently ignore, then fill in the defaults
+    (None means "not given")."""
+    from firmware_model.precision import DEFAULT_PRECISION
+
+    if getattr(args, "_settled", False):
+        return
+    unused = VARIANTS_ONLY if not variants else PROFILE_ONLY
+    given = [f"--{k.replace('_', '-')}" for k in unused
+             if getattr(args, k) is not None and getattr(args, k) is not False]
+    if given:
+        mode = "--variants" if not variants else "the profile (without --variants)"
+        raise ConfigError(f"{', '.join(given)} only set{'s' if len(given) == 1 else ''} "
+                          f"{mode}: drop {', '.join(given)}"
+                          + ("" if variants else " or add --variants"))
+    for k, default in (PROFILE_ONLY | VARIANTS_ONLY).items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    if args.precision is None:
+        args.precision = DEFAULT_PRECISION
+    args._settled = True
+
+
 def run_profile(args) -> dict:
     from firmware_model import EmulatedLearner
 
-    if args.samples < 1:
-        raise ConfigError("--samples must be >= 1")
+    _settle(args, variants=False)
     cfg, params, ck, source = _model(args.model)
     xs, labels, input_desc = _profile_inputs(cfg, ck, _data_dir(args.data), args.samples,
                                              args.seed)
@@ -186,6 +232,7 @@ def run_variants(args) -> dict:
     from firmware_model.precision import DEFAULT_PRECISION, VARIANTS
     from firmware_model.variants import accuracy, choose_default, measure_variant
 
+    _settle(args, variants=True)
     cfg, params, ck, source = _model(args.model)
     if ck is None:
         raise ConfigError(f"--variants needs the shipped pretrained model ({source})")
@@ -219,8 +266,6 @@ def run_variants(args) -> dict:
         for name in VARIANTS:
             rows.append(measure_variant(name, cfg, params, tx, ty, vx, vy, n_pes=args.pes,
                                         lr=args.lr, seed=args.seed, progress=advance))
-            r = rows[-1]
-            say(f"{name:12s} {r['memory_total_bytes']:8d} B  acc {100 * r['val_accuracy']:.2f} %")
     fp32 = next(r for r in rows if r["precision"] == "fp32")
     for r in rows:
         r["accuracy_delta_points"] = 100 * (r["val_accuracy"] - fp32["val_accuracy"])
@@ -249,11 +294,17 @@ def run(args) -> int:
 
 
 def _print_human(out: dict) -> None:
+    """The table once (not also while measuring), with what it was measured on."""
+    say(f"model: {out['model']}; input: {out.get('input') or out.get('data')}")
     if "variants" in out:
+        say(f"{out['train_clips']} fine-tuning clips, {out['val_clips']} validation clips "
+            f"(one clip = {out['accuracy_step_points']:.2f} points); the model before "
+            f"fine-tuning: {100 * out['shipped_val_accuracy']:.2f} %")
+        say(f"{'variant':12s} {'bytes':>8s}  validation accuracy (points vs fp32)")
         for r in out["variants"]:
             say(f"{r['precision']:12s} {r['memory_total_bytes']:8d} B  "
                 f"acc {100 * r['val_accuracy']:.2f} % ({r['accuracy_delta_points']:+.2f})")
-        say(f"recommended: {out['recommended']}")
+        say(f"recommended: {out['recommended']} (current default {out['current_default']})")
         return
     say(f"{out['pes']} PEs at {out['clock_mhz']:.0f} MHz, precision {out['precision']}")
     for pe in out["placement"]:
@@ -263,4 +314,5 @@ def _print_human(out: dict) -> None:
             f"{pe['neurons'][1] - 1:3d} {roles}: {pe['bytes_total']} B [{regions}]")
     for k in ("memory_total_bytes", "memory_max_pe_bytes", "step_time_us", "realtime_margin",
               "energy_per_sample_uj", "packets_per_step", "emulator_realtime_factor"):
-        say(f"{k}: {out[k]}")
+        v = out[k]
+        say(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
