@@ -167,7 +167,8 @@ def scan_speech_commands(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder (expected a Speech Commands folder)")
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        raise DatasetError(f"{root}: {what} (expected a Speech Commands folder)")
     index = {lab: i for i, lab in enumerate(labels)}
     keywords = [lab for lab in labels if lab not in (SILENCE, UNKNOWN)]
     clips: list[Clip] = []

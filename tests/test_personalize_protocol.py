@@ -186,7 +186,7 @@ def test_unknown_speaker_is_a_clean_error(shipped, data_dir):
 def test_bad_settings_are_clean_errors(shipped, data_dir):
     for flags, words in ((["--lr", "0"], "--lr: 0.0: must be > 0"),
                          (["--learn", "w_bias"], "learn must name"),
-                         (["--skip-above", "1.5"], "skip_above must be in")):
+                         (["--skip-above", "1.5"], "--skip-above: 1.5: must be in [0, 1]")):
         r = _cli("personalize", "--data", str(data_dir), "--speaker", SPEAKERS[0], *flags)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and "Traceback" not in r.stderr

@@ -26,11 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
-    if root.exists() and not root.is_dir():  # the scan would say "no such folder"
-        from edgeprop.errors import DatasetError
-
-        raise DatasetError(f"{root}: a file, not a folder (expected a Speech Commands "
-                           "folder: yes/, no/, ..., _background_noise_/)")
     res = scan_speech_commands(root, silence_per_noise_file=args.silence_per_noise_file)
     by_label = res.counts_by_label()
     by_speaker = res.counts_by_speaker()

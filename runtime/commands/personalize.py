@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate", action="store_true",
                         help="keep the adaptation only if it lowers the loss on held-back "
                              "shots (2-fold over the shots; never the test set)")
-    parser.add_argument("--skip-above", type=float, default=d.skip_above,
+    parser.add_argument("--skip-above", type=probability, default=d.skip_above,
                         help="keep the base when it already gets at least this fraction of "
                              "the speaker's shots right (default %(default)s; 0 = never)")
     parser.add_argument("--guard", action=argparse.BooleanOptionalAction, default=d.guard,
