@@ -79,6 +79,22 @@ def test_replay_against_another_model_names_the_recording(recording, capsys):
                           "frontend config") and len(err.splitlines()) == 1, err
 
 
+def test_replay_with_renamed_outputs_warns(recording, ckpt, tmp_path, capsys):
+    """Same weights and frontend, outputs named otherwise: the posteriors match, the
+    detections carry other names, and the user is told before the verdict."""
+    from edgeprop.checkpoint import save_checkpoint
+
+    renamed = list(ckpt.labels)
+    renamed[0], renamed[1] = renamed[1], renamed[0]
+    other = tmp_path / "renamed.ckpt"
+    save_checkpoint(other, ckpt.cfg, ckpt.params, frontend=ckpt.frontend,
+                    encoder=ckpt.encoder, labels=renamed)
+    assert main(["replay", str(recording), "--model", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the recording's model named its outputs" in err
+    assert "its detections will carry other names" in err
+
+
 def test_replay_refuses_offline_options_with_endpoint(recording, capsys):
     argv = ["replay", str(recording), "--endpoint", "tcp://127.0.0.1:9", "--save",
             str(recording.with_name("w.ckpt")), "--hold", "3"]

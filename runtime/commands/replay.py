@@ -149,6 +149,10 @@ def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
     """
     from runtime.recording import first_hello_reply, header_for
 
+    recorded_labels = list(rec.header.labels or [])
+    if recorded_labels and ckpt.labels and recorded_labels != list(ckpt.labels):
+        return (f"the recording's model named its outputs {recorded_labels}, this model "
+                f"{list(ckpt.labels)}: its detections will carry other names")
     was, now = first_hello_reply(rec.outputs()), first_hello_reply(result.outputs)
     if was is None or now is None:  # no learner hash to go by: compare the model files
         want, have = rec.header.params_hash, header_for(ckpt).params_hash
