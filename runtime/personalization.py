@@ -651,6 +651,12 @@ class Session:
             self._reference = training_speech_mean(self.ckpt, recompute, self.data_dir)
         return self._reference
 
+    def absent_labels(self) -> list[str]:
+        """The model's labels the folder holds no clip of: they are neither adapted nor
+        tested, so the accuracies are over the others only."""
+        have = {c.label for c in self.clips}
+        return [lab for lab in (self.ckpt.labels or KWS_LABELS) if lab not in have]
+
     @classmethod
     def open(cls, ckpt: Checkpoint, data_dir: str | Path, cache=None) -> Session:
         data_dir = require_data_dir(data_dir)

@@ -176,3 +176,16 @@ def test_replay_at_8khz_says_it_was_resampled_and_stereo_is_refused(data_dir, tm
     assert json.loads(r.stdout)["replay_rate"] == 8000
     _one_line_error(_cli("demo", "live", "--replay", str(tmp_path / "stereo.wav"),
                          "--backend", "reference"), "demo live", "2 channels")
+
+
+def test_a_folder_without_some_of_the_models_words_says_so(data_dir, tmp_path):
+    """Labels with no clips are neither adapted nor tested: the accuracies cover the rest."""
+    for word in ("yes", "no", "_unknown_"):
+        (tmp_path / word).mkdir()
+        src = data_dir / word
+        for f in sorted(src.glob("*.wav"))[:40] if src.is_dir() else []:
+            (tmp_path / word / f.name).symlink_to(f)
+    r = _cli("personalize", "--data", str(tmp_path), "--speaker", SPEAKER, *FAST, "--json")
+    assert "Traceback" not in r.stderr
+    assert f"note: {tmp_path} holds no clips of up, down, left, right, on, off, stop, go" \
+        in r.stderr

@@ -301,6 +301,9 @@ def _run_dataset(args) -> int:
 
         cache = FeatureCache(args.cache_dir)
     session = P.Session.open(ckpt, args.data, cache)
+    if session.absent_labels():
+        say(f"note: {args.data} holds no clips of {', '.join(session.absent_labels())}; "
+            "they are neither adapted nor tested")
     min_clips = MIN_CLIPS if args.min_clips is None else args.min_clips
     if args.speaker is not None:
         speakers = [args.speaker]
