@@ -189,3 +189,12 @@ def test_a_folder_without_some_of_the_models_words_says_so(data_dir, tmp_path):
     assert "Traceback" not in r.stderr
     assert f"note: {tmp_path} holds no clips of up, down, left, right, on, off, stop, go" \
         in r.stderr
+
+
+def test_a_sweep_notes_speakers_with_few_clips_left_to_test(data_dir):
+    r = _cli("personalize", "--data", str(data_dir), "--speakers", SPEAKER, "--shots", "5",
+             "--passes", "1", "--backend", "reference", "--json")
+    assert r.returncode == 0, r.stderr
+    n_test = json.loads(r.stdout)["speakers"][0]["n_test"]
+    assert n_test < 10
+    assert f"note: 1 speaker ({SPEAKER}) had fewer than 10 clips left to test on" in r.stderr

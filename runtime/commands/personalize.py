@@ -346,6 +346,11 @@ def _run_dataset(args) -> int:
                 say(f"  {what} ({n} speaker{'s' if n != 1 else ''}): "
                     f"{100 * h['mean_before']:.2f} % -> {100 * h['mean_after']:.2f} %, "
                     f"relative error reduction {100 * h['relative_error_reduction']:.1f} %")
+        few = [r["speaker"] for r in out["speakers"] if r["n_test"] < SMALL_TEST]
+        if few:  # their before/after move in steps over 10 points: chance weighs in the means
+            say(f"note: {len(few)} speaker{'s' if len(few) != 1 else ''} ({', '.join(few)}) "
+                f"had fewer than {SMALL_TEST} clips left to test on; a higher --min-clips "
+                "or fewer --shots gives steadier figures")
     else:
         r = P.personalize_speaker(session, args.speaker, acfg, backend=args.backend,
                                   curve=args.report is not None)
