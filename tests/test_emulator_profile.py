@@ -64,3 +64,14 @@ def test_variants_on_a_handful_of_clips_warn_that_the_numbers_are_chance(data_di
     assert len(out["variants"]) >= 2 and out["recommended"]
     assert "warning: with 4 validation clips an accuracy moves in steps of 25.0 points" in \
         capsys.readouterr().err
+
+
+def test_variants_say_when_the_split_holds_fewer_clips_than_asked(data_dir, tmp_path, capsys):
+    for word in ("yes", "no"):  # a small folder: 12 clips of each word
+        (tmp_path / word).mkdir()
+        for f in sorted((data_dir / word).glob("*.wav"))[:12]:
+            (tmp_path / word / f.name).symlink_to(f)
+    out = profile_cmd.run_variants(_args("--variants", "--train-clips", "500", "--quiet",
+                                         "--data", str(tmp_path)))
+    assert out["train_clips"] < 500
+    assert "the split holds fewer than --train-clips 500" in capsys.readouterr().err

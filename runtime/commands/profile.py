@@ -246,7 +246,11 @@ def run_variants(args) -> dict:
     if args.val_clips:
         val = [val[i] for i in sorted(rng.choice(len(val), min(args.val_clips, len(val)),
                                                  replace=False))]
-    say(f"features: {len(train)} train, {len(val)} validation clips (speaker-disjoint)")
+    short = [f"{what} {n}" for what, n, got in (("--train-clips", args.train_clips, len(train)),
+                                                ("--val-clips", args.val_clips, len(val)))
+             if n > got]
+    say(f"features: {len(train)} train, {len(val)} validation clips (speaker-disjoint)"
+        + (f"; the split holds fewer than {' and '.join(short)}" if short else ""))
     if not val:
         raise DatasetError(f"{data}: no validation clips in the speaker split; --variants "
                            "needs a folder with more speakers")
