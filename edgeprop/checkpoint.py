@@ -276,6 +276,19 @@ def _check_widths(path: Path, cfg: ModelConfig, encoder: dict | None,
                 f"{n_mels}, deltas {'on' if deltas else 'off'}) but {into} = {n_feat}")
 
 
+def check_model(path: str | os.PathLike, cfg: ModelConfig, expect: ModelConfig) -> None:
+    """CheckpointError naming every field of `cfg` that differs from `expect`."""
+    if cfg != expect:
+        diffs = [
+            f"{k}={v!r} (expected {expect.to_dict()[k]!r})"
+            for k, v in cfg.to_dict().items()
+            if expect.to_dict()[k] != v
+        ]
+        raise CheckpointError(
+            f"checkpoint {path} is for another model: " + ", ".join(diffs)
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = None) -> Checkpoint:
     """Read and validate a checkpoint; `expect` demands the same model config."""
     path = Path(path)
@@ -291,15 +304,8 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
             f"({FORMAT_VERSION}); upgrade edgeprop"
         )
     cfg = _model_config(path, meta.get("model"))
-    if expect is not None and cfg != expect:
-        diffs = [
-            f"{k}={v!r} (expected {expect.to_dict()[k]!r})"
-            for k, v in cfg.to_dict().items()
-            if expect.to_dict()[k] != v
-        ]
-        raise CheckpointError(
-            f"checkpoint {path} is for another model: " + ", ".join(diffs)
-        )
+    if expect is not None:
+        check_model(path, cfg, expect)
     shapes = _expected_shapes(cfg)
     ps = []
     for name in _PARAM_NAMES:

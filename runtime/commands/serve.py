@@ -125,18 +125,18 @@ def build_core(args: argparse.Namespace):
 
     ckpt = load_model(args.model)
     if args.checkpoint_dir and resume_path(args.checkpoint_dir).exists():
-        from edgeprop.checkpoint import load_checkpoint
+        from edgeprop.checkpoint import check_model, load_checkpoint
 
         path = resume_path(args.checkpoint_dir)
         fix = "pass the --model it learned from, or another --checkpoint-dir"
         try:  # a damaged file is not "another model": say which it is
-            load_checkpoint(path)
+            resumed = load_checkpoint(path)
         except CheckpointError as exc:
             raise ConfigError(f"cannot resume: {exc}; move {path} away to start from "
                               f"{args.model or 'the shipped model'}, or pass another "
                               "--checkpoint-dir") from None
-        try:  # load_checkpoint's own model check (expect=) names what differs
-            resumed = load_checkpoint(path, expect=ckpt.cfg)
+        try:  # load_checkpoint's own model check names what differs
+            check_model(path, resumed.cfg, ckpt.cfg)
         except CheckpointError as exc:
             raise ConfigError(f"{path} holds another model than "
                               f"{args.model or 'the shipped model'}: {exc}; {fix}") from None
