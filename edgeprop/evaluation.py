@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeprop.checkpoint import Checkpoint
 from edgeprop.datasets import Clip, ScanResult, scan_speech_commands
-from edgeprop.errors import CheckpointError, DatasetError
+from edgeprop.errors import CheckpointError
 from edgeprop.frontend import FrontendConfig
 from edgeprop.network import KWS_LABELS
 
@@ -138,11 +138,6 @@ def scan_for_model(root: str | Path, ckpt: Checkpoint) -> list[Clip]:
 
 
 def scan_folder_for_model(root: str | Path, ckpt: Checkpoint) -> ScanResult:
-    """The whole scan (clips and what was skipped, for a note) with the model's labels."""
-    labels = tuple(model_labels(ckpt))
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder (expected a Speech Commands folder)")
-    return scan_speech_commands(root, labels)
+    """The whole scan (clips and what was skipped, for a note) with the model's labels;
+    a missing folder or a file is the scan's error."""
+    return scan_speech_commands(root, tuple(model_labels(ckpt)))
