@@ -8,6 +8,7 @@ checkpoints, caches, assets and reports are meant to be read by others.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -52,9 +53,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def safe_name(text: str, default: str, limit: int = 80) -> str:
+    """`text` as a file or folder name part: ASCII letters, digits, `_`, `.` and `-`
+    (any other character becomes `_`), at most `limit` long, never empty."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:limit] or default
+
+
 def rescue_folder(tag: str) -> Path:
     """A fresh folder in the temp dir for weights whose own destination cannot take
     them (a full disk, a folder gone): learned weights are never lost. The temp dir is
     often another file system; the caller names the folder to the user."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)[:60] or "weights"
-    return Path(tempfile.mkdtemp(prefix=f"edgeprop-rescue-{safe}-"))
+    return Path(tempfile.mkdtemp(prefix=f"edgeprop-rescue-{safe_name(tag, 'weights', 60)}-"))

@@ -68,7 +68,6 @@ import logging
 import math
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -79,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeprop.atomic_file import rescue_folder, safe_name
 from edgeprop.errors import CheckpointError, ConfigError, EdgepropError
 from edgeprop.network import KWS_LABELS, ModelConfig, Params, State, init_state, step
 from runtime import protocol as P
@@ -112,7 +112,7 @@ def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "stream"
+    return safe_name(name, "stream")
 
 
 def _nonfinite(f: P.Frames) -> str:
@@ -768,8 +768,6 @@ class LearnerCore:
         """The checkpoint on the way out. When checkpoint_dir cannot take it (a full disk,
         a folder removed), the weights go to a fresh rescue folder in the temp dir rather
         than being lost. Returns what the user must be told, or None when all went well."""
-        from edgeprop.atomic_file import rescue_folder
-
         try:
             self.save_checkpoint()
             return None
