@@ -86,11 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _DeferredInterrupt:
     """Ctrl-C during training takes effect between batches: raised inside a numba
     kernel, KeyboardInterrupt comes out as a SystemError traceback. The handler only
-    notes the signal; `check`, called from the training callbacks, raises it."""
+    notes the signal; `check`, called from the training callbacks, raises it. Leaving
+    the block on a Ctrl-C calls `on_interrupt` (to say how to go on), whichever way
+    it was raised."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_interrupt) -> None:
         self.hit = False
         self.old = None
+        self.on_interrupt = on_interrupt
 
     def _note(self, signum, frame) -> None:
         self.hit = True
@@ -110,8 +113,12 @@ class _DeferredInterrupt:
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
             self.old = None
-        if exc_type is None:
-            self.check()
+        if exc_type is None and self.hit:  # noted after the last check: raised here
+            self.hit = False
+            self.on_interrupt()
+            raise KeyboardInterrupt
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.on_interrupt()
 
 
 def _resume_path(out: Path) -> Path:
@@ -298,14 +305,11 @@ def run(args) -> int:
         interrupt.check()  # after the epoch is saved
 
     bars: list = []
-    interrupt = _DeferredInterrupt()
+    interrupt = _DeferredInterrupt(on_interrupt=interrupted)
     try:
         with interrupt:
             state = training.train(cfg, data, tcfg, state, on_epoch_start=on_epoch_start,
                                    on_epoch_end=on_epoch_end, stop_after=args.stop_after)
-    except KeyboardInterrupt:
-        interrupted()
-        raise
     finally:
         while bars:
             bars.pop().__exit__(None, None, None)
@@ -317,12 +321,8 @@ def run(args) -> int:
                         "resume": str(resume_file)})
         return 0
     seconds = time.perf_counter() - t_start
-    try:  # all epochs are in the resume file: Ctrl-C here is said the same way
-        with interrupt:
-            val_acc = training.accuracy(cfg, state.model(), data.val_x, data.val_y)
-    except KeyboardInterrupt:
-        interrupted()
-        raise
+    with interrupt:  # all epochs are in the resume file: Ctrl-C here is said the same way
+        val_acc = training.accuracy(cfg, state.model(), data.val_x, data.val_y)
     comparison = None
     if args.compare_dense:
         other = dataclasses.replace(tcfg, sparse=not tcfg.sparse)
@@ -341,9 +341,6 @@ def run(args) -> int:
             with interrupt:
                 st2 = training.train(cfg, data, other, on_epoch_start=on_epoch_start,
                                      on_epoch_end=cmp_end)
-        except KeyboardInterrupt:
-            interrupted()
-            raise
         finally:
             while bars:
                 bars.pop().__exit__(None, None, None)
