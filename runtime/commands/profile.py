@@ -141,8 +141,6 @@ def _settle(args, variants: bool) -> None:
     (None means "not given")."""
     from firmware_model.precision import DEFAULT_PRECISION
 
-    if getattr(args, "_settled", False):
-        return
     unused = VARIANTS_ONLY if not variants else PROFILE_ONLY
     given = [f"--{k.replace('_', '-')}" for k in unused
              if getattr(args, k) is not None and getattr(args, k) is not False]
@@ -151,12 +149,9 @@ def _settle(args, variants: bool) -> None:
         raise ConfigError(f"{', '.join(given)} only set{'s' if len(given) == 1 else ''} "
                           f"{mode}: drop {', '.join(given)}"
                           + ("" if variants else " or add --variants"))
-    for k, default in (PROFILE_ONLY | VARIANTS_ONLY).items():
+    for k, default in (PROFILE_ONLY | VARIANTS_ONLY | {"precision": DEFAULT_PRECISION}).items():
         if getattr(args, k) is None:
             setattr(args, k, default)
-    if args.precision is None:
-        args.precision = DEFAULT_PRECISION
-    args._settled = True
 
 
 def run_profile(args) -> dict:
