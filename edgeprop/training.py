@@ -243,13 +243,13 @@ def prepare_data(
     fcfg = fit_normalization(raw_train, cfg)  # clean training features only
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
     shape = (1 + tcfg.n_aug,) + raw_train.shape
-    need = math.prod(shape) * np.dtype(DTYPE).itemsize
+    need, ram = math.prod(shape) * np.dtype(DTYPE).itemsize, _physical_memory()
     too_much = ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} "
                            f"training clips need {need / 2**30:,.1f} GiB of memory (this "
-                           f"machine has {_physical_memory() / 2**30:,.0f} GiB); lower "
-                           "--n-aug or --max-clips")
-    if need > 0.8 * _physical_memory():  # np.empty may still succeed (overcommit) and
-        raise too_much                   # the filling be killed by the kernel
+                           f"machine has {ram / 2**30:,.0f} GiB); lower --n-aug or "
+                           "--max-clips")
+    if need > 0.8 * ram:  # np.empty may still succeed (overcommit), and the filling
+        raise too_much    # be killed by the kernel
     try:
         train_x = np.empty(shape, DTYPE)
     except MemoryError:

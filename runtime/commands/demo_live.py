@@ -126,6 +126,7 @@ def replay_rate(path: Path) -> int:
 
 
 def _open_source(args):
+    """(source, its name for the panel, the replay file's own rate or None)."""
     from runtime.sources import FileSource, MicrophoneSource
 
     if args.replay is not None:
@@ -139,12 +140,12 @@ def _open_source(args):
         rate = replay_rate(args.replay)
         if rate != src.sample_rate:  # said, as for a microphone, not done silently
             name += f" ({rate} Hz, resampled to {src.sample_rate // 1000} kHz)"
-        return src, name
+        return src, name, rate
     src = MicrophoneSource(device=args.device, capture_rate=args.mic_rate)
     name = f"microphone {args.device if args.device is not None else '(default)'}"
     if (src.capture_rate, src.channels) != (src.sample_rate, 1):
         name += f" ({src.capture_rate} Hz x{src.channels}, resampled to 16 kHz mono)"
-    return src, name
+    return src, name, None
 
 
 def run(args) -> int:
@@ -172,13 +173,13 @@ def run(args) -> int:
     state = LiveState(labels or [str(i) for i in range(ckpt.cfg.n_out)])
     front = FrontendNode(endpoint, fcfg, encoder, stream="live", mode="live",
                          on_output=state.on_output)
-    source = None
+    source = file_rate = None
     t_start = time.monotonic()
     interrupted = False
     levels: list[float] = []
     try:
         front.start()
-        source, source_name = _open_source(args)
+        source, source_name, file_rate = _open_source(args)
         ui = not (args.no_ui or args.quiet or not sys.stderr.isatty())
         live = None
         if not ui and not args.quiet:  # the panel shows it; the lines say it once
@@ -249,7 +250,7 @@ def run(args) -> int:
         "mic_status_overflows": int(getattr(source, "status_overflows", 0) or 0),
         "mic_rate": getattr(source, "capture_rate", None),
         "mic_channels": getattr(source, "channels", None),
-        "replay_rate": replay_rate(args.replay) if args.replay is not None and source else None,
+        "replay_rate": file_rate,
         "latency_p50_ms": stats.get("latency_p50_ms"),
         "latency_p99_ms": stats.get("latency_p99_ms"),
         "level_dbfs_max": max(levels) if levels else None,

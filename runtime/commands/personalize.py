@@ -25,6 +25,7 @@ from runtime.arg_types import (
     folder,
     fraction,
     learning_rate,
+    name_list,
     new_file,
     nonneg_int,
     output_folder,
@@ -56,11 +57,11 @@ def speaker_list(text: str) -> list[str]:
     twice in the means), at least one (checked in run, a ConfigError like before)."""
     from edgeprop.errors import ConfigError
 
-    names = list(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
-    if not names:
+    try:
+        return name_list(text.lower())
+    except argparse.ArgumentTypeError:
         raise ConfigError(f"--speakers {text!r} names no speaker; give comma-separated "
-                          "hashes, e.g. --speakers 837a0f64,97f4c236")
-    return names
+                          "hashes, e.g. --speakers 837a0f64,97f4c236") from None
 
 
 def report_file(text: str) -> Path:
@@ -265,8 +266,6 @@ def _refuse_sweep_options(args) -> None:
     """Options that one mode would silently ignore, refused before any work."""
     from edgeprop.errors import ConfigError
 
-    if args.speakers is not None:
-        speaker_list(args.speakers)  # a stray "," names no one
     if args.speaker is None and not args.speakers and not args.all_speakers:
         raise ConfigError("say whose voice: --speaker HASH, --speakers A,B or --all-speakers")
     if args.min_clips is not None and not args.all_speakers:
@@ -292,6 +291,7 @@ def _run_dataset(args) -> int:
     from runtime import personalization as P
     from runtime.console import progress
 
+    named = speaker_list(args.speakers) if args.speakers is not None else None
     _refuse_sweep_options(args)
     ckpt, base_path = load_base(args.model)
     acfg = adapt_config(args, ckpt)
@@ -307,8 +307,8 @@ def _run_dataset(args) -> int:
     min_clips = MIN_CLIPS if args.min_clips is None else args.min_clips
     if args.speaker is not None:
         speakers = [args.speaker]
-    elif args.speakers:
-        speakers = speaker_list(args.speakers)
+    elif named:
+        speakers = named
     else:
         speakers = session.speakers(min_clips)
         if not speakers:
