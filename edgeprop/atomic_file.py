@@ -53,6 +53,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def cannot_write_in(folder: str | os.PathLike) -> str | None:
+    """Why a file cannot be made in `folder` (the OS's reason), or None when it can.
+    It makes and removes a temp file, as atomic_open will: permission bits say
+    nothing for root, and /proc or sysfs refuse only a real attempt."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgeprop-probe.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    with suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
 def safe_name(text: str, default: str, limit: int = 80) -> str:
     """`text` as a file or folder name part: ASCII letters, digits, `_`, `.` and `-`
     (any other character becomes `_`), at most `limit` long, never empty."""

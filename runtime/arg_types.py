@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from pathlib import Path
 
@@ -157,9 +156,12 @@ def sample_rate(text: str) -> int:
 
 
 def _writable(folder: Path, text: str) -> None:
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder} (read-only or "
-                                         "no permission); choose another place")
+    from edgeprop.atomic_file import cannot_write_in
+
+    why = cannot_write_in(folder)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{text}: cannot make a file in {folder} (the OS says: "
+                                         f"{why}); choose another place")
 
 
 def new_file(text: str) -> Path:

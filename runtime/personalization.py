@@ -868,15 +868,14 @@ def default_personal_path(base_path: Path, speaker: str) -> Path:
     """<base dir>/<base stem>.<speaker>.npz, beside the base checkpoint; for the shipped
     model (inside the installed package) or a base in a read-only folder,
     <user data dir>/personal/<base stem>.<speaker>.npz instead."""
-    import os
-
     import edgeprop
+    from edgeprop.atomic_file import cannot_write_in
 
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in speaker) or "speaker"
     name = f"{Path(base_path).stem}.{safe}.npz"
     folder = Path(base_path).resolve().parent
     package = Path(edgeprop.__file__).resolve().parent
-    if folder.is_relative_to(package) or not os.access(folder, os.W_OK):
+    if folder.is_relative_to(package) or cannot_write_in(folder) is not None:
         return user_data_dir() / "personal" / name
     return folder / name
 

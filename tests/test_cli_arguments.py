@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -103,8 +104,16 @@ def test_an_output_path_that_cannot_be_written_is_refused_up_front(read_only_dir
     for check, text in ((A.new_file, read_only_dir / "a.rec"),
                         (A.output_folder, read_only_dir),
                         (A.output_folder, read_only_dir / "new" / "deeper")):
-        with pytest.raises(argparse.ArgumentTypeError, match="cannot write in"):
+        with pytest.raises(argparse.ArgumentTypeError, match="cannot make a file in"):
             check(str(text))
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="no /proc here")
+def test_a_folder_that_refuses_files_is_refused_even_for_root():
+    """/proc allows root by its mode bits (os.access says yes) but makes no file: the
+    check tries a real file, so pretrain never trains for an hour toward it."""
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot make a file in /proc"):
+        A.new_file("/proc/edgeprop-model.npz")
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -170,7 +179,7 @@ def test_serve_refuses_pub_with_workers(capsys):
         assert said in capsys.readouterr().err
     assert main(["personalize", "--out", str(SHIPPED), "--data", "."]) == 2
     err = capsys.readouterr().err  # (a read-only install refuses the folder itself)
-    assert "refusing to overwrite the base checkpoint" in err or "cannot write in" in err
+    assert "refusing to overwrite the base checkpoint" in err or "cannot make a file" in err
 
 
 def test_microphone_options_are_refused_where_no_microphone_is_used(tmp_path, capsys):
