@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,6 +401,10 @@ class StdinSource(Source):
             yield Block(self._samples(carry[:whole]), time.monotonic_ns())
         if total < self.dtype.itemsize:
             raise self._no_audio(total)
+        if len(carry) > whole:  # a byte lost on the way, or a wrong --stdin-dtype
+            warnings.warn(f"stdin ended mid-sample: its last {len(carry) - whole} byte(s), "
+                          f"less than one {self.dtype.name} sample, were dropped (is "
+                          "--stdin-dtype right?)", stacklevel=2)
 
     def _samples(self, raw: bytes) -> np.ndarray:
         x = np.frombuffer(raw, self.dtype)

@@ -76,6 +76,26 @@ def test_options_the_source_would_ignore_are_refused(verb, argv, says, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("verb, argv, ignored", [
+    ("listen", ["--list-devices", "--file", "{clip}", "--realtime"], "--file and --realtime"),
+    ("record", ["{out}", "--list-devices"], "so OUT would be ignored"),
+    ("demo", ["live", "--list-devices", "--replay", "{clip}"], "so --replay would be ignored"),
+])
+def test_list_devices_refuses_what_it_would_ignore(verb, argv, ignored, tmp_path):
+    """--list-devices lists and exits: a source given with it is not silently dropped."""
+    argv = [a.format(clip=CLIP, out=tmp_path / "x.rec") for a in argv]
+    err = _user_error(_cli(verb, *argv), "demo live" if verb == "demo" else verb)
+    assert "--list-devices only lists the input devices and exits" in err and ignored in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_record_lists_devices_without_out_but_records_only_with_it():
+    listed = _cli("record", "--list-devices", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout)["devices"], list)
+    assert "record needs OUT" in _user_error(_cli("record", "--file", CLIP), "record")
+
+
 def test_stdin_from_a_terminal_is_refused_not_waited_on():
     """Reading a terminal would wait for typing forever."""
     master, slave = pty.openpty()
@@ -118,7 +138,8 @@ def test_stdin_streams_the_last_short_block_like_a_file(learner, tmp_path):
 
 def test_stdin_source_yields_every_whole_sample():
     x = np.arange(250, dtype="<i2")
-    blocks = list(StdinSource(stream=io.BytesIO(x.tobytes() + b"\x01")).blocks())
+    with pytest.warns(UserWarning, match=r"stdin ended mid-sample: its last 1 byte\(s\)"):
+        blocks = list(StdinSource(stream=io.BytesIO(x.tobytes() + b"\x01")).blocks())
     assert [len(b.samples) for b in blocks] == [160, 90]
     with pytest.raises(AudioError, match="stdin holds a FLAC file"):
         list(StdinSource(stream=io.BytesIO(CLIP.read_bytes())).blocks())

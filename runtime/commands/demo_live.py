@@ -155,8 +155,11 @@ def run(args) -> int:
     from runtime.learner_node import LearnerCore, LearnerNode, load_model
 
     if args.list_devices:
-        from runtime.commands.listen import show_input_devices
+        from runtime.commands.listen import refuse_beside_list_devices, show_input_devices
 
+        refuse_beside_list_devices(args, (("--replay", "replay"), ("--device", "device"),
+                                          ("--mic-rate", "mic_rate"),
+                                          ("--seconds", "seconds")))
         return show_input_devices(args.json, "no input devices")
     if args.replay is not None:
         refuse_mic_options(args, f"--replay {args.replay}")

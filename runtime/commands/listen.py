@@ -110,6 +110,23 @@ def refuse_mic_options(args: argparse.Namespace, source: str) -> None:
                           f"{source}; drop {flags}")
 
 
+# what listen and record take that --list-devices (list, then exit) would ignore
+AUDIO_FLAGS = (("--file", "file"), ("--folder", "folder"), ("--stdin", "stdin"),
+               ("--device", "device"), ("--mic-rate", "mic_rate"), ("--label", "label"),
+               ("--realtime", "realtime"), ("--stdin-dtype", "stdin_dtype"))
+
+
+def refuse_beside_list_devices(args: argparse.Namespace, flags) -> None:
+    """--list-devices lists the inputs and exits. An audio source or setting given with
+    it (`flags`: (flag, attribute) pairs) would be silently ignored: say so."""
+    given = [flag for flag, name in flags if getattr(args, name, None) not in (None, False)]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise ConfigError(f"--list-devices only lists the input devices and exits, so "
+                          f"{' and '.join(given)} would be ignored; drop {them}, or "
+                          "--list-devices")
+
+
 def show_input_devices(as_json: bool, none_hint: str) -> int:
     """--list-devices of the audio commands: one line per input device on stderr
     (none_hint if there is none), {"devices": [...]} on stdout with --json. Returns 0."""
@@ -157,6 +174,7 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
     import os
 
     if args.list_devices:
+        refuse_beside_list_devices(args, AUDIO_FLAGS + (("OUT", "out"),))
         return show_input_devices(
             args.json, "no audio input devices found; replay instead: "
                        "edgeprop listen --file clip.wav")
