@@ -64,6 +64,7 @@ Public API (stable)::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -111,8 +112,15 @@ def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / CHECKPOINT_NAME
 
 
-def _safe(name: str) -> str:
-    return safe_name(name, "stream")
+def stream_file_part(stream: str) -> str:
+    """`stream` as part of a file name: itself when it is already safe, else its safe form
+    plus a hash of the real name, so that two streams ("a b" and "a_b", or two long ids
+    alike in their first 80 characters) never share one personal checkpoint."""
+    safe = safe_name(stream, "stream")
+    if safe == stream:
+        return safe
+    digest = hashlib.sha256(stream.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{safe[:64]}-{digest[:12]}"
 
 
 def _nonfinite(f: P.Frames) -> str:
@@ -393,8 +401,9 @@ class LearnerCore:
         return reply
 
     def _personal_path(self, stream: str) -> Path | None:
-        return self.checkpoint_dir / f"personal-{_safe(stream)}.ckpt" if self.checkpoint_dir \
-            else None
+        if self.checkpoint_dir is None:
+            return None
+        return self.checkpoint_dir / f"personal-{stream_file_part(stream)}.ckpt"
 
     def _personal_backend(self, stream: str) -> Backend:
         from edgeprop.checkpoint import load_checkpoint

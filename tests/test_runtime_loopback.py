@@ -252,6 +252,19 @@ def test_personal_session_learns_alone_and_is_saved(ckpt, stream, tmp_path):
     assert personal.extra["runtime"]["windows"] >= 3
 
 
+def test_each_stream_has_its_own_personal_checkpoint_file():
+    """Sanitising alone mapped "a b" and "a_b" (and long ids alike in their first 80
+    characters) to one file: one speaker's weights overwrote the other's."""
+    from runtime.learner_node import stream_file_part
+
+    streams = ["mine", "a b", "a_b", "a/b", "", "x" * 100, "x" * 100 + "y", "spk\u00e9"]
+    parts = [stream_file_part(s) for s in streams]
+    assert len(set(parts)) == len(streams)
+    assert parts[0] == "mine" and parts[2] == "a_b"  # a safe name stays as it is
+    assert all(len(p) <= 80 and p.replace("-", "").replace("_", "").replace(".", "")
+               .isalnum() and p.isascii() for p in parts)
+
+
 def test_live_mode_drops_the_oldest_frames_and_counts_them(ckpt, stream):
     node = start_learner(ckpt)
     fe = frontend_for(ckpt, node.endpoints["data_router"], stream="live", mode="live",
