@@ -164,6 +164,20 @@ def _writable(folder: Path, text: str) -> None:
                                          f"{why}); choose another place")
 
 
+def stream_id(text: str) -> str:
+    """--stream: printable, at most MAX_STREAM_CHARS (a learner rejects a longer hello);
+    "" picks the command's own default."""
+    from runtime.protocol import MAX_STREAM_CHARS
+
+    if len(text) > MAX_STREAM_CHARS:
+        raise argparse.ArgumentTypeError(f"{len(text)} characters: a stream id may have at "
+                                         f"most {MAX_STREAM_CHARS}")
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: a stream id must be printable (no "
+                                         "control characters or line breaks)")
+    return text
+
+
 def new_file(text: str) -> Path:
     """A file to write: its folder must exist and be writable, and it must not be a folder
     itself. Checked at the start, not when the file is first written (after the work, or

@@ -366,6 +366,9 @@ class LearnerCore:
     def _hello(self, h: P.Hello, route: bytes) -> P.HelloReply:
         m = self.model
         problems = []
+        if len(h.stream) > P.MAX_STREAM_CHARS:
+            problems.append(f"stream id of {len(h.stream)} characters is longer than "
+                            f"{P.MAX_STREAM_CHARS}")
         if h.frontend_hash != m.frontend_hash:
             problems.append(f"frontend config hash {h.frontend_hash[:12]} != model's "
                             f"{m.frontend_hash[:12]}")

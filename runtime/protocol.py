@@ -8,6 +8,7 @@ Public API (stable; the demo and regression suites build on it)::
     PROTOCOL_VERSION = 1
     MAX_MESSAGE_BYTES = 256 * 1024       # decode() refuses anything longer
     NO_LABEL = -1                        # per-frame label / window id meaning "none"
+    MAX_STREAM_CHARS = 128               # a longer stream id: hello rejected
 
     Hello(stream, frontend_hash, encoder_id, n_channels, substeps, mode="replay",
           personal=False, client="", sample_rate=16000, hop_s=0.01)
@@ -65,6 +66,8 @@ MAX_MESSAGE_BYTES = 256 * 1024
 NO_LABEL = -1
 #: Most frames one Frames message may carry (keeps latency and message size bounded).
 MAX_BATCH = 64
+#: Longest stream id a learner accepts in a hello (every message repeats the id).
+MAX_STREAM_CHARS = 128
 
 ERROR_KINDS = ("malformed", "version", "oversized", "unknown_type", "bad_field", "shape")
 #: Each control command's arguments: name -> (kind, required). Kinds are checked by

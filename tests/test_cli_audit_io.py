@@ -76,6 +76,14 @@ def test_options_the_source_would_ignore_are_refused(verb, argv, says, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("value, says", [("x" * 129, "129 characters: a stream id may "
+                                                    "have at most 128"),
+                                         ("a\nb", "a stream id must be printable")])
+def test_stream_id_is_bounded_and_printable(value, says):
+    err = _user_error(_cli("listen", "--file", CLIP, "--stream", value), "listen")
+    assert "--stream" in err and says in err
+
+
 @pytest.mark.parametrize("verb, argv, ignored", [
     ("listen", ["--list-devices", "--file", "{clip}", "--realtime"], "--file and --realtime"),
     ("record", ["{out}", "--list-devices"], "so OUT would be ignored"),

@@ -18,6 +18,7 @@ from runtime_support import (
 )
 
 from edgeprop.checkpoint import load_checkpoint, params_hash
+from edgeprop.errors import ConfigError
 from runtime import protocol as P
 from runtime.recording import (
     RecordingWriter,
@@ -265,6 +266,24 @@ def test_each_stream_has_its_own_personal_checkpoint_file():
                .isalnum() and p.isascii() for p in parts)
 
 
+def test_a_hello_with_an_overlong_stream_id_is_rejected_with_the_reason(ckpt):
+    """Every message repeats the stream id: a learner refuses one past MAX_STREAM_CHARS
+    at the hello, with a reason, rather than carrying it in every frame."""
+    node = start_learner(ckpt)
+    try:
+        ok = frontend_for(ckpt, node.endpoints["data_router"], stream="s" * P.MAX_STREAM_CHARS)
+        assert ok.start().accepted
+        ok.close()
+        long = frontend_for(ckpt, node.endpoints["data_router"],
+                            stream="s" * (P.MAX_STREAM_CHARS + 1))
+        with pytest.raises(ConfigError, match="stream id of 129 characters is longer than 128"):
+            long.start()
+        long.close()
+    finally:
+        node.stop()
+        node.core.close()
+
+
 def test_live_mode_drops_the_oldest_frames_and_counts_them(ckpt, stream):
     node = start_learner(ckpt)
     fe = frontend_for(ckpt, node.endpoints["data_router"], stream="live", mode="live",
@@ -287,7 +306,6 @@ def test_outputs_are_published_and_a_mismatched_frontend_is_refused(ckpt, stream
     import zmq
 
     from edgeprop.encoders import make_encoder
-    from edgeprop.errors import ConfigError
     from edgeprop.frontend import FrontendConfig
     from runtime.frontend_node import FrontendNode
     from runtime.learner_node import LearnerCore, LearnerNode

@@ -20,7 +20,14 @@ import argparse
 import time
 
 from edgeprop.errors import ConfigError, EdgepropError
-from runtime.arg_types import connect_endpoint, device, int_range, pos_float, sample_rate
+from runtime.arg_types import (
+    connect_endpoint,
+    device,
+    int_range,
+    pos_float,
+    sample_rate,
+    stream_id,
+)
 from runtime.console import add_output_flags, print_json, say
 from runtime.protocol import MAX_BATCH
 
@@ -45,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learner/broker")
     parser.add_argument("--model", help="checkpoint whose frontend/encoder to use "
                                         "(default: the shipped model)")
-    parser.add_argument("--stream", default="", help="stream id (default: listen-<pid>)")
+    parser.add_argument("--stream", type=stream_id, default="",
+                        help="stream id, at most 128 characters (default: listen-<pid>)")
     parser.add_argument("--mode", choices=("replay", "live"),
                         help="default: live for mic/stdin, replay for file/folder")
     parser.add_argument("--batch", type=int_range(1, MAX_BATCH), default=1,
