@@ -170,6 +170,8 @@ def test_serve_refuses_pub_with_workers(capsys):
     assert "--connect is not used with --workers" in capsys.readouterr().err
     assert main(["serve", "--workers", "2", "--control", "tcp://127.0.0.1:6105"]) == 2
     assert "--control is not served with --workers" in capsys.readouterr().err
+    assert main(["serve", "--workers", "2", "--name", "kws", "--control", ""]) == 2
+    assert "--name is not used with --workers" in capsys.readouterr().err
     assert main(["personalize", "--data", ".", "--speakers", ",,"]) == 2
     assert "names no speaker" in capsys.readouterr().err
     # the microphone session checks its keywords before the microphone opens

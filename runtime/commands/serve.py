@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--bind)")
     parser.add_argument("--workers", type=nonneg_int, default=0,
                         help="start a broker on --bind and this many worker processes")
-    parser.add_argument("--name", default="learner", help="name in logs and stats")
+    parser.add_argument("--name", default=None,
+                        help="name in logs and stats (default learner; not with --workers, "
+                             "whose workers are worker-0, worker-1, ...)")
     parser.add_argument("--checkpoint-dir", type=output_folder,
                         help="periodic atomic checkpoints here; resume from learner.ckpt "
                              "if present")
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     tell = (lambda *parts: None) if args.quiet else say
     if args.workers:
         return _run_broker(args)
+    args.name = args.name or "learner"
     from runtime.learner_node import LearnerNode
 
     core = build_core(args)
@@ -249,6 +252,10 @@ def _run_broker(args: argparse.Namespace) -> int:
     if args.connect:
         raise ConfigError("--connect is not used with --workers (the broker binds --bind and "
                           "its workers connect to it); give one or the other")
+    if args.name is not None:
+        raise ConfigError("--name is not used with --workers (the workers are named "
+                          "worker-0, worker-1, ..., as their checkpoint folders are); drop "
+                          "--name")
     if args.record:
         raise ConfigError("--record is not served with --workers (each worker sees only its "
                           "own streams); serve one learner to record it, or record at the "
