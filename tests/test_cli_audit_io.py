@@ -185,6 +185,19 @@ def test_bench_refuses_absurd_sizes_before_any_work(argv, says):
     assert says in _user_error(out, f"bench {argv[0]}")
 
 
+def test_bench_sparse_bptt_says_when_the_band_is_clipped_to_v_th():
+    """B_th above v_th keeps what v_th keeps (psi is 0 beyond it): the JSON gives the band
+    used and a note says so, instead of a B_th that changed nothing."""
+    out = _cli("bench", "sparse-bptt", "--b-th", "5", "--batch", "2", "--repeats", "1",
+               "--no-sweep", "--no-torch", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    res = json.loads(out.stdout)
+    for net in ("kws", "shd"):
+        assert res[net]["b_th"] == 5.0 and res[net]["band"] < 5.0
+        assert res[net]["grad_cosine_vs_dense"] > 0.999999  # the whole band: dense
+    assert out.stderr.decode().count("is above this network's v_th") == 2
+
+
 def test_bench_eprop_exactness_is_on_a_batch_of_four_whatever_samples():
     """--samples 1 used to measure the exactness on a batch of one ("batch 4" said the JSON)."""
     runs = [json.loads(_cli("bench", "eprop", "--samples", n, "--steps", "20", "--repeats",

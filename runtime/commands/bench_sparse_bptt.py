@@ -207,6 +207,10 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
     cfg, params, x, labels, desc = workload
     T, B, _ = x.shape
     say(f"{name}: {cfg.n_in}-{cfg.n_rec}-{cfg.n_out} {cfg.neuron}, T={T}, B={B}: {desc}")
+    band = min(b_th, float(cfg.v_th))  # what sparse_bptt keeps: psi is 0 beyond v_th
+    if band < b_th:
+        say(f"  note: B_th {b_th:g} is above this network's v_th {cfg.v_th:g}, so the band is "
+            f"v_th: every neuron-step with a nonzero surrogate is kept (sparse equals dense)")
 
     def dense_fwd():
         return bptt.forward(cfg, params, x)
@@ -243,7 +247,7 @@ def bench_network(name, workload, b_th: float, repeats: int, do_sweep: bool, use
     n_syn = cfg.n_rec * (cfg.n_in + cfg.n_rec)
     out = {
         "network": f"{cfg.n_in}-{cfg.n_rec}-{cfg.n_out} {cfg.neuron}",
-        "T": T, "batch": B, "input": desc, "b_th": b_th,
+        "T": T, "batch": B, "input": desc, "b_th": b_th, "band": band,
         "active_fraction": st.active_fraction,
         "firing_rate": st.firing_rate,
         "dense_forward_s": t_df, "dense_backward_s": t_db,
