@@ -174,8 +174,44 @@ def test_replay_at_8khz_says_it_was_resampled_and_stereo_is_refused(data_dir, tm
     assert r.returncode == 0, r.stderr
     assert "source: replay yes8k.wav (8000 Hz, resampled to 16 kHz)" in r.stderr
     assert json.loads(r.stdout)["replay_rate"] == 8000
+    assert json.loads(r.stdout)["clipped_samples"] == 0 and "clipped" not in r.stderr
     _one_line_error(_cli("demo", "live", "--replay", str(tmp_path / "stereo.wav"),
                          "--backend", "reference"), "demo live", "2 channels")
+
+
+def test_a_clipping_replay_is_shown_and_said(data_dir, tmp_path):
+    """Audio at full scale is distorted (the scores suffer): the panel, the JSON and a
+    closing note say how much clipped, instead of the demo just detecting less."""
+    import soundfile as sf
+
+    clip = sorted((data_dir / "no").glob("*.wav"))[0]
+    x, _ = sf.read(clip, dtype="float32")
+    loud = np.clip(x / np.abs(x).max() * 8, -1, 1).astype(np.float32)
+    sf.write(tmp_path / "loud.wav", loud, 16000, subtype="FLOAT")
+    r = _cli("demo", "live", "--replay", str(tmp_path / "loud.wav"), "--backend",
+             "reference", "--json")
+    assert r.returncode == 0, r.stderr
+    n = int(np.count_nonzero(np.abs(loud) >= 0.999))
+    assert n > 100 and json.loads(r.stdout)["clipped_samples"] == n
+    assert f"note: the input clipped: {n} of " in r.stderr
+    assert "the file was recorded too loud" in r.stderr
+
+
+def test_the_live_panel_shows_bars_level_drops_and_clipping():
+    from rich.console import Console
+
+    from runtime.commands.demo_live import LiveState, render
+
+    state = LiveState(["yes", "no"])
+    state.probs[:] = [0.75, 0.25]
+    console = Console(record=True, width=100)
+    console.print(render(state, 3, "replay x.wav", 1.0))
+    quiet = console.export_text()
+    assert "yes" in quiet and "0.75" in quiet and "dropped frames: 3" in quiet
+    assert "clipping" not in quiet
+    state.clipped = 12
+    console.print(render(state, 3, "replay x.wav", 1.0))
+    assert "clipping (12 samples)" in console.export_text()
 
 
 def test_a_folder_without_some_of_the_models_words_says_so(data_dir, tmp_path):

@@ -30,6 +30,8 @@ from runtime.console import add_output_flags, print_json, say
 from runtime.detection import add_detector_arguments, detector_settings
 
 LEVEL_FLOOR_DBFS = -100.0
+CLIP_LEVEL = 0.999  # |sample| at or above this: the input hit full scale
+CLIP_WARN_FRACTION = 1e-3  # more clipped samples than this: say so at the end
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +72,8 @@ class LiveState:
         self.detections: list[dict] = []
         self.level = LEVEL_FLOOR_DBFS
         self.peak_level = LEVEL_FLOOR_DBFS
+        self.clipped = 0  # samples at full scale (distorted: features and scores suffer)
+        self.samples = 0
         self.frames = 0
         self.posterior_frames = 0
 
@@ -97,6 +101,7 @@ def render(state: LiveState, dropped: int, source_name: str, elapsed: float):
         probs = state.probs.copy()
         last = state.detections[-1] if state.detections else None
         level = state.level
+        clipped = state.clipped
         n_det = len(state.detections)
     table = Table.grid(padding=(0, 1))
     table.add_column(width=10)
@@ -112,7 +117,8 @@ def render(state: LiveState, dropped: int, source_name: str, elapsed: float):
            if last else "[dim]none yet[/]")
     info = Text.from_markup(
         f"latest detection: {det}   ({n_det} so far)\n"
-        f"input level: {level:6.1f} dBFS  " + "▮" * lvl + "\n"
+        f"input level: {level:6.1f} dBFS  " + "▮" * lvl
+        + (f"  [bold red]clipping ({clipped} samples)[/]" if clipped else "") + "\n"
         f"dropped frames: {dropped}   source: {source_name}   {elapsed:5.1f} s")
     return Panel(Group(table, info), title="edgeprop live keyword spotting",
                  subtitle="Ctrl-C to stop")
@@ -203,6 +209,8 @@ def run(args) -> int:
                 with state.lock:
                     state.level = lvl
                     state.peak_level = max(state.peak_level, lvl)
+                    state.clipped += int(np.count_nonzero(np.abs(block.samples) >= CLIP_LEVEL))
+                    state.samples += len(block.samples)
                 state.frames += front.feed(block.samples, t_in_ns=block.t_in_ns)
                 now = time.monotonic()
                 elapsed = now - t_start
@@ -258,10 +266,16 @@ def run(args) -> int:
         "latency_p99_ms": stats.get("latency_p99_ms"),
         "level_dbfs_max": max(levels) if levels else None,
         "level_dbfs_median": float(np.median(levels)) if levels else None,
+        "clipped_samples": state.clipped,
         "detections": [{k: d[k] for k in ("t", "label", "score")} for d in state.detections],
         "interrupted": interrupted,
         "detector": detector_settings(args),
     }
+    if state.clipped > CLIP_WARN_FRACTION * max(state.samples, 1):
+        fix = ("the file was recorded too loud" if args.replay is not None
+               else "lower the microphone's input gain")
+        say(f"note: the input clipped: {state.clipped} of {state.samples} samples at full "
+            f"scale ({fix}); distorted audio lowers the scores")
     say(f"{len(state.detections)} detections: "
         + (", ".join(d["label"] for d in state.detections) or "-")
         + f"; dropped frames {summary['dropped_frames']}")
