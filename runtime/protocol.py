@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Union
 
@@ -554,14 +555,21 @@ class RecordEntry:
         return decode(self.payload, max_bytes=1 << 30)
 
     def to_map(self) -> dict:
-        return {"dir": self.direction, "t_ns": int(self.t_ns), "msg": self.payload}
+        # crc: a flipped bit in a recorded float would otherwise replay as a regression
+        return {"dir": self.direction, "t_ns": int(self.t_ns), "msg": self.payload,
+                "crc": zlib.crc32(self.payload)}
 
     @classmethod
     def from_map(cls, d: dict) -> RecordEntry:
         direction = _get(d, "dir", str)
         if direction not in ("in", "out"):
             raise WireError("bad_field", f"record direction {direction!r}")
-        return cls(direction, _get(d, "t_ns", int), _get(d, "msg", bytes))
+        payload = _get(d, "msg", bytes)
+        crc = _get(d, "crc", int, None)  # absent in recordings made before it was added
+        if crc is not None and crc != zlib.crc32(payload):
+            raise WireError("bad_field", "its checksum does not match its message (the "
+                                         "bytes changed after recording)")
+        return cls(direction, _get(d, "t_ns", int), payload)
 
 
 Message = Union[Hello, HelloReply, Frames, Heartbeat, EndOfStream, Posteriors, Detection,

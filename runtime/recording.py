@@ -5,7 +5,8 @@ packed by runtime.protocol. The first is a `RecordingHeader` (frontend config an
 hash, encoder and its id, the checkpoint's params_hash, labels, model config); every
 following one is a `RecordEntry` holding one encoded protocol message, its direction
 ("in" = towards the learner: hello, frames with their labels, control, eos; "out" =
-from the learner: posteriors, detections, replies) and the monotonic time it was seen.
+from the learner: posteriors, detections, replies), the monotonic time it was seen and
+a CRC-32 of the message (a reader refuses an entry whose bytes changed).
 The writer appends to `<path>.part`, flushing every entry, and renames it to `<path>`
 on close (atomic: a reader never sees a half-renamed file; a recorder killed mid-write
 leaves a readable `.part` whose truncated last entry is ignored; a write that fails,

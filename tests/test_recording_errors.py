@@ -341,3 +341,21 @@ def test_a_newer_format_and_a_damaged_entry_say_so(recording, tmp_path, capsys):
     code, err = _edgeprop(capsys, "replay", damaged)
     assert code == 2 and f"{damaged}: damaged after entry 0 (" in err, err
     assert "strict_map_key" not in err and "ValueError" not in err
+
+    # one flipped bit inside a recorded frame (msgpack still reads it): the checksum
+    # says so, rather than the replay calling the model DIFFERENT
+    rec = read_recording(recording)
+    i = _index(recording, P.Frames)
+    payload = rec.entries[i].payload
+    at = data.index(payload) + len(payload) // 2
+    flipped = tmp_path / "flipped.rec"
+    flipped.write_bytes(data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:])
+    code, err = _edgeprop(capsys, "replay", flipped)
+    assert code == 2 and f"{flipped}: damaged after entry {i} (its checksum does not " \
+                         "match its message" in err, err
+    # an entry recorded before entries had a checksum is read as it is
+    old = msgpack.packb({"v": 1, "type": "record", "dir": "in", "t_ns": 1, "msg": payload},
+                        use_bin_type=True)
+    no_crc = tmp_path / "no_crc.rec"
+    no_crc.write_bytes(data[:n_header] + old)
+    assert read_recording(no_crc).entries[0].payload == payload
