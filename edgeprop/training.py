@@ -34,6 +34,7 @@ import numpy as np
 
 from edgeprop import bptt, sparse_bptt
 from edgeprop.datasets import (
+    CLIP_SAMPLES,
     Clip,
     load_clip,
     n_real_speakers,
@@ -235,14 +236,10 @@ def prepare_data(
         raise DatasetError(f"{root}: too few speakers for a speaker-disjoint split "
                            f"({len(train)} train / {len(val)} val clips)")
     cfg = (frontend or FrontendConfig()).without_normalization()
-    cache = FeatureCache(cache_dir)
-    noop = lambda n=1: None
-    adv = stage("features", len(train) + len(val)) if stage else noop
-    raw_train = cache.features(train, cfg, progress=adv)
-    raw_val = cache.features(val, cfg, progress=adv)
-    fcfg = fit_normalization(raw_train, cfg)  # clean training features only
-    # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low
-    shape = (1 + tcfg.n_aug,) + raw_train.shape
+    # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low;
+    # its size is known from the clip count, so a run that cannot fit stops before the
+    # features are computed (minutes), not after
+    shape = (1 + tcfg.n_aug, len(train), CLIP_SAMPLES // cfg.hop, cfg.n_features)
     need, ram = math.prod(shape) * np.dtype(DTYPE).itemsize, _physical_memory()
     too_much = ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} "
                            f"training clips need {need / 2**30:,.1f} GiB of memory (this "
@@ -250,6 +247,14 @@ def prepare_data(
                            "--max-clips")
     if need > 0.8 * ram:  # np.empty may still succeed (overcommit), and the filling
         raise too_much    # be killed by the kernel
+    cache = FeatureCache(cache_dir)
+    noop = lambda n=1: None
+    adv = stage("features", len(train) + len(val)) if stage else noop
+    raw_train = cache.features(train, cfg, progress=adv)
+    raw_val = cache.features(val, cfg, progress=adv)
+    fcfg = fit_normalization(raw_train, cfg)  # clean training features only
+    if raw_train.shape != shape[1:]:  # the estimate above must be what is filled
+        raise DatasetError(f"training features are {raw_train.shape}, expected {shape[1:]}")
     try:
         train_x = np.empty(shape, DTYPE)
     except MemoryError:

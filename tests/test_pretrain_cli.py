@@ -164,13 +164,15 @@ def test_bad_folders_and_checkpoints_are_one_line_errors(tiny_model, work):
          "--synth " + str(work / "nope") + ": no such folder"),
         # the memory the augmented copies need, not a numpy MemoryError traceback
         (("pretrain", "--n-aug", "100000000", "--max-clips", "60", "--out", work / "x.npz",
-          "--cache-dir", work / "cache", "--quiet"), "GiB of memory (this machine has "),
+          "--cache-dir", work / "cache-ram", "--quiet"), "GiB of memory (this machine has "),
     ]
     for args, msg in cases:
         proc = _cli(*args)
         assert proc.returncode == 2, proc.stderr
         assert msg in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+    # said before the features were computed (they take minutes on the whole folder)
+    assert not [p for p in (work / "cache-ram").rglob("*") if p.is_file()]
 
 
 def test_a_folder_of_unnamed_clips_says_why_it_has_none(work, data_dir):
