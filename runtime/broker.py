@@ -14,8 +14,10 @@ again (to a live worker). Workers may run on other hosts: they only connect out.
 
 Wire framing: client -> broker [client_id, msg]; broker -> worker [worker_id,
 client_id, msg]; the worker's DEALER sees [client_id, msg] exactly as a standalone
-learner's ROUTER would, so the learner code is the same. Control requests without a
-stream go to the first worker. One thread (`run`) owns both sockets.
+learner's ROUTER would, so the learner code is the same. A control request goes to the
+worker holding the stream it names; one naming no stream is answered by the broker
+(ping, stats of its own) or refused (it would reach one worker of several). One
+thread (`run`) owns both sockets.
 
     Broker(clients_bind, workers_bind, *, worker_timeout_s=5.0, hwm=1000)
         .run(stop: threading.Event) ; .start() -> Thread ; .stop()
@@ -100,7 +102,11 @@ class Broker:
             return
         key = (client, stream)
         worker = self.routes.get(key)
-        if typ == "hello":
+        if typ == "control":
+            worker = self._control_worker(clients, client, payload)
+            if worker is None:
+                return  # answered here
+        elif typ == "hello":
             if worker is None or worker not in self.workers:
                 worker = self._pick()
             if worker is None:
@@ -112,18 +118,51 @@ class Broker:
             self.workers[worker]["sessions"].add(key)
             self.counts["sessions_routed"] += 1
         elif worker is None:
-            if typ == "control" and self.workers:
-                worker = next(iter(self.workers))
-            else:
-                self.counts["unknown_stream"] += 1
-                self._to_client(clients, client, P.Notice(stream, "unknown_stream",
-                                                          "send hello first (broker)"))
-                return
+            self.counts["unknown_stream"] += 1
+            self._to_client(clients, client, P.Notice(stream, "unknown_stream",
+                                                      "send hello first (broker)"))
+            return
         try:
             workers.send_multipart([worker, client, payload], zmq.NOBLOCK)
             self.counts["forwarded"] += 1
         except (zmq.Again, zmq.ZMQError):
             self.counts["worker_drops"] += 1
+
+    def _control_worker(self, clients: Any, client: bytes, payload: bytes) -> bytes | None:
+        """The worker a control request is for: the one holding the stream it names (its
+        own `stream`, or teach's and reset's `stream` argument), whichever client opened
+        that stream. A request naming no stream would reach one worker of several, so
+        the broker answers it itself: ping and stats with its own numbers, the rest
+        (learning, checkpoint, shutdown, reset of all streams) refused with the reason.
+        None: answered here."""
+        try:
+            req = P.decode(payload)
+        except P.WireError as exc:
+            self.counts[exc.kind] += 1
+            self._to_client(clients, client, P.ControlReply("?", False, error=str(exc)))
+            return None
+        named = req.args.get("stream") if isinstance(req.args, dict) else None
+        target = named if isinstance(named, str) and named else req.stream
+        if target:
+            worker = self.routes.get((client, target)) or next(
+                (w for (_, s), w in self.routes.items() if s == target), None)
+            if worker is None:
+                self.counts["unknown_stream"] += 1
+                self._to_client(clients, client, P.ControlReply(
+                    req.cmd, False, error=f"no worker holds stream {target!r} (it has not "
+                                          "said hello, or it ended)"))
+            return worker
+        self.counts["control_at_broker"] += 1
+        if req.cmd in ("ping", "stats"):
+            result = {"pong": True} if req.cmd == "ping" else self.stats()
+            self._to_client(clients, client, P.ControlReply(
+                req.cmd, True, {**result, "broker": True, "n_workers": len(self.workers)}))
+        else:
+            self._to_client(clients, client, P.ControlReply(req.cmd, False, error=(
+                f"{req.cmd!r} without a stream would reach only one of the broker's "
+                f"{len(self.workers)} workers; name a stream, or serve one learner "
+                "(without --workers) to control it")))
+        return None
 
     def _from_worker(self, clients: Any, worker: bytes, parts: list) -> None:
         import zmq

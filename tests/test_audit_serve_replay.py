@@ -12,7 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from runtime_support import control, feed_stream, frontend_for, small_checkpoint, start_learner
+from runtime_support import (
+    control,
+    feed_stream,
+    frontend_for,
+    raw_dealer,
+    small_checkpoint,
+    start_learner,
+)
 
 from runtime import protocol as P
 from runtime.cli import main
@@ -239,3 +246,68 @@ def test_sigint_stops_the_broker_and_its_workers_cleanly(tmp_path):
     assert proc.returncode == 0, err
     assert "broker: SIGINT received: stopping the workers" in err  # not "final checkpoint"
     assert resume_path(tmp_path / "ck" / "worker-0").is_file()
+
+
+# ---------------------------------------------------------------- control through a broker
+
+def test_a_control_request_through_the_broker_reaches_the_worker_of_its_stream(ckpt):
+    """A stream's control request goes to the worker holding that stream, whichever
+    client sends it; one naming no stream would reach one worker of several, so the
+    broker answers ping and stats itself and refuses the rest with the reason."""
+    import threading
+
+    from runtime.broker import Broker
+    from runtime.learner_node import LearnerNode
+
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
+    stop = threading.Event()
+    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    th.start()
+    assert broker.ready.wait(10)
+    cores = [LearnerCore(ckpt, backend="reference", name=f"worker-{k}") for k in range(2)]
+    nodes = [LearnerNode(c, connect=broker.endpoints["workers_router"]) for c in cores]
+    for n in nodes:
+        n.start()
+    clients = broker.endpoints["clients_router"]
+    fes, sock = [], raw_dealer(clients)
+    try:
+        deadline = time.monotonic() + 10
+        while len(broker.workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stream = build_stream(embedded_clips()[:1], seed=0)
+        for name in "ab":
+            fe = frontend_for(ckpt, clients, stream=name)
+            fes.append(fe)
+            assert fe.start().accepted
+            feed_stream(fe, stream, labelled=False, limit_s=0.5)
+        held = {c.name: set(c.sessions) for c in cores}
+        assert sorted(map(sorted, held.values())) == [["a"], ["b"]]  # one each
+
+        def ask(cmd, stream="", **args):
+            sock.send(P.encode(P.ControlRequest(cmd, stream, args)))
+            return P.decode(sock.recv())
+
+        for name in "ab":  # from a client that opened neither stream
+            rep = ask("reset", stream=name)
+            assert rep.ok and rep.result["reset"] == [name], rep
+            rep = ask("reset", **{"stream": name})
+            assert rep.ok and rep.result["reset"] == [name], rep
+        rep = ask("reset", stream="zz")
+        assert not rep.ok and "no worker holds stream 'zz'" in rep.error
+        rep = ask("stats")
+        assert rep.ok and rep.result["broker"] and rep.result["n_workers"] == 2
+        assert rep.result["sessions"] == 2
+        assert ask("ping").result["pong"]
+        for cmd, args in (("learning", {"on": False}), ("reset", {}), ("checkpoint", {})):
+            rep = ask(cmd, **args)
+            assert not rep.ok and "would reach only one of the broker's 2 workers" in rep.error
+        assert all(c.learning for c in cores)  # neither worker was told
+    finally:
+        sock.close(0)
+        for fe in fes:
+            fe.close()
+        for n, c in zip(nodes, cores, strict=True):
+            n.stop()
+            c.close()
+        stop.set()
+        th.join(5)
