@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import shlex
 import sys
 import warnings
 
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog=prog, description=text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    # the command as typed, for the records a run writes (a report, a training record):
+    # from argv, so that main([...]) called from Python names its own arguments
+    args.command_line = shlex.join(["edgeprop", *argv])
     try:
         with _one_line_warnings(prog):
             return int(module.run(args) or 0)

@@ -5,6 +5,7 @@ what a reader needs. Real files and subprocesses throughout."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,20 @@ def test_single_speaker_report_has_the_numbers_behind_its_plot(shipped, data_dir
         assert f"| {p['shots']} | {p['n_adapt']:g} | {100 * p['accuracy']:.1f} % |" in text
     png = Path(res["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+
+
+def test_the_result_names_the_command_it_was_run_with(data_dir, tmp_path, capsys):
+    """Called as main([...]) (not from a shell), the result names those arguments, quoted
+    as a shell would need them, not the calling program's sys.argv."""
+    from runtime.cli import main
+
+    folder = tmp_path / "my data"
+    folder.symlink_to(data_dir)
+    argv = ["personalize", "--data", str(folder), "--speaker", SPEAKER, *FAST, "--json",
+            "--skip-above", "0", "--quiet"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["command"] == shlex.join(["edgeprop", *argv])
 
 
 def test_a_report_that_cannot_be_written_keeps_the_results(shipped, data_dir, tmp_path):

@@ -381,8 +381,7 @@ def _run_dataset(args) -> int:
             result["out"] = str(path)
             say(f"wrote {path} (base {base_path} untouched)")
     result["seconds"] = time.perf_counter() - t0
-    result["command"] = "edgeprop personalize " + " ".join(
-        sys.argv[2:] if sys.argv[1:2] == ["personalize"] else sys.argv[1:])
+    result["command"] = args.command_line
     if args.report is not None:
         try:
             png = write_report(result, args.report)

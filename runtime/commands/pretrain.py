@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -350,8 +348,7 @@ def run(args) -> int:
                       "seconds": time.perf_counter() - t0,
                       "final_train_acc": st2.history[-1]["train_acc"] if st2.history else None}
     record = {
-        "command": "edgeprop pretrain " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["pretrain"]
-                                                     else sys.argv[1:]),
+        "command": args.command_line,
         "seed": tcfg.seed,
         "method": "sparse_bptt" if tcfg.sparse else "dense_bptt",
         "val_accuracy": val_acc,
