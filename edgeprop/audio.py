@@ -79,9 +79,10 @@ def check_audio(
     """Validate in-memory or streamed samples; return float32 mono in [-1, 1].
 
     Accepts shape (N,) or (N, C) (soundfile's layout). Integer PCM arrays are scaled
-    to [-1, 1). A rate other than `expected_rate` is rejected here: a streaming source
-    must open its device at the frontend's rate (resampling block by block is not
-    seamless). Zero-length blocks are allowed (a stream may deliver them).
+    to [-1, 1), unsigned ones (offset binary, as 8-bit WAV) about their midscale. A
+    rate other than `expected_rate` is rejected here: a streaming source must open its
+    device at the frontend's rate (resampling block by block is not seamless).
+    Zero-length blocks are allowed (a stream may deliver them).
     """
     x = np.asarray(x)
     if sample_rate != expected_rate:
@@ -101,7 +102,10 @@ def check_audio(
             )
     elif x.ndim != 1:
         raise AudioError(f"{name}: samples must be 1-D (N,) or (N, channels), got {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.unsignedinteger):  # offset binary: midscale is silence
+        mid = (int(np.iinfo(x.dtype).max) + 1) / 2
+        x = ((x.astype(np.float64) - mid) / mid).astype(np.float32)
+    elif np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
     elif not np.issubdtype(x.dtype, np.floating):
         raise AudioError(f"{name}: samples of dtype {x.dtype} are not audio")

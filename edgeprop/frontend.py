@@ -68,6 +68,16 @@ class FrontendConfig:
     norm_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        # one canonical type per setting: FrontendConfig(fmin=20) equals the default,
+        # so it must hash (handshake, feature cache) the same, and 20 != 20.0 in JSON
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and is_real(value):
+                object.__setattr__(self, f.name, float(value))
+            elif f.type == "int" and is_int(value):
+                object.__setattr__(self, f.name, int(value))
+            elif f.type == "bool" and isinstance(value, np.bool_):
+                object.__setattr__(self, f.name, bool(value))
         if self.sample_rate <= 0 or self.n_mels <= 0:
             raise ConfigError("sample_rate and n_mels must be positive")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:

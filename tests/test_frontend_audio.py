@@ -142,6 +142,11 @@ def test_too_long_rejected_with_max_seconds(tmp_path):
 def test_check_audio_scales_ints_and_clips_floats():
     ints = np.array([0, 16384, -32768], dtype=np.int16)
     np.testing.assert_allclose(check_audio(ints, SR), [0.0, 0.5, -1.0])
+    # unsigned PCM is offset binary (8-bit WAV): midscale is silence, not +0.5
+    for kind in (np.uint8, np.uint16):
+        top = np.iinfo(kind).max
+        np.testing.assert_allclose(check_audio(np.array([0, top // 2 + 1, top], kind), SR),
+                                   [-1.0, 0.0, 1.0], atol=2 / (top + 1))
     np.testing.assert_array_equal(check_audio(np.array([2.0, -3.0]), SR), [1.0, -1.0])
     with pytest.raises(AudioError, match="channels"):
         check_audio(np.zeros((10, 2)), SR)

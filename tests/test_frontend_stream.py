@@ -113,6 +113,11 @@ def test_config_hash_roundtrip_and_sensitivity():
     assert FrontendConfig(n_mels=32).hash() != FrontendConfig().hash()
     assert cfg.hash() != CFG.hash()
     assert len(cfg.hash()) == 64
+    # equal configs hash equal whatever number types built them (JSON says 20, not 20.0)
+    for same in (FrontendConfig(fmin=20), FrontendConfig(fmax=np.float32(4000)),
+                 FrontendConfig(n_mels=np.int64(40)), FrontendConfig(deltas=np.bool_(True)),
+                 FrontendConfig.from_dict({**FrontendConfig().to_dict(), "hop_ms": 10})):
+        assert same == FrontendConfig() and same.hash() == FrontendConfig().hash()
 
 
 @pytest.mark.parametrize("kw", [dict(fmax=9000.0), dict(win_ms=5.0), dict(delta_lag=0),
