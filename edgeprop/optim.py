@@ -28,6 +28,26 @@ def _check_pairs(params: list[np.ndarray], grads: list[np.ndarray]) -> None:
             raise ConfigError(f"param shape {p.shape} != grad shape {g.shape}")
 
 
+def check_state_for(d: dict, kind: float, hyper: dict[str, float]) -> int:
+    """The step count of state dict `d`, or CheckpointError unless an optimizer of this
+    kind and these hyperparameters made it. Adam's betas and eps, SGD's momentum say
+    which optimizer made the buffers (plain and momentum SGD share a kind); another one
+    is refused, not silently taken on. The learning rate is a setting, not state: the
+    caller's wins (serve --lr on a resumed learner, alike on every backend)."""
+    try:
+        theirs, t = float(d["kind"]), int(d["t"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"optimizer state is missing or malformed: {exc}") from None
+    if theirs != kind:
+        raise CheckpointError(
+            f"optimizer state is for another optimizer (kind {theirs}, expected {kind})")
+    for k, mine in hyper.items():
+        if k != "lr" and k in d and float(d[k]) != mine:
+            raise CheckpointError(f"optimizer state is for {k} = {float(d[k]):g}, this "
+                                  f"optimizer has {k} = {mine:g}")
+    return t
+
+
 class _Base:
     _slots: tuple[str, ...] = ()
 
@@ -63,16 +83,9 @@ class _Base:
         return d
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore from `state_dict()`; raises CheckpointError if it is for another optimizer."""
-        try:
-            kind = float(d["kind"])
-            t = int(d["t"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"optimizer state is missing or malformed: {exc}") from None
-        if kind != self._kind:
-            raise CheckpointError(
-                f"optimizer state is for another optimizer (kind {kind}, expected {self._kind})"
-            )
+        """Restore buffers and step count from `state_dict()`, keeping this optimizer's
+        learning rate; raises CheckpointError if the state is for another optimizer."""
+        t = check_state_for(d, self._kind, self._hyper())
         bufs: dict[str, list[np.ndarray]] = {}
         for slot in self._slots:
             i = 0
@@ -94,9 +107,6 @@ class _Base:
                 raise CheckpointError(
                     f"optimizer state shapes {theirs} do not match the model's {mine}"
                 )
-        for k in self._hyper():
-            if k in d:
-                setattr(self, k, float(d[k]))
         self.bufs = bufs if bufs[self._slots[0]] else {}
         self.t = t
 

@@ -26,7 +26,7 @@ from edgeprop.bptt import Grads
 from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
-from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM, OPTIMIZER_KINDS
+from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM, OPTIMIZER_KINDS, check_state_for
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, emitted_keys, map_network
@@ -362,34 +362,32 @@ class EmulatedLearner:
         """EpropLearner/edgeprop.optim layout: m.i / v.i per matrix (w_in, w_rec, w_out)."""
         res, _ = self._call("opt_state", self._all)
         d: dict = {"kind": OPTIMIZER_KINDS[self.optimizer], "t": float(res[0]["t"]),
-                   "lr": self.lr}
+                   **self._hyper()}
         ni = self.cfg.n_in
-        if self.optimizer == "adam":
-            d.update({"b1": ADAM_BETAS[0], "b2": ADAM_BETAS[1], "eps": ADAM_EPS})
-            slots = (("m", "m", "m_out"), ("v", "v", "v_out"))
-        elif self.optimizer == "momentum":
-            d["momentum"] = MOMENTUM
-            slots = (("buf", "m", "m_out"),)
-        else:
-            d["momentum"] = 0.0
-            slots = ()
-        for slot, rows_key, out_key in slots:
+        for slot, rows_key, out_key in self._slots():
             w = np.concatenate([res[p][rows_key] for p in range(self.chip.n_pes)], axis=0)
             d[f"{slot}.0"] = np.ascontiguousarray(w[:, :ni])
             d[f"{slot}.1"] = np.ascontiguousarray(w[:, ni:])
             d[f"{slot}.2"] = res[self.readout_pe][out_key]
         return d
 
+    def _slots(self) -> tuple:
+        """(state slot, per-PE row key, readout key) of each of this optimizer's buffers."""
+        return {"adam": (("m", "m", "m_out"), ("v", "v", "v_out")),
+                "momentum": (("buf", "m", "m_out"),), "sgd": ()}[self.optimizer]
+
+    def _hyper(self) -> dict:
+        """The hyperparameters edgeprop.optim stores beside this optimizer's state."""
+        return {"lr": self.lr, **{"adam": {"b1": ADAM_BETAS[0], "b2": ADAM_BETAS[1],
+                                           "eps": ADAM_EPS},
+                                  "momentum": {"momentum": MOMENTUM},
+                                  "sgd": {"momentum": 0.0}}[self.optimizer]}
+
     def load_optimizer_state(self, d: dict) -> None:
-        try:
-            t = int(d["t"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"optimizer state is missing or malformed: {exc}") from None
-        slots = {"adam": (("m", "m", "m_out"), ("v", "v", "v_out")),
-                 "momentum": (("buf", "m", "m_out"),), "sgd": ()}[self.optimizer]
+        t = check_state_for(d, OPTIMIZER_KINDS[self.optimizer], self._hyper())
         args = {p: {"state": {"t": t}} for p in self._all}
         cfg = self.cfg
-        for slot, rows_key, out_key in slots:
+        for slot, rows_key, out_key in self._slots():
             try:
                 a0 = np.asarray(d[f"{slot}.0"], DTYPE)
                 a1 = np.asarray(d[f"{slot}.1"], DTYPE)

@@ -42,12 +42,20 @@ def test_state_dict_round_trip_and_mismatch_errors():
     p = [np.zeros((2, 2), np.float32)]
     opt.step(p, [np.ones((2, 2), np.float32)])
     d = opt.state_dict()
-    other = Adam()
+    other = Adam(lr=0.02)
     other.load_state_dict(d)
-    assert other.t == 1 and other.lr == 0.1
+    assert other.t == 1 and other.lr == 0.02  # the rate it was made with, not the state's
     np.testing.assert_array_equal(other.bufs["m"][0], opt.bufs["m"][0])
     with pytest.raises(CheckpointError, match="another optimizer"):
         SGD(momentum=0.9).load_state_dict(d)
+    with pytest.raises(CheckpointError, match="for b1 = 0.9, this optimizer has b1 = 0.5"):
+        Adam(betas=(0.5, 0.999)).load_state_dict(d)
+    # plain SGD and momentum SGD share a kind; their momentum tells them apart
+    heavy = SGD(lr=0.1, momentum=0.9)
+    heavy.step(p, [np.ones((2, 2), np.float32)])
+    for a, b in ((heavy, SGD(lr=0.1)), (SGD(lr=0.1), SGD(lr=0.1, momentum=0.9))):
+        with pytest.raises(CheckpointError, match="for momentum = "):
+            b.load_state_dict(a.state_dict())
     wrong = Adam()
     wrong.init_state([(3, 3)])
     with pytest.raises(CheckpointError, match="do not match"):

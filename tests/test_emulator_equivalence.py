@@ -169,6 +169,34 @@ def test_optimizer_state_round_trips_through_the_pes():
         assert np.array_equal(u, v)
 
 
+def test_both_backends_refuse_another_optimizers_state_and_keep_their_own_rate():
+    """The reference took the state's lr (serve --lr was ignored on resume) while the PEs
+    kept theirs; and a plain-SGD learner took an Adam or momentum state without a word."""
+    from edgeprop.errors import CheckpointError
+
+    cfg = ModelConfig()
+    p = init_params(cfg, 4)
+    x = (np.random.default_rng(8).random((30, cfg.n_in)) < 0.2).astype(np.float32)
+    states = {}
+    for opt in ("adam", "momentum", "sgd"):
+        lrn = EpropLearner(cfg, p.copy(), optimizer=opt, lr=1e-3)
+        lrn.train_sample(x, 1)
+        lrn.apply()
+        states[opt] = lrn.optimizer_state()
+    for make in (lambda o, lr: EpropLearner(cfg, p.copy(), optimizer=o, lr=lr),
+                 lambda o, lr: EmulatedLearner(cfg, p.copy(), optimizer=o, lr=lr,
+                                               precision="fp32", n_pes=12)):
+        for mine in states:
+            for theirs, state in states.items():
+                lrn = make(mine, 1e-6)
+                if mine == theirs:
+                    lrn.load_optimizer_state(state)
+                    assert lrn.optimizer_state()["lr"] == 1e-6  # the rate asked for
+                else:
+                    with pytest.raises(CheckpointError, match="optimizer state is for"):
+                        lrn.load_optimizer_state(state)
+
+
 def test_load_params_writes_weights_into_the_pes_and_keeps_optimizer_state():
     cfg = ModelConfig()
     emu = EmulatedLearner(cfg, init_params(cfg, 0), precision="fp32")
