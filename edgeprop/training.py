@@ -174,9 +174,11 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     (`speed_perturb`), then applies `augmenter` (shift, noise, gain).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    # the noise by content: a re-recorded noise file of the same length must miss
+    noise = [hashlib.sha256(np.ascontiguousarray(n).tobytes()).hexdigest()[:16]
+             for n in augmenter.noise]
     desc = repr((augmenter.snr_db, augmenter.gain_db, augmenter.shift, augmenter.p_noise,
-                 [int(n.shape[0]) for n in augmenter.noise])) + (f"|speed{speed}" if speed
-                                                                  else "")
+                 noise)) + (f"|speed{speed}" if speed else "")
     path = _aug_cache_path(clips, cfg, seed, copy, desc, cache_dir)
     try:
         arr = np.load(path)

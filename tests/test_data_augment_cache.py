@@ -84,6 +84,27 @@ def test_feature_cache_misses_when_file_changes(tmp_path):
     assert cache.misses == 2 and not np.array_equal(silent, changed)
 
 
+def test_augmented_copy_misses_the_cache_when_a_noise_recording_changes(tmp_path):
+    """Same length, other sound (a noise file re-recorded or normalised): the cached copy
+    mixed with the old noise must not be served."""
+    from edgeprop.training import augmented_features
+
+    root = tmp_path / "sc"
+    p = root / "yes" / "aaaaaaaa_nohash_0.wav"
+    p.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sf.write(p, 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+    clips = scan_speech_commands(root).clips
+    hiss = 0.5 * rng.standard_normal(32000).astype(np.float32)
+    hum = 0.01 * np.sin(np.arange(32000) * 2 * np.pi * 50 / 16000).astype(np.float32)
+    copies = [augmented_features(clips, FrontendConfig(), Augmenter([n], p_noise=1.0),
+                                 seed=0, copy=1, cache_dir=tmp_path / "cache")
+              for n in (hiss, hum, hiss)]
+    assert not np.array_equal(copies[0], copies[1])
+    np.testing.assert_array_equal(copies[0], copies[2])  # the hiss's own entry, still kept
+    assert len(list((tmp_path / "cache" / "augmented").glob("*.npy"))) == 2
+
+
 def test_freq_warp_makes_a_tone_sound_like_the_higher_tone():
     """alpha = 1.1 on a 1500 Hz tone's features lands where a 1650 Hz tone's are (the
     power-weighted mel channel within 0.2 of a channel); alpha = 1 changes nothing."""
