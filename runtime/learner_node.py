@@ -112,6 +112,17 @@ def resume_path(checkpoint_dir: str | os.PathLike) -> Path:
     return Path(checkpoint_dir) / CHECKPOINT_NAME
 
 
+def base_params_hash(checkpoint) -> str:
+    """The params hash of the model a checkpoint's weights were learned from: a learner's
+    own checkpoints carry it (extra.runtime.base_params_hash); any other checkpoint is
+    itself the base. Resuming compares it, since the learned weights themselves differ."""
+    from edgeprop.checkpoint import params_hash
+
+    runtime = (checkpoint.extra or {}).get("runtime", {})
+    base = runtime.get("base_params_hash") if isinstance(runtime, dict) else None
+    return base if isinstance(base, str) and base else params_hash(checkpoint.params)
+
+
 def stream_file_part(stream: str) -> str:
     """`stream` as part of a file name: itself when it is already safe, else its safe form
     plus a hash of the real name, so that two streams ("a b" and "a_b", or two long ids
@@ -254,6 +265,7 @@ class LearnerCore:
                  max_pending_updates: int = 256):
         self.model = Model.from_checkpoint(checkpoint)
         self.cfg = self.model.cfg
+        self.base_hash = base_params_hash(checkpoint)  # written into its checkpoints
         self.backend_name = backend
         self.lr = float(lr)
         self.n_pes = n_pes
@@ -414,6 +426,12 @@ class LearnerCore:
         path = self._personal_path(stream)
         if path is not None and path.exists():
             ck = load_checkpoint(path, expect=self.cfg)
+            theirs = (ck.extra.get("runtime") or {}).get("base_params_hash")
+            if theirs is not None and theirs != self.base_hash:
+                raise CheckpointError(
+                    f"{path} was learned from another model (base params {theirs[:12]}, "
+                    f"this learner's {self.base_hash[:12]}); move it away to start this "
+                    "stream's personal weights afresh")
             params, opt = ck.params, ck.optimizer_state
         else:
             params, opt = self.params.copy(), None
@@ -811,7 +829,7 @@ class LearnerCore:
         params = self._settled(self.shared)
         updates = self._updates_settled()
         extra["runtime"] = {"updates": updates, "saved_unix": time.time(),
-                            "backend": self.backend_name,
+                            "backend": self.backend_name, "base_params_hash": self.base_hash,
                             "streams": {s.stream: s.next_seq for s in self.sessions.values()}}
         save_checkpoint(path, self.cfg, params,
                         optimizer_state=self.backend.optimizer_state(),
@@ -843,7 +861,8 @@ class LearnerCore:
                         optimizer_state=sess.weights.backend.optimizer_state(),
                         frontend=self.model.frontend, encoder=self.model.encoder,
                         labels=list(self.model.labels),
-                        extra={"runtime": {"stream": sess.stream, "windows": sess.windows}})
+                        extra={"runtime": {"stream": sess.stream, "windows": sess.windows,
+                                           "base_params_hash": self.base_hash}})
 
     def settings(self) -> dict:
         """What a replay needs to reproduce this learner (goes into recordings)."""

@@ -218,6 +218,45 @@ def test_serve_will_not_resume_another_models_checkpoint(tmp_path, capsys):
     assert "n_in=6 (expected 80), n_rec=9 (expected 120), n_out=4 (expected 12)" in err
 
 
+def test_serve_will_not_resume_weights_learned_from_another_model_of_the_same_shape(
+        tmp_path, capsys):
+    """Every model pretrained with the defaults has the shipped one's shape and labels:
+    a learner.ckpt (or a personal one) learned from one of them is refused, by the base
+    params hash the learner records in it."""
+    import dataclasses
+
+    import pytest
+
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.errors import CheckpointError
+    from edgeprop.network import Params
+    from edgeprop.shipped import load_shipped
+    from runtime.learner_node import LearnerCore, resume_path
+
+    ck = load_shipped()
+    other = dataclasses.replace(ck, params=Params(*(a * 0.5 for a in ck.params.arrays())))
+    core = LearnerCore(other, backend="reference", checkpoint_dir=tmp_path / "d")
+    core.save_checkpoint()
+    core.close()
+    assert main(["serve", "--checkpoint-dir", str(tmp_path / "d"), "--control", ""]) == 2
+    err = capsys.readouterr().err
+    assert "holds weights learned from another model (base params" in err
+    # one written before learners recorded their base: its frontend must be the model's
+    front = {**ck.frontend, "norm_mean": [0.0] * len(ck.frontend["norm_mean"])}
+    (tmp_path / "old").mkdir()
+    save_checkpoint(resume_path(tmp_path / "old"), ck.cfg, ck.params, frontend=front,
+                    encoder=ck.encoder, labels=ck.labels)
+    assert main(["serve", "--checkpoint-dir", str(tmp_path / "old"), "--control", ""]) == 2
+    assert "its frontend or encoder differs" in capsys.readouterr().err
+    # a personal checkpoint another model's learner left in the folder
+    mine = LearnerCore(ck, backend="reference", checkpoint_dir=tmp_path / "d")
+    save_checkpoint(mine._personal_path("spk"), ck.cfg, ck.params,
+                    extra={"runtime": {"base_params_hash": core.base_hash}})
+    with pytest.raises(CheckpointError, match="was learned from another model"):
+        mine._personal_backend("spk")
+    mine.close()
+
+
 def test_serve_names_the_resumed_file_whose_optimizer_state_does_not_fit(tmp_path, capsys):
     from edgeprop.checkpoint import save_checkpoint
     from edgeprop.shipped import load_shipped

@@ -123,7 +123,13 @@ def _announce_ready(node, path: str | None, stop: threading.Event, failed: list)
 
 def build_core(args: argparse.Namespace):
     """The learner core from the CLI settings (resuming from --checkpoint-dir if possible)."""
-    from runtime.learner_node import LearnerCore, load_model, resume_path
+    from runtime.learner_node import (
+        LearnerCore,
+        Model,
+        base_params_hash,
+        load_model,
+        resume_path,
+    )
 
     ckpt = load_model(args.model)
     if args.checkpoint_dir and resume_path(args.checkpoint_dir).exists():
@@ -146,6 +152,21 @@ def build_core(args: argparse.Namespace):
             raise ConfigError(f"{path} holds another model than "
                               f"{args.model or 'the shipped model'}: labels {resumed.labels} "
                               f"(expected {ckpt.labels}); {fix}")
+        # same shape and labels is every model pretrained with the defaults: the weights
+        # must have been learned from this --model (a checkpoint from before the base was
+        # recorded: at least its frontend and encoder must be the model's)
+        learned_from = (resumed.extra.get("runtime") or {}).get("base_params_hash")
+        base = base_params_hash(ckpt)
+        if learned_from is not None and learned_from != base:
+            raise ConfigError(f"{path} holds weights learned from another model (base params "
+                              f"{learned_from[:12]}, {args.model or 'the shipped model'} has "
+                              f"{base[:12]}); {fix}")
+        was, now = Model.from_checkpoint(resumed), Model.from_checkpoint(ckpt)
+        if learned_from is None and (was.frontend_hash, was.encoder_id) != (now.frontend_hash,
+                                                                            now.encoder_id):
+            raise ConfigError(f"{path} holds another model than "
+                              f"{args.model or 'the shipped model'}: its frontend or encoder "
+                              f"differs; {fix}")
         ckpt = resumed
         say(f"{args.name}: resuming from {path} "
             f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
