@@ -363,7 +363,8 @@ def adapt(ckpt: Checkpoint, x_shots: np.ndarray, y_shots: np.ndarray, x_generic:
     learner = make_learner(backend, ckpt, params, acfg)
     losses: list[float] = []
     n = 0
-    sil = (ckpt.labels or list(KWS_LABELS)).index(SILENCE)
+    labels = list(ckpt.labels or KWS_LABELS)
+    sil = labels.index(SILENCE) if SILENCE in labels else -1  # -1: no quiet clips to rehearse
     words = np.flatnonzero(y_generic != sil)
     quiet = np.flatnonzero(y_generic == sil)
     t_learn = 0.0

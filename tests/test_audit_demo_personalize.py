@@ -132,6 +132,31 @@ def test_the_result_names_the_command_it_was_run_with(data_dir, tmp_path, capsys
     assert res["command"] == shlex.join(["edgeprop", *argv])
 
 
+def test_a_model_without_a_silence_class_adapts_without_silence_rehearsal(data_dir,
+                                                                         tmp_path, capsys):
+    """Evaluate and replay take a model of other labels; personalize raised ValueError
+    looking for _silence_ to rehearse."""
+    import dataclasses
+
+    from edgeprop.checkpoint import save_checkpoint
+    from edgeprop.network import Params
+    from edgeprop.shipped import load_shipped
+    from runtime.cli import main
+
+    ck = load_shipped()
+    keep = [ck.labels.index(w) for w in ("yes", "no", "_unknown_")]
+    p = ck.params
+    three = Params(p.w_in, p.w_rec, p.w_out[keep], p.b_fb[:, keep])
+    save_checkpoint(tmp_path / "three.npz", dataclasses.replace(ck.cfg, n_out=3), three,
+                    frontend=ck.frontend, encoder=ck.encoder,
+                    labels=["yes", "no", "_unknown_"], extra=ck.extra)
+    assert main(["personalize", "--data", str(data_dir), "--speaker", SPEAKER, *FAST,
+                 "--model", str(tmp_path / "three.npz"), "--skip-above", "0", "--json",
+                 "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_adapt"] > 0 and res["n_test"] > 0 and 0 <= res["after"] <= 1
+
+
 def test_a_report_that_cannot_be_written_keeps_the_results(shipped, data_dir, tmp_path):
     (tmp_path / "rep.png").mkdir()  # the plot's place is taken: the write fails at the end
     r = _cli("personalize", "--data", str(data_dir), "--speaker", SPEAKER, *FAST,
