@@ -82,3 +82,27 @@ def test_bench_all_reports_a_failing_benchmark_without_dying(tmp_path):
     assert res["benchmarks"]["eprop"]["command"].endswith("--no-such-flag")
     assert proc.returncode == (1 if res["failed"] else 0)
     assert out.is_file() and json.loads((tmp_path / "benchmarks.json").read_text())
+
+
+def test_bench_all_subset_needs_its_own_out_and_takes_data_from_the_callers_folder(
+        tmp_path, data_dir):
+    """A subset would replace docs/BENCHMARKS.md (every benchmark's numbers); a relative
+    --data is the caller's, not the repo's (where the benchmarks run)."""
+    import shlex
+
+    def bench_all(*argv):
+        return subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "all", *argv],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    r = bench_all("--only", "eprop", "--quiet")
+    assert r.returncode == 2 and "give --out for this subset's report" in r.stderr
+    r = bench_all("--timeout", "-5", "--out", str(tmp_path / "B.md"))
+    assert r.returncode == 2 and "--timeout" in r.stderr
+    (tmp_path / "sc").symlink_to(data_dir)
+    r = bench_all("--only", "detector", "--data", "sc", "--out", str(tmp_path / "B.md"),
+                  "--json", "--quiet", "--extra", "detector=--no-such-flag")
+    res = bench_report.extract_last_json(r.stdout)
+    assert res is not None, r.stderr
+    argv = shlex.split(res["benchmarks"]["detector"]["command"])
+    given = argv[argv.index("--data") + 1]  # relative to the repo, where it ran
+    assert (REPO / given).resolve() == data_dir.resolve()

@@ -23,10 +23,11 @@ from edgeprop.atomic_file import atomic_write_text
 from edgeprop.datasets import DEV_DATA, default_data_dir
 from edgeprop.errors import ConfigError
 from runtime import bench_report
-from runtime.arg_types import folder, name_list, new_file
+from runtime.arg_types import folder, name_list, new_file, pos_float
 from runtime.console import add_output_flags, print_json, say
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_REPORT = REPO / "docs" / "BENCHMARKS.md"
 
 #: name -> (argv after `edgeprop`, slow?). Slow ones are skipped by --quick.
 BENCHMARKS: dict[str, tuple[list[str], bool]] = {
@@ -52,12 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=folder, default=str(default_data_dir() or DEV_DATA),
                         help="Speech Commands folder for detector and personalize "
                              "(default ../shared/...)")
-    parser.add_argument("--timeout", type=float, default=1800.0,
+    parser.add_argument("--timeout", type=pos_float, default=1800.0,
                         help="seconds allowed per benchmark (default 1800)")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                         help="extra arguments for one benchmark, e.g. --extra 'run=--clips 8'")
-    parser.add_argument("--out", type=new_file, default=str(REPO / "docs" / "BENCHMARKS.md"),
-                        help="markdown report to write")
+    parser.add_argument("--out", type=new_file, default=None,
+                        help="markdown report to write (default docs/BENCHMARKS.md; a subset "
+                             "of the benchmarks needs its own --out)")
     parser.add_argument("--img-dir", default=None, help="plot folder (default: <out dir>/img)")
     parser.add_argument("--raw", default=None,
                         help="collected JSON file (default: <out dir>/benchmarks.json)")
@@ -115,7 +117,12 @@ def run_one(name: str, argv: list[str], timeout: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    subset = bool(args.only or args.skip or args.quick) and not args.from_json
+    if args.out is None and subset:  # the committed report holds every benchmark
+        raise ConfigError(f"--only, --skip and --quick run a subset, which would replace "
+                          f"{DEFAULT_REPORT} (every benchmark's numbers) and "
+                          "its benchmarks.json; give --out for this subset's report")
+    out = Path(args.out) if args.out is not None else DEFAULT_REPORT
     img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
     raw_path = Path(args.raw) if args.raw else out.parent / "benchmarks.json"
     if args.from_json:
@@ -135,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             # shown relative to the repo (the subprocess runs there), so the reproduce
             # line in the report works on any checkout with ../shared beside it
-            data = os.path.relpath(args.data, REPO) if os.path.isabs(args.data) \
-                else str(args.data)
+            # (a relative --data is the user's, from where they ran the command)
+            data = os.path.relpath(os.path.abspath(args.data), REPO)
             argv = [a.replace("{data}", data) for a in BENCHMARKS[name][0]]
             argv += extras.get(name, [])
             if not args.quiet:
