@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from runtime import protocol as P
@@ -48,6 +48,7 @@ class Broker:
         self.workers: dict[bytes, dict] = {}  # id -> {"seen": t, "since": t, "sessions": set}
         self.routes: dict[tuple[bytes, str], bytes] = {}
         self.counts: Counter = Counter()
+        self._pending: deque = deque()  # (worker, client, payload) a worker could not take yet
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -91,7 +92,6 @@ class Broker:
             self.counts["client_drops"] += 1
 
     def _from_client(self, clients: Any, workers: Any, client: bytes, payload: bytes) -> None:
-        import zmq
 
         try:
             typ, stream = P.peek(payload)
@@ -122,11 +122,32 @@ class Broker:
             self._to_client(clients, client, P.Notice(stream, "unknown_stream",
                                                       "send hello first (broker)"))
             return
-        try:
-            workers.send_multipart([worker, client, payload], zmq.NOBLOCK)
-            self.counts["forwarded"] += 1
-        except (zmq.Again, zmq.ZMQError):
-            self.counts["worker_drops"] += 1
+        self._pending.append((worker, client, payload))
+        self._flush(workers)
+
+    def _flush(self, workers: Any) -> None:
+        """Send the queued client messages, in order, until a worker's queue is full.
+        A full queue is backpressure, not a drop: `run` then stops reading clients until
+        it drains (replay stays lossless end to end; a live frontend drops its oldest
+        frames itself, counted). Only a message for a worker that is gone is dropped."""
+        import zmq
+
+        while self._pending:
+            worker, client, payload = self._pending[0]
+            if worker not in self.workers:  # expired: its sessions will hello again
+                self._pending.popleft()
+                self.counts["worker_drops"] += 1
+                continue
+            try:
+                workers.send_multipart([worker, client, payload], zmq.NOBLOCK)
+            except zmq.Again:
+                self.counts["worker_backpressure"] += 1
+                return
+            except zmq.ZMQError:  # the worker disconnected (unroutable)
+                self.counts["worker_drops"] += 1
+            else:
+                self.counts["forwarded"] += 1
+            self._pending.popleft()
 
     def _control_worker(self, clients: Any, client: bytes, payload: bytes) -> bytes | None:
         """The worker a control request is for: the one holding the stream it names (its
@@ -241,11 +262,17 @@ class Broker:
         poller = zmq.Poller()
         poller.register(clients_router, zmq.POLLIN)
         poller.register(workers_router, zmq.POLLIN)
+        workers_only = zmq.Poller()  # while a worker is full: keep taking its outputs
+        workers_only.register(workers_router, zmq.POLLIN)
         self.ready.set()
         log.info("broker: %s", self.endpoints)
         try:
             while not stop.is_set():
-                events = dict(poller.poll(100))
+                self._flush(workers_router)
+                if self._pending:  # backpressure: read no client until the queue drains
+                    events = dict(workers_only.poll(2))
+                else:
+                    events = dict(poller.poll(100))
                 if workers_router in events:
                     for _ in range(512):
                         try:
@@ -255,6 +282,8 @@ class Broker:
                         self._guarded(self._from_worker, clients_router, parts[0], parts[1:])
                 if clients_router in events:
                     for _ in range(512):
+                        if self._pending:
+                            break
                         try:
                             parts = clients_router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:

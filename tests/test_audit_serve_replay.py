@@ -311,3 +311,51 @@ def test_a_control_request_through_the_broker_reaches_the_worker_of_its_stream(c
             c.close()
         stop.set()
         th.join(5)
+
+
+def test_the_broker_holds_back_a_replay_a_busy_worker_cannot_take_yet(ckpt):
+    """Replay is lossless end to end: when a worker's queue is full the broker stops
+    reading clients (backpressure) instead of dropping frames and the end of stream."""
+    import threading
+
+    from runtime.broker import Broker
+    from runtime.learner_node import LearnerNode
+
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0, hwm=50)
+    stop = threading.Event()
+    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    th.start()
+    assert broker.ready.wait(10)
+    core = LearnerCore(ckpt, backend="reference", name="busy", peer_timeout_s=60)
+    handle = core.handle_bytes
+
+    def busy(payload, route=b""):  # a loaded machine: 2 ms a message
+        time.sleep(0.002)
+        return handle(payload, route)
+
+    core.handle_bytes = busy
+    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
+    node.start()
+    fe = None
+    try:
+        deadline = time.monotonic() + 10
+        while not broker.workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fe = frontend_for(ckpt, broker.endpoints["clients_router"], stream="s", mode="replay")
+        fe.start()
+        n = 1500
+        spikes = np.zeros((1, core.model.substeps, ckpt.cfg.n_in), np.float32)
+        for _ in range(n):
+            fe.send_spikes(spikes)
+        st = fe.finish(timeout_s=120)
+        assert st["eos_confirmed"] and st["dropped"] == 0
+        assert st["posterior_frames"] == n and core.counts["frames"] == n
+        assert core.counts["frames_missing"] == 0
+        assert broker.counts["worker_backpressure"] > 0 and broker.counts["worker_drops"] == 0
+    finally:
+        if fe is not None:
+            fe.close()
+        node.stop()
+        core.close()
+        stop.set()
+        th.join(5)
