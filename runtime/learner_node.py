@@ -96,6 +96,20 @@ CHECKPOINT_NAME = "learner.ckpt"
 REPLAYED_CONTROL = ("teach", "learning", "reset")
 
 
+def is_replayed_input(payload: bytes) -> bool:
+    """Whether an inbound message belongs in a recording and its replay: everything but
+    a control request outside REPLAYED_CONTROL (a `checkpoint` or `shutdown` sent on the
+    data path must neither be recorded nor, from an older recording, sent again)."""
+    try:
+        typ, _ = P.peek(payload)
+        if typ != "control":
+            return True
+        req = P.decode(payload)
+    except P.WireError:
+        return True  # recorded as it came (a replay meets the same rejection)
+    return not isinstance(req, P.ControlRequest) or req.cmd in REPLAYED_CONTROL
+
+
 def step_frame(cfg: ModelConfig, params: Params, state: State, rows: np.ndarray,
                pause: bool = False) -> tuple[State, np.ndarray]:
     """One frame as a stream runs it: a network step per encoder sub-step row, the
@@ -964,7 +978,7 @@ class LearnerNode:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _send(self, sock: Any, route: bytes, msg: Any) -> None:
+    def _send(self, sock: Any, route: bytes, msg: Any, record: bool = True) -> None:
         """Never blocks for long: a replay peer whose queue is full gets up to
         `replay_send_wait_s` of retries (backpressure, lossless); a live peer's output
         or a vanished peer's is dropped and counted."""
@@ -986,7 +1000,8 @@ class LearnerNode:
             except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
                 self.core.counts["outputs_dropped"] += 1
                 return
-        self._record("out", payload)
+        if record:
+            self._record("out", payload)
 
     def _record(self, direction: str, payload: bytes) -> None:
         """Record one message, if recording. A recording that cannot be written (disk
@@ -1102,7 +1117,9 @@ class LearnerNode:
                             core._fault("malformed", f"envelope of {len(parts)} parts")
                             continue
                         route, payload = parts
-                        self._record("in", payload)
+                        keep = self.recorder is not None and is_replayed_input(payload)
+                        if keep:
+                            self._record("in", payload)
                         try:
                             replies = core.handle_bytes(payload, route)
                         except Exception:  # a bug, not the peer's fault: never fatal
@@ -1111,7 +1128,7 @@ class LearnerNode:
                                           core.name)
                             continue
                         for reply in replies:
-                            self._send(data, route, reply)
+                            self._send(data, route, reply, record=keep)
                             if pub is not None and isinstance(reply, (P.Posteriors, P.Detection)):
                                 pub.send_multipart([reply.stream.encode(), P.encode(reply)],
                                                    zmq.NOBLOCK)

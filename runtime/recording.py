@@ -371,7 +371,7 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
     """
     from edgeprop.checkpoint import params_hash
     from runtime.backends import DEFAULT_ONLINE_LR
-    from runtime.learner_node import LearnerCore
+    from runtime.learner_node import LearnerCore, is_replayed_input
 
     rec = recording if isinstance(recording, Recording) else read_recording(recording)
     want = header_for(checkpoint).frontend_hash
@@ -392,8 +392,8 @@ def replay_recording(recording: Recording | str | os.PathLike, checkpoint: Any, 
     recorded = rec.outputs()
     try:
         for entry in rec.entries:
-            if entry.direction != "in":
-                continue
+            if entry.direction != "in" or not is_replayed_input(entry.payload):
+                continue  # (a checkpoint or shutdown an older recording holds)
             for reply in core.handle_bytes(entry.payload, route=b"replay"):
                 check_hello_reply(reply, recorded, f"{rec.path}: the replay's learner")
                 outputs.append(reply)

@@ -359,3 +359,42 @@ def test_the_broker_holds_back_a_replay_a_busy_worker_cannot_take_yet(ckpt):
         core.close()
         stop.set()
         th.join(5)
+
+
+def test_data_path_control_that_writes_files_is_neither_recorded_nor_replayed(ckpt, tmp_path):
+    """A checkpoint or shutdown sent on the data path was recorded, and a replay sent it
+    again: it rewrote the checkpoint file, or stopped the learner at --endpoint."""
+    path = tmp_path / "d.rec"
+    node = start_learner(ckpt, recorder=RecordingWriter(path, header_for(ckpt)),
+                         apply_delay=0)
+    mine = tmp_path / "mine.ckpt"
+    sock = raw_dealer(node.endpoints["data_router"])
+    try:
+        fe = frontend_for(ckpt, node.endpoints["data_router"], stream="a")
+        fe.start()
+        feed_stream(fe, build_stream(embedded_clips()[:1], seed=0), limit_s=0.5)
+        for cmd, args in (("checkpoint", {"path": str(mine)}), ("stats", {}),
+                          ("reset", {"stream": "a"})):
+            sock.send(P.encode(P.ControlRequest(cmd, "", args)))
+            assert P.decode(sock.recv(), max_bytes=1 << 24).ok
+        assert fe.finish()["eos_confirmed"]
+        fe.close()
+    finally:
+        sock.close(0)
+        node.stop()
+        node.core.close()
+    rec = read_recording(path)
+    sent = [m.cmd for m in rec.inputs() if isinstance(m, P.ControlRequest)]
+    replies = [m.cmd for m in rec.outputs() if isinstance(m, P.ControlReply)]
+    assert sent == replies == ["reset"]
+    # a recording made before this holds the checkpoint request: replay skips it
+    older = tmp_path / "older.rec"
+    with RecordingWriter(older, rec.header) as w:
+        for e in rec.entries:
+            w.write(e.direction, e.payload, e.t_ns)
+        w.write("in", P.ControlRequest("checkpoint", "", {"path": str(mine)}))
+        w.write("in", P.ControlRequest("shutdown"))
+    mine.write_bytes(b"the user's own file")
+    cmp = compare_replay(rec, replay_recording(read_recording(older), ckpt))
+    assert cmp["identical"], cmp
+    assert mine.read_bytes() == b"the user's own file"

@@ -88,6 +88,7 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
     import zmq
 
     from runtime import protocol as P
+    from runtime.learner_node import is_replayed_input
     from runtime.recording import check_hello_reply
 
     ctx = zmq.Context.instance()
@@ -107,8 +108,8 @@ def _over_wire(rec, endpoint: str, timeout_s: float = 120.0,
 
     try:
         for e in rec.entries:
-            if e.direction != "in":
-                continue
+            if e.direction != "in" or not is_replayed_input(e.payload):
+                continue  # never a checkpoint or shutdown of the learner at --endpoint
             msg = e.message()
             if isinstance(msg, P.Heartbeat):
                 continue
