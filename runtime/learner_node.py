@@ -320,7 +320,8 @@ class LearnerCore:
         self.busy_s = 0.0
         self.started = time.monotonic()
         self._last_ckpt = time.monotonic()
-        self._updates_at_ckpt = self.updates
+        # what the last checkpoint held: shared updates, personal ones (any stream's)
+        self._learned_at_ckpt = (self.updates, 0)
         self.last_checkpoint: dict | None = None
         self.stop_requested = False
 
@@ -684,7 +685,7 @@ class LearnerCore:
             self._end_window(sess)
         self._drain(stream)
         if sess.weights is not None:
-            self._save_personal(sess)
+            self._keep_personal(sess)
             sess.weights.backend.close()
         log.info("%s: stream %r closed after %d frames (%d gaps, %d dups, %d windows learned)",
                  self.name, stream, sess.frames, sess.gaps, sess.dups, sess.windows)
@@ -797,7 +798,8 @@ class LearnerCore:
                 self._fault("peers_timed_out", f"no message for {now - sess.last_seen:.1f} s; "
                                                "closing the stream", stream)
                 self._close_session(stream, learn=False)
-        if (self.checkpoint_dir is not None and self._updates_settled() != self._updates_at_ckpt
+        learned = (self._updates_settled(), self.counts["personal_updates"])
+        if (self.checkpoint_dir is not None and learned != self._learned_at_ckpt
                 and now - self._last_ckpt >= self.checkpoint_every):
             try:
                 self.save_checkpoint()
@@ -851,18 +853,41 @@ class LearnerCore:
                         labels=list(self.model.labels), extra=extra)
         for sess in self.sessions.values():
             if sess.weights is not None:
-                self._save_personal(sess)
+                self._save_personal(sess)  # (settles their pending updates first)
+        personal = self.counts["personal_updates"]
         if self.checkpoint_dir is not None and \
                 Path(path).absolute() == resume_path(self.checkpoint_dir).absolute():
             # only learner.ckpt is resumed from: a copy elsewhere (`checkpoint` with a
             # path) must not put off the periodic one, or a kill -9 would lose its updates
             self._last_ckpt = time.monotonic()
-            self._updates_at_ckpt = updates
+            self._learned_at_ckpt = (updates, personal)
         self.counts["checkpoints"] += 1
         self.last_checkpoint = {"path": str(Path(path).absolute()),  # for peers elsewhere
                                 "params_hash": self.params_hash(params), "updates": updates}
         log.info("%s: checkpoint %s (updates %d)", self.name, path, updates)
         return dict(self.last_checkpoint)
+
+    def _keep_personal(self, sess: Session) -> None:
+        """Save a closing stream's personal weights; when their folder cannot take them
+        (a full disk), into a rescue folder in the temp dir, named in the log. Never
+        raises: the stream is gone either way, and the learner keeps serving the rest."""
+        try:
+            self._save_personal(sess)
+            return
+        except (CheckpointError, OSError) as exc:
+            self.counts["checkpoint_failed"] += 1
+            first = f"{self.name}: stream {sess.stream!r}, personal weights: {exc}"
+        wanted = self.checkpoint_dir
+        try:
+            self.checkpoint_dir = rescue_folder(f"{self.name}-personal")
+            self._save_personal(sess)
+            log.error("%s; saved to %s instead (copy it back into %s once it has room)",
+                      first, self._personal_path(sess.stream), wanted)
+        except (CheckpointError, OSError) as exc:
+            log.error("%s; a rescue copy in the temp dir failed too (%s): they are lost",
+                      first, exc)
+        finally:
+            self.checkpoint_dir = wanted
 
     def _save_personal(self, sess: Session) -> None:
         from edgeprop.checkpoint import save_checkpoint

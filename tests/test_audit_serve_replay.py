@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,65 @@ def test_data_path_control_that_writes_files_is_neither_recorded_nor_replayed(ck
     cmp = compare_replay(rec, replay_recording(read_recording(older), ckpt))
     assert cmp["identical"], cmp
     assert mine.read_bytes() == b"the user's own file"
+
+
+# ---------------------------------------------------------------- personal weights kept
+
+def _personal_stream(core, stream, k0=0, n=5):
+    """A personal stream of n labelled utterances (40 frames each), fed to `core`."""
+    m = core.model
+    core.handle(P.Hello(stream, m.frontend_hash, m.encoder_id, core.cfg.n_in, m.substeps,
+                        "live", True), b"R" + stream.encode())
+    x = np.random.default_rng(0).random((40, m.substeps, core.cfg.n_in)).astype(np.float32)
+    for k in range(k0, k0 + n):
+        core.handle(P.Frames(stream, 40 * k, 0.4 * k, 0.01, m.encoder_id, x,
+                             [k % core.cfg.n_out] * 40, [k] * 40), b"R" + stream.encode())
+    return 40 * (k0 + n)
+
+
+def test_personal_weights_survive_a_full_disk_on_eos_and_on_a_timeout(full_dir, caplog):
+    """The stream's session was dropped before its weights were written: on a full disk
+    an eos lost them (and answered bad_field), a peer timeout killed the learner."""
+    import logging
+    import re
+    import shutil
+
+    from edgeprop.checkpoint import load_checkpoint
+
+    core = LearnerCore(small_checkpoint(), backend="reference", apply_delay=0,
+                       checkpoint_dir=full_dir, peer_timeout_s=1.0, checkpoint_every=1e9)
+    rescued = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="edgeprop.learner"):
+            end = _personal_stream(core, "alice")
+            out = core.handle(P.EndOfStream("alice", end - 1), b"Ralice")
+            assert [type(m).__name__ for m in out] == ["EndOfStream"]
+            _personal_stream(core, "bob")
+            core.tick(time.monotonic() + 5)  # bob vanished: timed out, nothing raised
+        assert not core.sessions and core.counts["checkpoint_failed"] == 2
+        rescued = [Path(p) for p in re.findall(r"saved to (\S+) instead", caplog.text)]
+        assert [p.name for p in rescued] == ["personal-alice.ckpt", "personal-bob.ckpt"]
+        for p in rescued:
+            assert load_checkpoint(p).extra["runtime"]["windows"] >= 3
+    finally:
+        core.close()
+        for p in rescued:
+            shutil.rmtree(p.parent, ignore_errors=True)
+
+
+def test_personal_learning_is_checkpointed_periodically(tmp_path):
+    """Only the shared model's updates triggered the periodic checkpoint: a kill -9 lost
+    every open personal stream's learning since its hello."""
+    core = LearnerCore(small_checkpoint(), backend="reference", apply_delay=0,
+                       checkpoint_dir=tmp_path, checkpoint_every=0.05)
+    try:
+        _personal_stream(core, "alice")
+        time.sleep(0.1)
+        core.tick()
+        assert core.counts["personal_updates"] >= 3 and core.counts["checkpoints"] == 1
+        assert (tmp_path / "personal-alice.ckpt").is_file()
+        time.sleep(0.1)
+        core.tick()  # nothing learned since: no second checkpoint
+        assert core.counts["checkpoints"] == 1
+    finally:
+        core.close()
