@@ -206,6 +206,10 @@ class Broker:
             typ, stream = "", ""
         if typ == "eos":
             self._forget((client, stream))
+        elif typ == "notice":  # a worker closed a silent stream: its route is stale
+            notice = P.decode(payload)
+            if isinstance(notice, P.Notice) and notice.kind == "peers_timed_out":
+                self._forget((client, stream))
         elif typ == "hello_reply":
             reply = P.decode(payload)
             if isinstance(reply, P.HelloReply) and not reply.accepted:

@@ -791,13 +791,18 @@ class LearnerCore:
 
     # ------------------------------------------------------------ time, checkpoints
 
-    def tick(self, now_s: float | None = None) -> None:
+    def tick(self, now_s: float | None = None) -> list[tuple[bytes, P.Notice]]:
+        """Close the streams silent past peer_timeout_s, checkpoint when due. Returns a
+        notice for each closed stream's route: a broker in between forgets the route (a
+        peer still there learns why its next frames are unknown)."""
         now = time.monotonic() if now_s is None else now_s
+        told = []
         for stream, sess in list(self.sessions.items()):
             if now - sess.last_seen > self.peer_timeout_s:
-                self._fault("peers_timed_out", f"no message for {now - sess.last_seen:.1f} s; "
-                                               "closing the stream", stream)
+                why = f"no message for {now - sess.last_seen:.1f} s; closing the stream"
+                self._fault("peers_timed_out", why, stream)
                 self._close_session(stream, learn=False)
+                told.append((sess.route, P.Notice(stream, "peers_timed_out", why)))
         learned = (self._updates_settled(), self.counts["personal_updates"])
         if (self.checkpoint_dir is not None and learned != self._learned_at_ckpt
                 and now - self._last_ckpt >= self.checkpoint_every):
@@ -809,6 +814,7 @@ class LearnerCore:
                 log.error("%s: %s; still serving with the weights in memory, retrying in "
                           "%.0f s (checkpoint_failed #%d)", self.name, exc,
                           self.checkpoint_every, self.counts["checkpoint_failed"])
+        return told
 
     def final_checkpoint(self) -> str | None:
         """The checkpoint on the way out. When checkpoint_dir cannot take it (a full disk,
@@ -1168,7 +1174,8 @@ class LearnerNode:
                     except zmq.Again:
                         pass  # broker gone and our queue to it full: the next one will do
                     last_hb = now
-                core.tick(now)
+                for route, notice in core.tick(now):
+                    self._send(data, route, notice, record=False)
         finally:
             if core.checkpoint_dir is not None:
                 try:

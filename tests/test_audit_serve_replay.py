@@ -461,3 +461,42 @@ def test_personal_learning_is_checkpointed_periodically(tmp_path):
         assert core.counts["checkpoints"] == 1
     finally:
         core.close()
+
+
+def test_the_broker_forgets_a_stream_its_worker_timed_out(ckpt):
+    """A frontend that vanishes without eos: its worker closes the stream, and tells its
+    route, so the broker's sessions (and its load balancing) no longer count it."""
+    import threading
+
+    from runtime.broker import Broker
+    from runtime.learner_node import LearnerNode
+
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
+    stop = threading.Event()
+    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    th.start()
+    assert broker.ready.wait(10)
+    core = LearnerCore(ckpt, backend="reference", peer_timeout_s=0.5)
+    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
+    node.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not broker.workers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m = core.model
+        for k in range(3):  # say hello, then vanish (kill -9, a laptop lid)
+            sock = raw_dealer(broker.endpoints["clients_router"])
+            sock.send(P.encode(P.Hello(f"gone{k}", m.frontend_hash, m.encoder_id,
+                                       ckpt.cfg.n_in, m.substeps)))
+            assert P.decode(sock.recv()).accepted
+            sock.close(0)
+        assert len(broker.routes) == 3
+        deadline = time.monotonic() + 10
+        while (broker.routes or core.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert core.counts["peers_timed_out"] == 3 and not broker.routes
+    finally:
+        node.stop()
+        core.close()
+        stop.set()
+        th.join(5)
