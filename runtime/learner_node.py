@@ -47,7 +47,9 @@ Public API (stable)::
     LearnerCore(checkpoint, *, backend="emulator", lr=1e-4, detector=None (dict),
                 learning=True, history_s=5.0, peer_timeout_s=10.0, max_window_frames=300,
                 checkpoint_dir=None, checkpoint_every=30.0, n_pes=12, apply_delay=100,
-                late_updates="wait", max_pending_updates=256)
+                late_updates="wait", max_pending_updates=256, personal_dir=None)
+        personal_dir: where personal weights live (default checkpoint_dir; one folder
+        that all of a broker's workers share, so a returning stream finds its own)
         .handle_bytes(payload, route=b"") -> list[Message]
         .handle(msg, route=b"") -> list[Message]
         .control(req: ControlRequest) -> ControlReply
@@ -276,7 +278,8 @@ class LearnerCore:
                  max_window_frames: int = 300, checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every: float = 30.0, n_pes: int = 12, name: str = "learner",
                  apply_delay: int = 100, late_updates: str = "wait",
-                 max_pending_updates: int = 256):
+                 max_pending_updates: int = 256,
+                 personal_dir: str | os.PathLike | None = None):
         self.model = Model.from_checkpoint(checkpoint)
         self.cfg = self.model.cfg
         self.base_hash = base_params_hash(checkpoint)  # written into its checkpoints
@@ -311,6 +314,7 @@ class LearnerCore:
         self.peer_timeout_s = float(peer_timeout_s)
         self.max_window_frames = int(max_window_frames)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.personal_dir = Path(personal_dir) if personal_dir else self.checkpoint_dir
         self.checkpoint_every = float(checkpoint_every)
         self.name = name
         self.sessions: dict[str, Session] = {}
@@ -431,9 +435,9 @@ class LearnerCore:
         return reply
 
     def _personal_path(self, stream: str) -> Path | None:
-        if self.checkpoint_dir is None:
+        if self.personal_dir is None:
             return None
-        return self.checkpoint_dir / f"personal-{stream_file_part(stream)}.ckpt"
+        return self.personal_dir / f"personal-{stream_file_part(stream)}.ckpt"
 
     def _personal_backend(self, stream: str) -> Backend:
         from edgeprop.checkpoint import load_checkpoint
@@ -826,8 +830,8 @@ class LearnerCore:
         except (CheckpointError, OSError) as exc:
             first = f"the final checkpoint failed: {exc}"
         wanted = self.checkpoint_dir
-        try:
-            self.checkpoint_dir = rescue_folder(self.name)
+        try:  # the open streams' personal weights go with the shared ones
+            self.checkpoint_dir = self.personal_dir = rescue_folder(self.name)
             saved = self.save_checkpoint()
         except (CheckpointError, OSError) as exc:
             since = (f"update {self.last_checkpoint['updates']} (its last checkpoint)"
@@ -883,9 +887,9 @@ class LearnerCore:
         except (CheckpointError, OSError) as exc:
             self.counts["checkpoint_failed"] += 1
             first = f"{self.name}: stream {sess.stream!r}, personal weights: {exc}"
-        wanted = self.checkpoint_dir
+        wanted = self.personal_dir
         try:
-            self.checkpoint_dir = rescue_folder(f"{self.name}-personal")
+            self.personal_dir = rescue_folder(f"{self.name}-personal")
             self._save_personal(sess)
             log.error("%s; saved to %s instead (copy it back into %s once it has room)",
                       first, self._personal_path(sess.stream), wanted)
@@ -893,7 +897,7 @@ class LearnerCore:
             log.error("%s; a rescue copy in the temp dir failed too (%s): they are lost",
                       first, exc)
         finally:
-            self.checkpoint_dir = wanted
+            self.personal_dir = wanted
 
     def _save_personal(self, sess: Session) -> None:
         from edgeprop.checkpoint import save_checkpoint

@@ -500,3 +500,69 @@ def test_the_broker_forgets_a_stream_its_worker_timed_out(ckpt):
         core.close()
         stop.set()
         th.join(5)
+
+
+def test_a_returning_personal_stream_finds_its_weights_on_any_worker(ckpt, tmp_path):
+    """Each worker kept personal weights in its own folder: a user whose hello landed on
+    another worker (someone else was streaming) silently started afresh."""
+    import argparse
+    import threading
+
+    from edgeprop.checkpoint import load_checkpoint, params_hash
+    from runtime.broker import Broker
+    from runtime.commands.serve import _worker_cmd
+    from runtime.learner_node import LearnerNode
+
+    shared = tmp_path / "ck"
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
+    stop = threading.Event()
+    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    th.start()
+    assert broker.ready.wait(10)
+    cores, nodes = [], []
+    for k in range(2):  # as serve --workers 2 --checkpoint-dir ck starts them
+        cores.append(LearnerCore(ckpt, backend="reference", apply_delay=0, name=f"worker-{k}",
+                                 checkpoint_dir=shared / f"worker-{k}", personal_dir=shared))
+        nodes.append(LearnerNode(cores[-1], connect=broker.endpoints["workers_router"]))
+        nodes[-1].start()
+        deadline = time.monotonic() + 10
+        while len(broker.workers) <= k and time.monotonic() < deadline:
+            time.sleep(0.02)
+    m = cores[0].model
+    socks = [raw_dealer(broker.endpoints["clients_router"]) for _ in range(2)]
+
+    def talk(sock, msg):
+        sock.send(P.encode(msg))
+        return P.decode(sock.recv(), max_bytes=1 << 24)
+
+    def hello(stream, personal):
+        return P.Hello(stream, m.frontend_hash, m.encoder_id, ckpt.cfg.n_in, m.substeps,
+                       "replay", personal)
+
+    try:
+        first = talk(socks[0], hello("alice", True))
+        x = np.random.default_rng(0).random((50, m.substeps, ckpt.cfg.n_in)).astype(np.float32)
+        talk(socks[0], P.Frames("alice", 0, 0.0, 0.01, m.encoder_id, x, [0] * 50, [1] * 50))
+        talk(socks[0], P.EndOfStream("alice", 49))
+        learned = params_hash(load_checkpoint(shared / "personal-alice.ckpt").params)
+        assert learned != first.params_hash
+        bob = talk(socks[1], hello("bob", False))
+        assert bob.session == first.session  # bob now holds alice's first worker
+        again = talk(socks[0], hello("alice", True))
+        assert again.session != first.session and again.params_hash == learned
+    finally:
+        for sock in socks:
+            sock.close(0)
+        for n, c in zip(nodes, cores, strict=True):
+            n.stop()
+            c.close()
+        stop.set()
+        th.join(5)
+    args = argparse.Namespace(backend="emulator", lr=1e-4, peer_timeout=10.0, log_level="INFO",
+                              checkpoint_every=30.0, apply_delay=100, late_updates="wait",
+                              model=None, checkpoint_dir=str(shared), personal_dir=None,
+                              no_learning=False, quiet=False, window=None, threshold=None,
+                              hold=None, refractory=None)
+    cmd = _worker_cmd(args, "tcp://127.0.0.1:1", 1)
+    assert cmd[cmd.index("--personal-dir") + 1] == str(shared)
+    assert cmd[cmd.index("--checkpoint-dir") + 1] == str(shared / "worker-1")

@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", type=output_folder,
                         help="periodic atomic checkpoints here; resume from learner.ckpt "
                              "if present")
+    parser.add_argument("--personal-dir", type=output_folder, default=None,
+                        help="personal weights here (default: --checkpoint-dir; with "
+                             "--workers, --checkpoint-dir itself, shared by the workers so "
+                             "a returning stream finds its weights on any of them)")
     parser.add_argument("--checkpoint-every", type=pos_float, default=30.0,
                         help="seconds between checkpoints (when weights changed)")
     parser.add_argument("--lr", type=learning_rate, default=1e-4,
@@ -175,7 +179,8 @@ def build_core(args: argparse.Namespace):
                        learning=not args.no_learning, peer_timeout_s=args.peer_timeout,
                        checkpoint_dir=args.checkpoint_dir,
                        checkpoint_every=args.checkpoint_every, name=args.name,
-                       apply_delay=args.apply_delay, late_updates=args.late_updates)
+                       apply_delay=args.apply_delay, late_updates=args.late_updates,
+                       personal_dir=args.personal_dir)
 
 
 def _install_signals(stop: threading.Event, who: str,
@@ -190,6 +195,9 @@ def _install_signals(stop: threading.Event, who: str,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.personal_dir and not args.checkpoint_dir:
+        raise ConfigError("--personal-dir keeps personal weights beside the learner's "
+                          "checkpoints; give --checkpoint-dir too")
     # --quiet: warnings and errors only (INFO is the default level, so it yields)
     _logging("WARNING" if args.quiet and args.log_level == "INFO" else args.log_level)
     tell = (lambda *parts: None) if args.quiet else say
@@ -247,7 +255,8 @@ def _worker_cmd(args: argparse.Namespace, endpoint: str, k: int) -> list[str]:
     if args.model:
         cmd += ["--model", args.model]
     if args.checkpoint_dir:
-        cmd += ["--checkpoint-dir", str(Path(args.checkpoint_dir) / f"worker-{k}")]
+        cmd += ["--checkpoint-dir", str(Path(args.checkpoint_dir) / f"worker-{k}"),
+                "--personal-dir", str(args.personal_dir or args.checkpoint_dir)]
     if args.no_learning:
         cmd.append("--no-learning")
     if args.quiet:
