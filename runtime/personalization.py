@@ -760,7 +760,9 @@ def personalize_speaker(session: Session, speaker: str, acfg: AdaptConfig, *,
         "n_adapt": len(split.shots), "n_test": len(split.test),
         "n_learned": run.n_utterances, "n_rejected": run.n_rejected,
         "adapt_seconds": run.seconds,
-        "seconds_per_learned_utterance": run.seconds / max(run.n_utterances, 1),
+        # None when nothing was learned (the base was kept): the time was the check's
+        "seconds_per_learned_utterance": (run.seconds / run.n_utterances
+                                          if run.n_utterances else None),
         "seconds_per_adapt_utterance": run.seconds / max(len(split.shots), 1),
         "frontend_moved": fe is not session.features,
         "skipped": bool(vinfo.get("skipped")),  # documented output, also when False
@@ -806,7 +808,8 @@ def summarize(results: list[dict]) -> dict:
     a = float(np.mean([r["after"] for r in results]))
     err_b, err_a = 1.0 - b, 1.0 - a
     secs = sum(r["adapt_seconds"] for r in results)
-    n_learned = sum(r["n_learned"] for r in results)
+    learned = [r for r in results if r["n_learned"]]  # a kept base learned nothing
+    n_learned = sum(r["n_learned"] for r in learned)
     n_adapt = sum(r["n_adapt"] for r in results)
     return {
         "n_speakers": len(results),
@@ -814,8 +817,9 @@ def summarize(results: list[dict]) -> dict:
         "relative_error_reduction": (err_b - err_a) / err_b if err_b > 0 else float("nan"),
         "worst_delta": float(min(r["delta"] for r in results)),
         "n_worse_by_more_than_2_points": int(sum(r["delta"] < -0.02 for r in results)),
-        "seconds_per_learned_utterance": secs / max(n_learned, 1),
-        "seconds_per_adapt_utterance": secs / max(n_adapt, 1),
+        "seconds_per_learned_utterance": (sum(r["adapt_seconds"] for r in learned)
+                                          / n_learned if n_learned else None),
+        "seconds_per_adapt_utterance": secs / max(n_adapt, 1),  # all of it, checks too
     }
 
 

@@ -157,6 +157,26 @@ def test_a_model_without_a_silence_class_adapts_without_silence_rehearsal(data_d
     assert res["n_adapt"] > 0 and res["n_test"] > 0 and 0 <= res["after"] <= 1
 
 
+def test_time_per_learned_utterance_counts_only_what_was_learned(data_dir):
+    """A speaker whose base was kept learned nothing: its check time is not a time per
+    learned utterance (it read 0.7 s), and the sweep's figure leaves it out."""
+    from runtime.personalization import summarize
+
+    r = _cli("personalize", "--data", str(data_dir), "--speaker", "964e8cfd", "--backend",
+             "reference", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["skipped"] and res["n_learned"] == 0
+    assert res["seconds_per_learned_utterance"] is None and res["adapt_seconds"] > 0
+    kept = {"before": 0.9, "after": 0.9, "delta": 0.0, "n_adapt": 20, "n_learned": 0,
+            "adapt_seconds": 0.7}
+    learned = {**kept, "n_learned": 200, "adapt_seconds": 1.0}
+    s = summarize([kept, learned])
+    assert s["seconds_per_learned_utterance"] == pytest.approx(1.0 / 200)
+    assert s["seconds_per_adapt_utterance"] == pytest.approx(1.7 / 40)  # checks count here
+    assert summarize([kept])["seconds_per_learned_utterance"] is None
+
+
 def test_a_report_that_cannot_be_written_keeps_the_results(shipped, data_dir, tmp_path):
     (tmp_path / "rep.png").mkdir()  # the plot's place is taken: the write fails at the end
     r = _cli("personalize", "--data", str(data_dir), "--speaker", SPEAKER, *FAST,

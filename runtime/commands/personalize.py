@@ -669,6 +669,8 @@ def write_report(result: dict, md_path: Path) -> Path:
         plt.close(fig)
 
     pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
+    ms = lambda v: "- (every base was kept)" if v is None else f"{1000 * v:.1f} ms"
+    learned = result.get("seconds_per_learned_utterance")
     lines = ["# Personalization report", "", f"Command: `{result.get('command', '')}`", "",
              f"Model: `{result['model']}`; data: `{result['data']}`; backend: "
              f"{result['backend']}.", "", f"Adaptation settings: `{result['adapt_config']}`", ""]
@@ -682,8 +684,7 @@ def write_report(result: dict, md_path: Path) -> Path:
                   f"| speakers > 2 points worse | {result['n_worse_by_more_than_2_points']} |",
                   f"| wall time per adaptation utterance | "
                   f"{1000 * result['seconds_per_adapt_utterance']:.0f} ms |",
-                  f"| wall time per learned utterance | "
-                  f"{1000 * result['seconds_per_learned_utterance']:.1f} ms |", ""]
+                  f"| wall time per learned utterance | {ms(learned)} |", ""]
         for key, title in (("heldout", "held out from pretraining"),
                            ("seen", "seen in pretraining")):
             h = result.get(key)
