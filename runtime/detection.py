@@ -3,11 +3,15 @@
 Per frame t the network gives a readout y[t] (n_out). The detector keeps the last W
 readouts and forms the smoothed posterior
 
-    p[t] = softmax( (1/W') sum_{s = t-W'+1}^{t} y[s] ),   W' = min(W, frames so far)
+    p[t] = softmax( (1/W) sum_{s = t-W+1}^{t} y[s] ),   y[s] = 0 before the stream
 
 i.e. the softmax of the time-averaged readout over a sliding window: exactly the
 quantity the model is trained on (cross-entropy on the mean readout of a clip), taken
-over the last W frames instead of a whole clip. A detection of class k fires when
+over the last W frames instead of a whole clip. Frames before the stream (or a reset)
+count as the readout at rest, 0: averaging only the few frames seen so far let the
+first 0.2 s of near-silence decide, and a word fired spuriously at the start of a
+stream (and its refractory period then blocked the real one). A detection of class k
+fires when
 
     k = argmax over keyword classes of p[t],  p_k[t] >= threshold
         on each of the last `hold` frames (the same k throughout),
@@ -170,7 +174,7 @@ class Detector:
         self._sum += y
         if len(self._buf) > self.cfg.window:
             self._sum -= self._buf.popleft()
-        p = softmax(self._sum / len(self._buf))
+        p = softmax(self._sum / self.cfg.window)  # (a full window: zeros before the start)
         masked = np.where(self._fire, p, -1.0)
         k = int(np.argmax(masked))
         if p[k] >= self.cfg.threshold:

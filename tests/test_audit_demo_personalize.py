@@ -257,6 +257,17 @@ def test_a_clipping_replay_is_shown_and_said(data_dir, tmp_path):
     assert "the file was recorded too loud" in r.stderr
 
 
+def test_a_replayed_clip_fires_its_own_word_only():
+    """The shipped "yes" clip's first 0.2 s of near-silence fired "up" before "yes"; the
+    "on" clip's fired "yes", whose refractory second then held "on" back."""
+    for name, word in (("yes_0bac8a71_nohash_0", "yes"), ("on_c7dc7278_nohash_2", "on")):
+        r = _cli("demo", "live", "--replay", str(REPO / "runtime" / "assets" / "clips" /
+                                                  f"{name}.flac"),
+                 "--backend", "reference", "--json")
+        assert r.returncode == 0, r.stderr
+        assert [d["label"] for d in json.loads(r.stdout)["detections"]] == [word]
+
+
 def test_the_live_panel_shows_bars_level_drops_and_clipping():
     from rich.console import Console
 

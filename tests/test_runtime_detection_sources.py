@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeprop.errors import AudioError, ConfigError, DeviceError
+from edgeprop.losses import softmax
 from edgeprop.network import KWS_LABELS
 from runtime.detection import Detector, DetectorConfig, Event, score_detections
 from runtime.recording import Recording, recorded_settings
@@ -57,6 +58,20 @@ def test_detector_never_fires_on_ignored_classes_or_below_threshold():
         DetectorConfig(window=100_000)  # 1000 s of smoothing: it would never fire
 
 
+def test_the_first_frames_are_averaged_with_the_readout_at_rest():
+    """Averaged alone, a stream's first 0.2 s decided: a brief lead in near-silence
+    fired (and its refractory period blocked the real word). Frames before the stream
+    count as 0, the readout at rest."""
+    cfg = DetectorConfig()  # window 50, threshold 0.6, hold 20
+    up, yes = KWS_LABELS.index("up"), KWS_LABELS.index("yes")
+    ys = np.concatenate([_logits(up, 25, 2.0), np.zeros((30, len(KWS_LABELS))),
+                         _logits(yes, 60, 4.0)])
+    probs, hits = Detector(KWS_LABELS, cfg).run(ys)
+    assert [h.label for h in hits] == ["yes"]
+    first = Detector(KWS_LABELS, cfg).push(ys[0], 0, 0.0)[0]
+    np.testing.assert_allclose(first, softmax(ys[0] / cfg.window), rtol=1e-6)
+
+
 def test_hold_lets_a_brief_lead_pass_and_fires_the_word_that_stays():
     """"le-" of left looks like yes for a few frames: with a hold only the word that
     stays on top above threshold fires, `hold` frames after it got there."""
@@ -76,7 +91,7 @@ def _fires_without_hold(ys: np.ndarray, cfg: DetectorConfig) -> list[tuple[int, 
     out, last = [], None
     for t in range(len(ys)):
         lo = max(0, t - cfg.window + 1)
-        z = ys[lo:t + 1].mean(axis=0)
+        z = ys[lo:t + 1].sum(axis=0) / cfg.window  # zeros before the stream
         p = np.exp(z - z.max())
         p /= p.sum()
         k = int(np.argmax(np.where(fire, p, -1.0)))
