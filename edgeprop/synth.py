@@ -152,15 +152,43 @@ def plan_synthesis(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
     if bad:
         raise DatasetError(f"not a word: {', '.join(map(repr, bad))} (a word is letters, "
                            "digits, - and ' only: it names a class folder under the output)")
+    upper = [w for w in words if w != w.lower()]
+    if upper:  # Yes/ is not the class yes/: its clips would count as _unknown_
+        raise DatasetError(f"{', '.join(map(repr, upper))}: words name class folders, which "
+                           f"are lowercase; give {', '.join(w.lower() for w in upper)}")
+    words = tuple(dict.fromkeys(words))  # a word said twice would be counted twice
     if out_dir.exists() and not out_dir.is_dir():
         raise DatasetError(f"{out_dir} is a file; the output must be a folder")
-    parsed = [parse_voice(v) for v in voices]
+    parsed = list({v.key: v for v in map(parse_voice, voices)}.values())  # each once
+    _refuse_foreign_clips(out_dir, {v.speaker for v in parsed})
     avail = available_voices()
     missing = {v.key: r for v in parsed if (r := missing_reason(v, avail))}
     usable = tuple(v for v in parsed if v.key not in missing)
     if not usable:
         raise DatasetError("no TTS voice available: " + "; ".join(missing.values()))
     return SynthPlan(out_dir, tuple(words), usable, missing, takes)
+
+
+def _refuse_foreign_clips(out_dir: Path, speakers: set[str]) -> None:
+    """Synthetic voices belong in a folder of their own (pretrain --synth puts them in
+    training only): written into a real dataset they would also land in its speaker
+    split's validation side. A folder with clips this module did not make (not in its
+    manifest, nor of these voices' pseudo-speakers: a run cut short) is refused."""
+    if not out_dir.is_dir():
+        return
+    manifest_path = out_dir / "synth_manifest.json"
+    try:
+        ours = set(json.loads(manifest_path.read_text())) if manifest_path.is_file() else set()
+    except (json.JSONDecodeError, OSError):
+        ours = set()
+    foreign = [p for p in sorted(out_dir.glob("*/*.wav"))
+               if f"{p.parent.name}/{p.name}" not in ours
+               and p.name.split("_nohash_")[0] not in speakers]
+    if foreign:
+        raise DatasetError(f"{out_dir} holds {len(foreign)} clips edgeprop data synth did not "
+                           f"make (e.g. {foreign[0].relative_to(out_dir)}; a real dataset?): "
+                           "write synthetic voices to a folder of their own and give it to "
+                           "pretrain --synth, which trains on them only")
 
 
 def synthesize(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,

@@ -82,6 +82,23 @@ def test_words_that_are_not_folder_names_are_refused_before_any_write(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_real_dataset_is_not_written_into_and_requests_are_taken_once(tmp_path, data_dir):
+    """Into a real dataset the voices would also land in its validation split; "Yes"
+    made a Yes/ folder counted as _unknown_; a word or voice given twice counted twice."""
+    from edgeprop.synth import plan_synthesis
+
+    with pytest.raises(DatasetError, match=r"clips edgeprop data synth did not make .*a "
+                                           "real dataset"):
+        plan_synthesis(data_dir, words=["yes"], voices=["flite:slt"], takes=1)
+    with pytest.raises(DatasetError, match="'Yes': words name class folders, which are "
+                                           "lowercase; give yes"):
+        plan_synthesis(tmp_path / "out", words=["Yes"], voices=["flite:slt"], takes=1)
+    if shutil.which("flite") is not None:
+        plan = plan_synthesis(tmp_path / "out", words=["yes", "yes", "no"],
+                              voices=["flite:slt", "slt"], takes=1)
+        assert plan.words == ("yes", "no") and len(plan.voices) == 1 and plan.clips == 2
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--words", "a/b"], "not a word: 'a/b'"),
     (["--voices", "flite:nosuchvoice"], "no TTS voice available"),
