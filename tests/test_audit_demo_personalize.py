@@ -8,6 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,25 @@ def test_time_per_learned_utterance_counts_only_what_was_learned(data_dir):
     assert s["seconds_per_learned_utterance"] == pytest.approx(1.0 / 200)
     assert s["seconds_per_adapt_utterance"] == pytest.approx(1.7 / 40)  # checks count here
     assert summarize([kept])["seconds_per_learned_utterance"] is None
+
+
+def test_ctrl_c_in_a_sweep_keeps_the_finished_speakers(data_dir):
+    """After 9 of 37 speakers a Ctrl-C printed nothing: their results were lost."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "personalize", "--data",
+                             str(data_dir), "--all-speakers", *FAST, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    said = ""
+    deadline = time.monotonic() + 120
+    while said.count(" -> ") < 2 and time.monotonic() < deadline:
+        said += proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, said + err
+    res = json.loads(out)
+    assert res["interrupted"] and res["n_planned"] > len(res["speakers"]) >= 2
+    assert 0 <= res["mean_after"] <= 1 and "interrupted after" in err
 
 
 def test_a_report_that_cannot_be_written_keeps_the_results(shipped, data_dir, tmp_path):

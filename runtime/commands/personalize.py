@@ -321,15 +321,21 @@ def _run_dataset(args) -> int:
               "adapt_config": acfg.to_dict(), "warmup_seconds": _warm_up(args, ckpt, acfg)}
     t0 = time.perf_counter()
     if args.speaker is None:
+        done: list[dict] = []
         with progress("speakers", len(speakers), args.quiet) as adv:
             def on_speaker(r: dict) -> None:
+                done.append(r)
                 adv()
                 say(f"{r['speaker']}: {100 * r['before']:.1f} % -> {100 * r['after']:.1f} % "
                     f"(adapt {r['n_adapt']}, test {r['n_test']})")
 
-            out = P.sweep(session, acfg, min_clips=min_clips, backend=args.backend,
-                          speakers=speakers, curve=args.report is not None,
-                          on_speaker=on_speaker)
+            try:
+                out = P.sweep(session, acfg, min_clips=min_clips, backend=args.backend,
+                              speakers=speakers, curve=args.report is not None,
+                              on_speaker=on_speaker)
+            except KeyboardInterrupt:  # the finished speakers' results are not lost
+                _interrupted_sweep(args, common, done, len(speakers))
+                raise
         result = common | {"min_clips": min_clips} | out
         n = out["n_speakers"]
         say(f"{n} speaker{'s' if n != 1 else ''}: mean {100 * out['mean_before']:.2f} % -> "
@@ -621,6 +627,21 @@ def _rehearsal_inputs(ckpt, acfg, to_input) -> tuple[list, list]:
 
 
 # ---------------------------------------------------------------- report
+def _interrupted_sweep(args, common: dict, done: list[dict], planned: int) -> None:
+    """Ctrl-C in a sweep: say (and with --json print) the speakers finished so far."""
+    from runtime.personalization import summarize
+
+    if not done:
+        return
+    part = summarize(done)
+    say(f"interrupted after {len(done)} of {planned} speakers: mean "
+        f"{100 * part['mean_before']:.2f} % -> {100 * part['mean_after']:.2f} % over those "
+        "(not the sweep's figure; run it again for the whole)")
+    if args.json:
+        print_json(common | {"interrupted": True, "n_planned": planned, "speakers": done}
+                   | part)
+
+
 def write_report(result: dict, md_path: Path) -> Path:
     """Markdown report + PNG plot (accuracy against adaptation utterances), atomically."""
     import matplotlib
