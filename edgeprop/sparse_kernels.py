@@ -31,10 +31,15 @@ layout, passes and dispatch, not which additions happen in which order.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
 REBASE = 32  # steps between rescales of the lazy leak accumulators
+#: ln of the largest scale alpha^-(t - base) may reach between rescales (e^30 = 1e13):
+#: a fast leak (small tau_m, alpha^-32 past float32's 3e38) rescales more often
+MAX_LOG_SCALE = 30.0
 
 
 def adjoint_reference(
@@ -139,9 +144,13 @@ def adjoint_kernel(
     acc_r[:, :] = 0.0
     acc_q[:, :] = 0.0
     base = T  # R = sum_s alpha^(s - base) W^T h[s];  r[t] = alpha^(base - t - 1) R
+    span = REBASE  # (the shipped constants keep 32: their gradients stay bit for bit)
+    for decay in (alpha, rho):
+        if 0.0 < decay < 1.0:
+            span = max(1, min(span, int(MAX_LOG_SCALE / -math.log(decay))))
     ops = 0
     for t in range(T - 1, -1, -1):
-        if base - t > REBASE:
+        if base - t > span:
             nb = t + 1
             fr = alpha ** (base - nb)
             fq = rho ** (base - nb)

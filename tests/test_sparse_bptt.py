@@ -200,3 +200,23 @@ def test_split_flat_equals_divmod():
         rb, rj = split_flat_reference(flat, n)
         assert np.array_equal(b, rb) and np.array_equal(j, rj), n
 
+
+
+@pytest.mark.parametrize("neuron", ["lif", "alif"])
+@pytest.mark.parametrize("tau_m", [0.3, 0.05])
+def test_kernel_holds_to_the_reference_for_a_fast_leak(neuron, tau_m):
+    """alpha^-32 overflows float32 once tau_m < 0.36: the kernel's lazy leak scales then
+    went inf (wrong gradients under fastmath) while the reference stayed exact. It now
+    rescales as often as the leak needs."""
+    cfg = ModelConfig(n_in=3, n_rec=7, n_out=2, neuron=neuron, tau_m=tau_m)
+    p = init_params(cfg, seed=1)
+    x = (np.random.default_rng(0).standard_normal((40, 2, 3)) * 1.5).astype(np.float32)
+    labels = np.array([1, 0])
+    st = sparse_bptt.forward(cfg, p, x, b_th=10.0)  # the whole band: dense as well
+    g_kernel = sparse_bptt.backward(cfg, p, st, labels, use_kernel=True)
+    g_ref = sparse_bptt.backward(cfg, p, st, labels, use_kernel=False)
+    _, g_dense = bptt.loss_and_grads(cfg, p, x, labels)[:2]
+    for k, r, d in zip(g_kernel.arrays(), g_ref.arrays(), g_dense.arrays(), strict=True):
+        assert np.isfinite(k).all()
+        np.testing.assert_allclose(k, r, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r, d, rtol=1e-4, atol=1e-6)
