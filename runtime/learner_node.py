@@ -416,6 +416,15 @@ class LearnerCore:
             return reply
         if h.stream in self.sessions:
             self.counts["rehello"] += 1
+            old = self.sessions[h.stream]
+            idle = time.monotonic() - old.last_seen
+            if old.route != route and idle < self.peer_timeout_s:
+                # a frontend that reconnected says hello from its new route; one still
+                # streaming under the other route is a second frontend with the same id
+                self.counts["stream_taken_over"] += 1
+                log.warning("%s: stream %r: a hello from another client while its session "
+                            "was active %.1f s ago; the new client takes it over (two "
+                            "frontends with one stream id?)", self.name, h.stream, idle)
             self._close_session(h.stream, learn=False)
         weights = None
         if h.personal:

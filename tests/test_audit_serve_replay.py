@@ -566,3 +566,22 @@ def test_a_returning_personal_stream_finds_its_weights_on_any_worker(ckpt, tmp_p
     cmd = _worker_cmd(args, "tcp://127.0.0.1:1", 1)
     assert cmd[cmd.index("--personal-dir") + 1] == str(shared)
     assert cmd[cmd.index("--checkpoint-dir") + 1] == str(shared / "worker-1")
+
+
+def test_a_second_client_with_the_same_stream_id_is_counted_and_logged(caplog):
+    """Two frontends with one --stream share one session; that is said, not silent."""
+    import logging
+
+    core = LearnerCore(small_checkpoint(), backend="reference")
+    m = core.model
+    hello = P.Hello("kitchen", m.frontend_hash, m.encoder_id, core.cfg.n_in, m.substeps)
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgeprop.learner"):
+            core.handle(hello, b"A")
+            core.handle(hello, b"A")  # the same client again (a retry): not a clash
+            assert core.counts["rehello"] == 1 and core.counts["stream_taken_over"] == 0
+            core.handle(hello, b"B")
+        assert core.counts["stream_taken_over"] == 1
+        assert "two frontends with one stream id?" in caplog.text
+    finally:
+        core.close()
