@@ -123,6 +123,7 @@ class FrontendNode:
         self.frames_made = 0
         self.dropped = 0
         self.rehellos = 0
+        self.answered = 0  # frames the learner sent posteriors for
         self._last_rehello = 0.0
         self.latencies_ns: list[int] = []
         self.posteriors: list[P.Posteriors] = []
@@ -364,6 +365,7 @@ class FrontendNode:
                                                           P.HelloReply)):
             self.recorder.write("out", raw)
         if isinstance(msg, P.Posteriors):
+            self.answered += len(msg.probs)
             if msg.t_in_ns is not None:
                 self.latencies_ns.extend(now - t for t in msg.t_in_ns)
             if self.keep_posteriors:
@@ -402,4 +404,7 @@ class FrontendNode:
             "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
             "notices": [f"{n.kind}: {n.detail}" for n in self.notices[:10]],
             "rehellos": self.rehellos,
+            # sent, never answered: lost at a learner that restarted mid-stream, say (it
+            # cannot count frames it never saw); final once the end of stream is confirmed
+            "frames_unanswered": max(0, self.frames_sent - self.answered),
         }

@@ -585,3 +585,48 @@ def test_a_second_client_with_the_same_stream_id_is_counted_and_logged(caplog):
         assert "two frontends with one stream id?" in caplog.text
     finally:
         core.close()
+
+
+def test_frames_lost_across_a_learner_restart_are_counted_by_the_frontend():
+    """A restarted learner never saw the frames sent while it was down, so its seq_gaps
+    cannot count them: the frontend does (frames sent that got no posteriors)."""
+    import socket
+
+    from runtime.learner_node import LearnerNode
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ck = small_checkpoint()
+
+    def learner():
+        node = LearnerNode(LearnerCore(ck, backend="reference"), bind=endpoint)
+        node.start()
+        return node
+
+    first = learner()
+    fe = frontend_for(ck, endpoint, stream="s", mode="replay")
+    fe.start()
+    spikes = np.zeros((1, first.core.model.substeps, ck.cfg.n_in), np.float32)
+    second = None
+    try:
+        for _ in range(200):
+            fe.send_spikes(spikes)
+        time.sleep(0.5)
+        first.stop()
+        for _ in range(200):  # nobody is listening
+            fe.send_spikes(spikes)
+        second = learner()
+        for _ in range(300):
+            fe.send_spikes(spikes)
+            time.sleep(0.002)
+        st = fe.finish(timeout_s=30)
+        assert st["eos_confirmed"] and st["frames_sent"] == 700
+        seen = first.core.counts["frames"] + second.core.counts["frames"]
+        assert 0 < st["frames_unanswered"] == 700 - seen
+    finally:
+        fe.close()
+        first.core.close()
+        if second is not None:
+            second.stop()
+            second.core.close()
