@@ -81,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between checkpoints (when weights changed)")
     parser.add_argument("--lr", type=learning_rate, default=1e-4,
                         help="online learning rate (Adam)")
-    parser.add_argument("--no-learning", action="store_true", help="inference only")
+    parser.add_argument("--no-learning", action="store_true",
+                        help="inference only: no learning from labelled frames (an explicit "
+                             "teach control request still learns)")
     parser.add_argument("--late-updates", choices=("wait", "defer"), default="wait",
                         help="an update not learned by its switch point: wait for it "
                              "(deterministic) or use it when ready (real time under load)")
