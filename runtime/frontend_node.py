@@ -156,18 +156,26 @@ class FrontendNode:
         return reply
 
     def finish(self, timeout_s: float = 30.0) -> dict:
-        """Flush, send end-of-stream, wait for the learner to echo it (all outputs in)."""
+        """Flush, send end-of-stream, wait for the learner to echo it (all outputs in).
+        `timeout_s` is how long it waits with no output arriving: a busy learner still
+        working through a long backlog is waited for, a silent one is not."""
         self._flush_batch()
         with self._cv:
             self._outbox.append(P.EndOfStream(self.stream, self.seq - 1, "done"))
             self._cv.notify_all()
         self._wake()
-        ok = self._eos_evt.wait(timeout_s)
+        seen, quiet_since = self.answered, time.monotonic()
+        while not (ok := self._eos_evt.wait(0.2)) and self.error is None:
+            now = time.monotonic()
+            if self.answered != seen:
+                seen, quiet_since = self.answered, now
+            elif now - quiet_since >= timeout_s:
+                break
         if self.error is not None:
             raise self.error  # the I/O thread failed (e.g. the recording could not be written)
         if not ok:
-            log.warning("frontend %s: learner did not confirm end-of-stream in %.0f s",
-                        self.stream, timeout_s)
+            log.warning("frontend %s: learner did not confirm end-of-stream (no output for "
+                        "%.0f s)", self.stream, timeout_s)
         st = self.stats()
         st["eos_confirmed"] = ok
         return st

@@ -630,3 +630,35 @@ def test_frames_lost_across_a_learner_restart_are_counted_by_the_frontend():
         if second is not None:
             second.stop()
             second.core.close()
+
+
+def test_finish_waits_for_a_busy_learner_while_its_outputs_keep_coming():
+    """finish() gave up after a fixed time although a busy learner was still answering
+    a backlog; its timeout is now the time with no output."""
+    from runtime.learner_node import LearnerNode
+
+    ck = small_checkpoint()
+    core = LearnerCore(ck, backend="reference", peer_timeout_s=120)
+    handle = core.handle_bytes
+
+    def busy(payload, route=b""):  # 3 ms a message: ~3 s for the backlog below
+        time.sleep(0.003)
+        return handle(payload, route)
+
+    core.handle_bytes = busy
+    node = LearnerNode(core, bind="tcp://127.0.0.1:*")
+    node.start()
+    fe = frontend_for(ck, node.endpoints["data_router"], stream="s", mode="replay")
+    try:
+        fe.start()
+        spikes = np.zeros((1, core.model.substeps, ck.cfg.n_in), np.float32)
+        for _ in range(1000):
+            fe.send_spikes(spikes)
+        t0 = time.monotonic()
+        st = fe.finish(timeout_s=1.0)
+        assert st["eos_confirmed"] and st["frames_unanswered"] == 0
+        assert time.monotonic() - t0 > 1.0  # it did wait past the timeout, for outputs
+    finally:
+        fe.close()
+        node.stop()
+        core.close()
