@@ -103,6 +103,23 @@ def test_replay_with_renamed_outputs_warns(recording, ckpt, tmp_path, capsys):
     assert "its detections will carry other names" in err
 
 
+def test_replay_with_the_same_weights_under_another_neuron_model_warns(recording, ckpt,
+                                                                      tmp_path, capsys):
+    """The weights hash alike, so the warning that compares hashes said nothing."""
+    import dataclasses
+
+    from edgeprop.checkpoint import save_checkpoint
+
+    other = "lif" if ckpt.cfg.neuron == "alif" else "alif"
+    path = tmp_path / "other.ckpt"
+    save_checkpoint(path, dataclasses.replace(ckpt.cfg, neuron=other), ckpt.params,
+                    frontend=ckpt.frontend, encoder=ckpt.encoder, labels=ckpt.labels)
+    assert main(["replay", str(recording), "--model", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: the recording's model had neuron {ckpt.cfg.neuron!r} (this model: "
+            f"{other!r}): outputs will differ") in err
+
+
 def test_replay_refuses_offline_options_with_endpoint(recording, capsys):
     argv = ["replay", str(recording), "--endpoint", "tcp://127.0.0.1:9", "--save",
             str(recording.with_name("w.ckpt")), "--hold", "3"]

@@ -154,6 +154,12 @@ def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
     if recorded_labels and ckpt.labels and recorded_labels != list(ckpt.labels):
         return (f"the recording's model named its outputs {recorded_labels}, this model "
                 f"{list(ckpt.labels)}: its detections will carry other names")
+    recorded_model = rec.header.model
+    if isinstance(recorded_model, dict) and recorded_model != ckpt.cfg.to_dict():
+        # the same weights under another neuron model or time constants hash alike
+        diffs = [f"{k} {v!r} (this model: {ckpt.cfg.to_dict().get(k)!r})"
+                 for k, v in recorded_model.items() if ckpt.cfg.to_dict().get(k) != v]
+        return (f"the recording's model had {', '.join(diffs)}: outputs will differ")
     was, now = first_hello_reply(rec.outputs()), first_hello_reply(result.outputs)
     if was is None or now is None:  # no learner hash to go by: compare the model files
         want, have = rec.header.params_hash, header_for(ckpt).params_hash
