@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,34 @@ def raw_dealer(endpoint: str):
     sock.setsockopt(zmq.RCVTIMEO, 10000)
     sock.connect(endpoint)
     return sock
+
+
+@contextmanager
+def broker_with_workers(cores, **broker_kw):
+    """A Broker in a thread and a LearnerNode worker per core connected to it, each
+    registered before the next starts (so the first core is the broker's first
+    worker); yields the broker, and stops the workers, their cores and the broker."""
+    import time
+
+    from runtime.broker import Broker
+    from runtime.learner_node import LearnerNode
+
+    broker_kw.setdefault("worker_timeout_s", 30.0)
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", **broker_kw)
+    broker.start()  # its thread: broker._thread
+    assert broker.ready.is_set() and broker.error is None
+    nodes = []
+    try:
+        for k, core in enumerate(cores):
+            nodes.append(LearnerNode(core, connect=broker.endpoints["workers_router"]))
+            nodes[-1].start()
+            deadline = time.monotonic() + 10
+            while len(broker.workers) <= k and time.monotonic() < deadline:
+                time.sleep(0.02)
+        yield broker
+    finally:
+        for node in nodes:
+            node.stop()
+        for core in cores:
+            core.close()
+        broker.stop()

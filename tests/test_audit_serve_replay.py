@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from runtime_support import (
+    broker_with_workers,
     control,
     feed_stream,
     frontend_for,
@@ -272,78 +273,49 @@ def test_a_control_request_through_the_broker_reaches_the_worker_of_its_stream(c
     """A stream's control request goes to the worker holding that stream, whichever
     client sends it; one naming no stream would reach one worker of several, so the
     broker answers ping and stats itself and refuses the rest with the reason."""
-    import threading
-
-    from runtime.broker import Broker
-    from runtime.learner_node import LearnerNode
-
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
-    stop = threading.Event()
-    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
-    th.start()
-    assert broker.ready.wait(10)
     cores = [LearnerCore(ckpt, backend="reference", name=f"worker-{k}") for k in range(2)]
-    nodes = [LearnerNode(c, connect=broker.endpoints["workers_router"]) for c in cores]
-    for n in nodes:
-        n.start()
-    clients = broker.endpoints["clients_router"]
-    fes, sock = [], raw_dealer(clients)
-    try:
-        deadline = time.monotonic() + 10
-        while len(broker.workers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        stream = build_stream(embedded_clips()[:1], seed=0)
-        for name in "ab":
-            fe = frontend_for(ckpt, clients, stream=name)
-            fes.append(fe)
-            assert fe.start().accepted
-            feed_stream(fe, stream, labelled=False, limit_s=0.5)
-        held = {c.name: set(c.sessions) for c in cores}
-        assert sorted(map(sorted, held.values())) == [["a"], ["b"]]  # one each
+    with broker_with_workers(cores) as broker:
+        clients = broker.endpoints["clients_router"]
+        fes, sock = [], raw_dealer(clients)
+        try:
+            stream = build_stream(embedded_clips()[:1], seed=0)
+            for name in "ab":
+                fe = frontend_for(ckpt, clients, stream=name)
+                fes.append(fe)
+                assert fe.start().accepted
+                feed_stream(fe, stream, labelled=False, limit_s=0.5)
+            held = {c.name: set(c.sessions) for c in cores}
+            assert sorted(map(sorted, held.values())) == [["a"], ["b"]]  # one each
 
-        def ask(cmd, stream="", **args):
-            sock.send(P.encode(P.ControlRequest(cmd, stream, args)))
-            return P.decode(sock.recv())
+            def ask(cmd, stream="", **args):
+                sock.send(P.encode(P.ControlRequest(cmd, stream, args)))
+                return P.decode(sock.recv())
 
-        for name in "ab":  # from a client that opened neither stream
-            rep = ask("reset", stream=name)
-            assert rep.ok and rep.result["reset"] == [name], rep
-            rep = ask("reset", **{"stream": name})
-            assert rep.ok and rep.result["reset"] == [name], rep
-        rep = ask("reset", stream="zz")
-        assert not rep.ok and "no worker holds stream 'zz'" in rep.error
-        rep = ask("stats")
-        assert rep.ok and rep.result["broker"] and rep.result["n_workers"] == 2
-        assert rep.result["sessions"] == 2
-        assert ask("ping").result["pong"]
-        for cmd, args in (("learning", {"on": False}), ("reset", {}), ("checkpoint", {})):
-            rep = ask(cmd, **args)
-            assert not rep.ok and "would reach only one of the broker's 2 workers" in rep.error
-        assert all(c.learning for c in cores)  # neither worker was told
-    finally:
-        sock.close(0)
-        for fe in fes:
-            fe.close()
-        for n, c in zip(nodes, cores, strict=True):
-            n.stop()
-            c.close()
-        stop.set()
-        th.join(5)
+            for name in "ab":  # from a client that opened neither stream
+                rep = ask("reset", stream=name)
+                assert rep.ok and rep.result["reset"] == [name], rep
+                rep = ask("reset", **{"stream": name})
+                assert rep.ok and rep.result["reset"] == [name], rep
+            rep = ask("reset", stream="zz")
+            assert not rep.ok and "no worker holds stream 'zz'" in rep.error
+            rep = ask("stats")
+            assert rep.ok and rep.result["broker"] and rep.result["n_workers"] == 2
+            assert rep.result["sessions"] == 2
+            assert ask("ping").result["pong"]
+            for cmd, args in (("learning", {"on": False}), ("reset", {}), ("checkpoint", {})):
+                rep = ask(cmd, **args)
+                assert not rep.ok and "would reach only one of the broker's 2 workers" in \
+                    rep.error
+            assert all(c.learning for c in cores)  # neither worker was told
+        finally:
+            sock.close(0)
+            for fe in fes:
+                fe.close()
 
 
 def test_the_broker_holds_back_a_replay_a_busy_worker_cannot_take_yet(ckpt):
     """Replay is lossless end to end: when a worker's queue is full the broker stops
     reading clients (backpressure) instead of dropping frames and the end of stream."""
-    import threading
-
-    from runtime.broker import Broker
-    from runtime.learner_node import LearnerNode
-
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0, hwm=50)
-    stop = threading.Event()
-    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
-    th.start()
-    assert broker.ready.wait(10)
     core = LearnerCore(ckpt, backend="reference", name="busy", peer_timeout_s=60)
     handle = core.handle_bytes
 
@@ -352,31 +324,21 @@ def test_the_broker_holds_back_a_replay_a_busy_worker_cannot_take_yet(ckpt):
         return handle(payload, route)
 
     core.handle_bytes = busy
-    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
-    node.start()
-    fe = None
-    try:
-        deadline = time.monotonic() + 10
-        while not broker.workers and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with broker_with_workers([core], hwm=50) as broker:
         fe = frontend_for(ckpt, broker.endpoints["clients_router"], stream="s", mode="replay")
-        fe.start()
-        n = 1500
-        spikes = np.zeros((1, core.model.substeps, ckpt.cfg.n_in), np.float32)
-        for _ in range(n):
-            fe.send_spikes(spikes)
-        st = fe.finish(timeout_s=120)
+        try:
+            fe.start()
+            n = 1500
+            spikes = np.zeros((1, core.model.substeps, ckpt.cfg.n_in), np.float32)
+            for _ in range(n):
+                fe.send_spikes(spikes)
+            st = fe.finish(timeout_s=120)
+        finally:
+            fe.close()
         assert st["eos_confirmed"] and st["dropped"] == 0
         assert st["posterior_frames"] == n and core.counts["frames"] == n
         assert core.counts["frames_missing"] == 0
         assert broker.counts["worker_backpressure"] > 0 and broker.counts["worker_drops"] == 0
-    finally:
-        if fe is not None:
-            fe.close()
-        node.stop()
-        core.close()
-        stop.set()
-        th.join(5)
 
 
 def test_data_path_control_that_writes_files_is_neither_recorded_nor_replayed(ckpt, tmp_path):
@@ -483,23 +445,8 @@ def test_personal_learning_is_checkpointed_periodically(tmp_path):
 def test_the_broker_forgets_a_stream_its_worker_timed_out(ckpt):
     """A frontend that vanishes without eos: its worker closes the stream, and tells its
     route, so the broker's sessions (and its load balancing) no longer count it."""
-    import threading
-
-    from runtime.broker import Broker
-    from runtime.learner_node import LearnerNode
-
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
-    stop = threading.Event()
-    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
-    th.start()
-    assert broker.ready.wait(10)
     core = LearnerCore(ckpt, backend="reference", peer_timeout_s=0.5)
-    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
-    node.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not broker.workers and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with broker_with_workers([core]) as broker:
         m = core.model
         for k in range(3):  # say hello, then vanish (kill -9, a laptop lid)
             sock = raw_dealer(broker.endpoints["clients_router"])
@@ -512,41 +459,21 @@ def test_the_broker_forgets_a_stream_its_worker_timed_out(ckpt):
         while (broker.routes or core.sessions) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert core.counts["peers_timed_out"] == 3 and not broker.routes
-    finally:
-        node.stop()
-        core.close()
-        stop.set()
-        th.join(5)
 
 
 def test_a_returning_personal_stream_finds_its_weights_on_any_worker(ckpt, tmp_path):
     """Each worker kept personal weights in its own folder: a user whose hello landed on
     another worker (someone else was streaming) silently started afresh."""
     import argparse
-    import threading
 
     from edgeprop.checkpoint import load_checkpoint, params_hash
-    from runtime.broker import Broker
     from runtime.commands.serve import _worker_cmd
-    from runtime.learner_node import LearnerNode
 
     shared = tmp_path / "ck"
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
-    stop = threading.Event()
-    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
-    th.start()
-    assert broker.ready.wait(10)
-    cores, nodes = [], []
-    for k in range(2):  # as serve --workers 2 --checkpoint-dir ck starts them
-        cores.append(LearnerCore(ckpt, backend="reference", apply_delay=0, name=f"worker-{k}",
-                                 checkpoint_dir=shared / f"worker-{k}", personal_dir=shared))
-        nodes.append(LearnerNode(cores[-1], connect=broker.endpoints["workers_router"]))
-        nodes[-1].start()
-        deadline = time.monotonic() + 10
-        while len(broker.workers) <= k and time.monotonic() < deadline:
-            time.sleep(0.02)
+    cores = [LearnerCore(ckpt, backend="reference", apply_delay=0, name=f"worker-{k}",
+                         checkpoint_dir=shared / f"worker-{k}", personal_dir=shared)
+             for k in range(2)]  # as serve --workers 2 --checkpoint-dir ck starts them
     m = cores[0].model
-    socks = [raw_dealer(broker.endpoints["clients_router"]) for _ in range(2)]
 
     def talk(sock, msg):
         sock.send(P.encode(msg))
@@ -556,25 +483,23 @@ def test_a_returning_personal_stream_finds_its_weights_on_any_worker(ckpt, tmp_p
         return P.Hello(stream, m.frontend_hash, m.encoder_id, ckpt.cfg.n_in, m.substeps,
                        "replay", personal)
 
-    try:
-        first = talk(socks[0], hello("alice", True))
-        x = np.random.default_rng(0).random((50, m.substeps, ckpt.cfg.n_in)).astype(np.float32)
-        talk(socks[0], P.Frames("alice", 0, 0.0, 0.01, m.encoder_id, x, [0] * 50, [1] * 50))
-        talk(socks[0], P.EndOfStream("alice", 49))
-        learned = params_hash(load_checkpoint(shared / "personal-alice.ckpt").params)
-        assert learned != first.params_hash
-        bob = talk(socks[1], hello("bob", False))
-        assert bob.session == first.session  # bob now holds alice's first worker
-        again = talk(socks[0], hello("alice", True))
-        assert again.session != first.session and again.params_hash == learned
-    finally:
-        for sock in socks:
-            sock.close(0)
-        for n, c in zip(nodes, cores, strict=True):
-            n.stop()
-            c.close()
-        stop.set()
-        th.join(5)
+    with broker_with_workers(cores) as broker:
+        socks = [raw_dealer(broker.endpoints["clients_router"]) for _ in range(2)]
+        try:
+            first = talk(socks[0], hello("alice", True))
+            x = np.random.default_rng(0).random((50, m.substeps, ckpt.cfg.n_in))
+            talk(socks[0], P.Frames("alice", 0, 0.0, 0.01, m.encoder_id,
+                                    x.astype(np.float32), [0] * 50, [1] * 50))
+            talk(socks[0], P.EndOfStream("alice", 49))
+            learned = params_hash(load_checkpoint(shared / "personal-alice.ckpt").params)
+            assert learned != first.params_hash
+            bob = talk(socks[1], hello("bob", False))
+            assert bob.session == first.session  # bob now holds alice's first worker
+            again = talk(socks[0], hello("alice", True))
+            assert again.session != first.session and again.params_hash == learned
+        finally:
+            for sock in socks:
+                sock.close(0)
     args = argparse.Namespace(backend="emulator", lr=1e-4, peer_timeout=10.0, log_level="INFO",
                               checkpoint_every=30.0, apply_delay=100, late_updates="wait",
                               model=None, checkpoint_dir=str(shared), personal_dir=None,

@@ -217,34 +217,14 @@ def test_peek_never_raises_anything_but_wire_error(data):
 
 def _through_broker(garbage_at: dict | None, timeout_s: float = 60) -> tuple[dict, str, dict]:
     """The valid stream via a real broker and one learner worker, both on tcp loopback."""
-    import threading
+    from runtime_support import broker_with_workers
 
-    from runtime.broker import Broker
-    from runtime.learner_node import LearnerNode
-
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", worker_timeout_s=30.0)
-    stop = threading.Event()
-    th = threading.Thread(target=broker.run, args=(stop,), daemon=True)
-    th.start()
-    assert broker.ready.wait(10)
     core = LearnerCore(CKPT, backend="reference", learning=True, name="worker")
-    node = LearnerNode(core, connect=broker.endpoints["workers_router"])
-    node.start()
-    try:
-        import time
-
-        deadline = time.monotonic() + 10
-        while not broker.workers and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with broker_with_workers([core]) as broker:
         out = R.stream_over_socket(REC, broker.endpoints["clients_router"], STREAM,
                                    timeout_s=timeout_s, garbage=garbage_at)
-        alive = th.is_alive()
+        alive = broker._thread.is_alive()
         return out, core.params_hash(), dict(broker.counts, alive=alive)
-    finally:
-        node.stop()
-        core.close()
-        stop.set()
-        th.join(5)
 
 
 def test_broker_survives_garbage_and_keeps_the_stream_intact():
