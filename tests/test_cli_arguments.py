@@ -257,6 +257,35 @@ def test_serve_will_not_resume_weights_learned_from_another_model_of_the_same_sh
     mine.close()
 
 
+def test_serve_resumes_a_checkpoint_from_before_the_base_was_recorded_again_and_again(
+        tmp_path):
+    """Such a learner.ckpt passes (its frontend is the model's), and the learner must then
+    record --model as its base, not its learned weights: else the next restart refused
+    the learner's own checkpoint."""
+    import argparse
+    import dataclasses
+
+    from edgeprop.checkpoint import params_hash, save_checkpoint
+    from edgeprop.shipped import load_shipped
+    from runtime.commands import serve
+    from runtime.learner_node import resume_path
+
+    ck = load_shipped()
+    learned = dataclasses.replace(ck.params, w_out=ck.params.w_out * 0.99)
+    save_checkpoint(resume_path(tmp_path), ck.cfg, learned, frontend=ck.frontend,
+                    encoder=ck.encoder, labels=ck.labels,
+                    extra={"runtime": {"updates": 5, "streams": {}}})
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint-dir", str(tmp_path), "--backend", "reference"])
+    args.name = "learner"
+    for _ in range(2):
+        core = serve.build_core(args)
+        assert core.base_hash == params_hash(ck.params) and core.updates == 5
+        core.save_checkpoint()
+        core.close()
+
+
 def test_serve_names_the_resumed_file_whose_optimizer_state_does_not_fit(tmp_path, capsys):
     from edgeprop.checkpoint import save_checkpoint
     from edgeprop.shipped import load_shipped

@@ -173,6 +173,11 @@ def build_core(args: argparse.Namespace):
             raise ConfigError(f"{path} holds another model than "
                               f"{args.model or 'the shipped model'}: its frontend or encoder "
                               f"differs; {fix}")
+        if learned_from is None:  # written before learners recorded their base: it is
+            # this --model's (checked above as far as it can be), not the learned weights'
+            runtime = resumed.extra.get("runtime")
+            resumed.extra["runtime"] = {**(runtime if isinstance(runtime, dict) else {}),
+                                        "base_params_hash": base}
         ckpt = resumed
         say(f"{args.name}: resuming from {path} "
             f"(updates {ckpt.extra.get('runtime', {}).get('updates', 0)})")
