@@ -71,6 +71,7 @@ import logging
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -139,12 +140,15 @@ def base_params_hash(checkpoint) -> str:
     return base if isinstance(base, str) and base else params_hash(checkpoint.params)
 
 
+_HASHED = re.compile(r"-[0-9a-f]{12}$")  # the suffix stream_file_part adds
+
+
 def stream_file_part(stream: str) -> str:
     """`stream` as part of a file name: itself when it is already safe, else its safe form
     plus a hash of the real name, so that two streams ("a b" and "a_b", or two long ids
     alike in their first 80 characters) never share one personal checkpoint."""
     safe = safe_name(stream, "stream")
-    if safe == stream:
+    if safe == stream and not _HASHED.search(stream):  # (a hashed name's look-alike is hashed)
         return safe
     digest = hashlib.sha256(stream.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{safe[:64]}-{digest[:12]}"
@@ -448,11 +452,37 @@ class LearnerCore:
             return None
         return self.personal_dir / f"personal-{stream_file_part(stream)}.ckpt"
 
+    def _saved_personal(self, stream: str) -> Path | None:
+        """The file holding `stream`'s personal weights, if any: its own name in
+        personal_dir, else where earlier versions kept it (the bare safe name, which two
+        streams could share; a worker's own folder under serve --workers), if the file
+        says it is this stream's. Saving always writes the first."""
+        if self.personal_dir is None:
+            return None
+        names = [f"personal-{stream_file_part(stream)}.ckpt",
+                 f"personal-{safe_name(stream, 'stream')}.ckpt"]
+        folders = [self.personal_dir] + ([self.checkpoint_dir] if self.checkpoint_dir
+                                         not in (None, self.personal_dir) else [])
+        from edgeprop.checkpoint import load_checkpoint
+
+        for k, path in enumerate(dict.fromkeys(f / n for f in folders for n in names)):
+            if not path.is_file():
+                continue
+            try:
+                owner = (load_checkpoint(path).extra.get("runtime") or {}).get("stream")
+            except CheckpointError:
+                if k == 0:
+                    return path  # its own, damaged: loading it says so
+                continue
+            if owner == stream or (k == 0 and owner is None):
+                return path
+        return None
+
     def _personal_backend(self, stream: str) -> Backend:
         from edgeprop.checkpoint import load_checkpoint
 
-        path = self._personal_path(stream)
-        if path is not None and path.exists():
+        path = self._saved_personal(stream)
+        if path is not None:
             ck = load_checkpoint(path, expect=self.cfg)
             theirs = (ck.extra.get("runtime") or {}).get("base_params_hash")
             if theirs is not None and theirs != self.base_hash:

@@ -604,3 +604,36 @@ def test_finish_waits_for_a_busy_learner_while_its_outputs_keep_coming():
         fe.close()
         node.stop()
         core.close()
+
+
+def test_personal_weights_saved_under_earlier_names_are_found_by_their_own_stream(tmp_path):
+    """Earlier versions named the file by the bare safe id (which "a b" and "a_b" shared)
+    and, under serve --workers, kept it in the worker's folder: a returning stream finds
+    its own weights there, and never another stream's."""
+    from edgeprop.checkpoint import params_hash, save_checkpoint
+    from edgeprop.network import Params
+
+    ck = small_checkpoint()
+    worker = tmp_path / "worker-0"
+    worker.mkdir()
+
+    def saved(folder, name, stream, scale):
+        params = Params(*(a * scale for a in ck.params.arrays()))
+        save_checkpoint(folder / f"personal-{name}.ckpt", ck.cfg, params,
+                        extra={"runtime": {"stream": stream}})
+        return params_hash(params)
+
+    home = saved(tmp_path, "user_home", "user@home", 0.5)  # the old name of "user@home"
+    a_space = saved(worker, "a_b", "a b", 0.25)  # an old worker's file, of "a b"
+    core = LearnerCore(ck, backend="reference", checkpoint_dir=worker, personal_dir=tmp_path)
+    try:
+        assert params_hash(core._personal_backend("user@home").params) == home
+        assert params_hash(core._personal_backend("a b").params) == a_space
+        fresh = core._personal_backend("a_b")  # "a b"'s old file is not "a_b"'s
+        assert params_hash(fresh.params) == params_hash(ck.params)
+    finally:
+        core.close()
+    from runtime.learner_node import stream_file_part
+
+    crafted = stream_file_part("a b")  # an id that looks like a hashed name is hashed too
+    assert stream_file_part(crafted) != crafted
