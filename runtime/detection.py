@@ -56,6 +56,7 @@ DEFAULT_IGNORE = ("_silence_", "_unknown_")
 #: window, hold and refractory are at most 10 s: a keyword lasts about 1 s, so longer
 #: smoothing or holding never fires and a longer refractory hides the next words
 MAX_DETECTOR_FRAMES = 1000
+WARMUPS = ("rest", "seen")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class DetectorConfig:
     hold: int = 20
     refractory: int = 100
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    #: "rest": frames before the stream count as the readout at rest, 0; "seen": the
+    #: average of the frames seen so far, the rule recordings made before 2026-12-06
+    #: were made with (their replays keep it, as they keep hold 1 from before the hold)
+    warmup: str = "rest"
 
     def __post_init__(self) -> None:
         for name, low in (("window", 1), ("hold", 1), ("refractory", 0)):
@@ -74,10 +79,14 @@ class DetectorConfig:
                                   f"(10 ms each), got {value}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"detection threshold must be in [0, 1], got {self.threshold}")
+        if self.warmup not in WARMUPS:
+            raise ConfigError(f"detection warmup must be one of {', '.join(WARMUPS)}, got "
+                              f"{self.warmup!r}")
 
     def to_dict(self) -> dict:
         return {"window": self.window, "threshold": self.threshold, "hold": self.hold,
-                "refractory": self.refractory, "ignore": list(self.ignore)}
+                "refractory": self.refractory, "ignore": list(self.ignore),
+                "warmup": self.warmup}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DetectorConfig:
@@ -86,7 +95,7 @@ class DetectorConfig:
         if d is not None and not isinstance(d, dict):
             raise ConfigError(f"detector settings must be a map, got {d!r}")
         d = dict(d or {})
-        unknown = set(d) - {"window", "threshold", "hold", "refractory", "ignore"}
+        unknown = set(d) - {"window", "threshold", "hold", "refractory", "ignore", "warmup"}
         if unknown:
             raise ConfigError(f"unknown detector settings: {sorted(unknown)}")
         for key in ("window", "hold", "refractory"):
@@ -174,7 +183,8 @@ class Detector:
         self._sum += y
         if len(self._buf) > self.cfg.window:
             self._sum -= self._buf.popleft()
-        p = softmax(self._sum / self.cfg.window)  # (a full window: zeros before the start)
+        n = self.cfg.window if self.cfg.warmup == "rest" else len(self._buf)
+        p = softmax(self._sum / n)
         masked = np.where(self._fire, p, -1.0)
         k = int(np.argmax(masked))
         if p[k] >= self.cfg.threshold:

@@ -257,6 +257,10 @@ def recorded_settings(rec: Recording) -> dict:
         # recorded before the detector had a hold: it fired on the first frame above
         # threshold, which is hold 1 (the default of 20 would change its detections)
         rt["detector"] = det = {**det, "hold": 1}
+    if isinstance(det, dict) and "warmup" not in det:
+        # recorded before the window counted frames before the stream as 0: it averaged
+        # the frames seen so far ("seen"; the default would change its first posteriors)
+        rt["detector"] = det = {**det, "warmup": "seen"}
     try:
         DetectorConfig.from_dict(det)
     except ConfigError as exc:

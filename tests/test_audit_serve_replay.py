@@ -637,3 +637,49 @@ def test_personal_weights_saved_under_earlier_names_are_found_by_their_own_strea
 
     crafted = stream_file_part("a b")  # an id that looks like a hashed name is hashed too
     assert stream_file_part(crafted) != crafted
+
+
+def test_a_recording_from_before_the_rest_warmup_replays_identical(ckpt, tmp_path):
+    """Recordings made when the detector averaged only the frames seen so far have no
+    `warmup` in their settings: their replay keeps that rule, or every one of them would
+    replay DIFFERENT over its first window."""
+    import dataclasses
+
+    det = {"warmup": "seen"}  # the old rule, then the key removed as old files lack it
+    core = LearnerCore(ckpt, backend="reference", apply_delay=0, detector=det)
+    settings = core.settings()
+    core.close()
+    path = tmp_path / "new.rec"
+    node = start_learner(ckpt, recorder=RecordingWriter(path, header_for(ckpt,
+                                                                        runtime=settings)),
+                         apply_delay=0, detector=det)
+    try:
+        fe = frontend_for(ckpt, node.endpoints["data_router"], stream="a")
+        fe.start()
+        feed_stream(fe, build_stream(embedded_clips()[:2], seed=0), limit_s=1.5)
+        assert fe.finish()["eos_confirmed"]
+        fe.close()
+    finally:
+        node.stop()
+        node.core.close()
+    rec = read_recording(path)
+
+    def old(settings: dict) -> dict:
+        return {**settings, "detector": {k: v for k, v in settings["detector"].items()
+                                         if k != "warmup"}}
+
+    header = dataclasses.replace(rec.header, runtime=old(rec.header.runtime))
+    older = tmp_path / "old.rec"
+    with RecordingWriter(older, header) as w:
+        for e in rec.entries:
+            m = e.message()
+            if isinstance(m, P.HelloReply):
+                m = dataclasses.replace(m, settings=old(m.settings))
+            w.write(e.direction, m, e.t_ns)
+    was = read_recording(older)
+    assert "warmup" not in was.header.runtime["detector"]
+    assert compare_replay(was, replay_recording(was, ckpt))["identical"]
+    # the same recording replayed under the new rule differs in its first window only
+    cmp = compare_replay(was, replay_recording(was, ckpt, detector={**old(settings)[
+        "detector"], "warmup": "rest"}))
+    assert not cmp["identical"]
