@@ -5,9 +5,11 @@
 
 ZeroMQ's plain ROUTER/DEALER proxy hands each message to the next worker round-robin,
 which would scatter one stream's frames over workers that each hold a different network
-state. So the broker keeps *session affinity*: a `hello` picks the worker with the
-fewest sessions (then the longest-registered), and every later message of that
-(client, stream) goes to the same worker. Workers register and stay registered by
+state. So the broker keeps *session affinity*: a `hello` for a stream no client holds
+picks the worker with the fewest sessions (then the longest-registered), one for a
+stream another client holds goes to that stream's worker (a restarted frontend, or a
+clash its learner reports), and every later message of that (client, stream) goes to
+the same worker. Workers register and stay registered by
 sending heartbeats (an empty client envelope); a worker silent for `worker_timeout_s`
 is dropped with its sessions, whose frontends then get `unknown_stream` and say hello
 again (to a live worker). Workers may run on other hosts: they only connect out.
@@ -108,7 +110,11 @@ class Broker:
                 return  # answered here
         elif typ == "hello":
             if worker is None or worker not in self.workers:
-                worker = self._pick()
+                # a stream another client holds stays on its worker, which then sees the
+                # clash (stream_taken_over) as a lone learner would, and keeps one copy of
+                # its personal weights; else the least loaded worker
+                worker = next((w for (_, s), w in self.routes.items()
+                               if s == stream and w in self.workers), None) or self._pick()
             if worker is None:
                 self.counts["no_worker"] += 1
                 self._to_client(clients, client, P.HelloReply(stream, False,

@@ -683,3 +683,25 @@ def test_a_recording_from_before_the_rest_warmup_replays_identical(ckpt, tmp_pat
     cmp = compare_replay(was, replay_recording(was, ckpt, detector={**old(settings)[
         "detector"], "warmup": "rest"}))
     assert not cmp["identical"]
+
+
+def test_behind_a_broker_a_stream_id_in_use_stays_on_its_worker():
+    """A second client (or a restarted frontend: a new socket) saying hello for a stream
+    went to the least loaded worker: two workers held one stream, and the clash went
+    unseen. It now reaches the worker that holds the stream."""
+    ck = small_checkpoint()
+    cores = [LearnerCore(ck, backend="reference", name=f"worker-{k}") for k in range(2)]
+    m = cores[0].model
+    hello = P.Hello("kitchen", m.frontend_hash, m.encoder_id, ck.cfg.n_in, m.substeps)
+    with broker_with_workers(cores) as broker:
+        socks = [raw_dealer(broker.endpoints["clients_router"]) for _ in range(2)]
+        try:
+            replies = []
+            for sock in socks:
+                sock.send(P.encode(hello))
+                replies.append(P.decode(sock.recv()))
+        finally:
+            for sock in socks:
+                sock.close(0)
+        assert replies[0].session == replies[1].session
+        assert sorted(c.counts["stream_taken_over"] for c in cores) == [0, 1]
