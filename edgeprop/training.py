@@ -34,7 +34,6 @@ import numpy as np
 
 from edgeprop import bptt, sparse_bptt
 from edgeprop.datasets import (
-    CLIP_SAMPLES,
     Clip,
     load_clip,
     n_real_speakers,
@@ -241,7 +240,7 @@ def prepare_data(
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low;
     # its size is known from the clip count, so a run that cannot fit stops before the
     # features are computed (minutes), not after
-    shape = (1 + tcfg.n_aug, len(train), CLIP_SAMPLES // cfg.hop, cfg.n_features)
+    shape = (1 + tcfg.n_aug, len(train), cfg.sample_rate // cfg.hop, cfg.n_features)
     need, ram = math.prod(shape) * np.dtype(DTYPE).itemsize, _physical_memory()
     too_much = ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} "
                            f"training clips need {need / 2**30:,.1f} GiB of memory (this "

@@ -123,3 +123,13 @@ def test_freq_warp_makes_a_tone_sound_like_the_higher_tone():
     assert high - low > 1.0
     assert abs(centre(freq_warp(x[:1], np.array([1.1]), fcfg))[0] - high) < 0.2
     np.testing.assert_allclose(freq_warp(x, np.ones(2), fcfg), x, atol=1e-5)
+
+
+def test_training_data_for_an_8_khz_frontend(data_dir, tmp_path):
+    """The memory estimate took 16 kHz clips' frame count for any frontend, and its
+    check then refused the features an 8 kHz frontend makes (after computing them)."""
+    from edgeprop.training import TrainConfig, prepare_data
+
+    data = prepare_data(data_dir, TrainConfig(n_aug=1), frontend=FrontendConfig(
+        sample_rate=8000), cache_dir=tmp_path, max_clips=40)
+    assert data.train_x.shape[0] == 2 and data.train_x.shape[2:] == (100, 80)
