@@ -288,7 +288,7 @@ def backward_from_terms(
     alpha, rho, beta = float(cfg.alpha), float(cfg.rho), float(cfg.beta_eff)
     w_rec = np.ascontiguousarray(params.w_rec, dtype=DTYPE)
     w_out = np.ascontiguousarray(params.w_out, dtype=DTYPE)
-    if use_kernel:
+    if use_kernel and sparse_kernels.kernel_fits(alpha, rho):
         A, S = trace.n_active, trace.spk_idx.size
         act_b, act_j = np.empty(A, np.int32), np.empty(A, np.int32)
         spk_b, spk_j = np.empty(S, np.int32), np.empty(S, np.int32)

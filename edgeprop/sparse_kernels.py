@@ -42,6 +42,12 @@ REBASE = 32  # steps between rescales of the lazy leak accumulators
 MAX_LOG_SCALE = 30.0
 
 
+def kernel_fits(alpha: float, rho: float) -> bool:
+    """Whether the kernel's lazy scales stay in float32 range even when rescaled every
+    step: a leak faster than e^-30 per step (tau_m < 0.034 steps) is the reference's."""
+    return all(not 0.0 < d < 1.0 or -math.log(d) <= MAX_LOG_SCALE for d in (alpha, rho))
+
+
 def adjoint_reference(
     alpha: float, rho: float, beta: float, n: int, B: int,
     act_ptr: np.ndarray, act_idx: np.ndarray, act_psi: np.ndarray,

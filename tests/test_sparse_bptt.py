@@ -203,7 +203,7 @@ def test_split_flat_equals_divmod():
 
 
 @pytest.mark.parametrize("neuron", ["lif", "alif"])
-@pytest.mark.parametrize("tau_m", [0.3, 0.05])
+@pytest.mark.parametrize("tau_m", [0.3, 0.05, 0.008])
 def test_kernel_holds_to_the_reference_for_a_fast_leak(neuron, tau_m):
     """alpha^-32 overflows float32 once tau_m < 0.36: the kernel's lazy leak scales then
     went inf (wrong gradients under fastmath) while the reference stayed exact. It now
