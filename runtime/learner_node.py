@@ -53,7 +53,8 @@ Public API (stable)::
         .handle_bytes(payload, route=b"") -> list[Message]
         .handle(msg, route=b"") -> list[Message]
         .control(req: ControlRequest) -> ControlReply
-        .tick(now_s=None) -> None      # timeouts + periodic checkpoint
+        .tick(now_s=None) -> [(route, Notice)]   # timeouts (a notice per stream closed),
+                                                 # periodic checkpoint
         .save_checkpoint(path=None) -> dict(path, params_hash, updates)
         .stats() -> dict ; .finish() ; .close()
         .params (shared weights, all updates learned) ; .infer_params ; .params_hash()
@@ -1052,10 +1053,12 @@ class LearnerNode:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _send(self, sock: Any, route: bytes, msg: Any, record: bool = True) -> None:
+    def _send(self, sock: Any, route: bytes, msg: Any, record: bool = True,
+              courtesy: bool = False) -> None:
         """Never blocks for long: a replay peer whose queue is full gets up to
         `replay_send_wait_s` of retries (backpressure, lossless); a live peer's output
-        or a vanished peer's is dropped and counted."""
+        or a vanished peer's is dropped and counted (not a `courtesy` message, such as the
+        notice to a peer that timed out, which has most likely vanished)."""
         import zmq
 
         payload = P.encode(msg)
@@ -1068,11 +1071,13 @@ class LearnerNode:
                 break
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    self.core.counts["outputs_dropped"] += 1
+                    if not courtesy:
+                        self.core.counts["outputs_dropped"] += 1
                     return
                 time.sleep(0.0005)
             except zmq.ZMQError:  # EHOSTUNREACH: the peer is gone
-                self.core.counts["outputs_dropped"] += 1
+                if not courtesy:
+                    self.core.counts["outputs_dropped"] += 1
                 return
         if record:
             self._record("out", payload)
@@ -1218,7 +1223,7 @@ class LearnerNode:
                         pass  # broker gone and our queue to it full: the next one will do
                     last_hb = now
                 for route, notice in core.tick(now):
-                    self._send(data, route, notice, record=False)
+                    self._send(data, route, notice, record=False, courtesy=True)
         finally:
             if core.checkpoint_dir is not None:
                 try:

@@ -459,6 +459,7 @@ def test_the_broker_forgets_a_stream_its_worker_timed_out(ckpt):
         while (broker.routes or core.sessions) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert core.counts["peers_timed_out"] == 3 and not broker.routes
+        assert core.counts["outputs_dropped"] == 0  # the notice to a vanished peer is not
 
 
 def test_a_returning_personal_stream_finds_its_weights_on_any_worker(ckpt, tmp_path):

@@ -245,7 +245,8 @@ def run(args: argparse.Namespace, recorder_path: str | None = None) -> int:
             recorder.close()  # no-op after abort
     if stats["frames_unanswered"]:
         say(f"{verb}: warning: {stats['frames_unanswered']} of {stats['frames_sent']} frames "
-            "sent got no posteriors (the learner lost them: did it restart mid-stream?)")
+            "sent got no posteriors (the learner refused them, dropped its answers or "
+            "lost them: did it restart mid-stream? its stats and log say which)")
     stats["wall_s"] = time.perf_counter() - t0
     stats["source_overruns"] = int(getattr(source, "overruns", 0))
     if recorder is not None:
