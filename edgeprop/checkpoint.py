@@ -325,6 +325,11 @@ def load_checkpoint(path: str | os.PathLike, *, expect: ModelConfig | None = Non
     params = Params(*ps)
     if meta.get("params_sha256") != params_hash(params):
         raise CheckpointError(f"corrupt checkpoint {path}: weights do not match their hash")
+    if np.diagonal(params.w_rec).any():  # the model has no self-connections: the
+        # emulator's PEs drop them, the host would use them, and the two would differ
+        raise CheckpointError(f"checkpoint {path}: w_rec has self-connections (a nonzero "
+                              "diagonal); the SRNN has none: zero them "
+                              "(edgeprop.network.zero_diagonal) and save it again")
     try:
         parts = {name: _decode(meta.get(name), arrays)
                  for name in ("labels", "optimizer_state", "frontend", "encoder", "extra")}

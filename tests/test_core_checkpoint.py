@@ -22,7 +22,7 @@ from edgeprop.checkpoint import (
 from edgeprop.encoders import encoder_widths, make_encoder
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.frontend import FrontendConfig
-from edgeprop.network import ModelConfig, init_params
+from edgeprop.network import ModelConfig, init_params, zero_diagonal
 from edgeprop.optim import Adam
 from edgeprop.shipped import SHIPPED_MODEL
 
@@ -47,6 +47,7 @@ def _save(path, **kw):
 def test_checkpoint_round_trips_weights_optimizer_and_configs_exactly(tmp_path):
     p = init_params(CFG, seed=3)
     opt = _trained_adam(p)
+    zero_diagonal(p.w_rec)  # as every learner keeps it (no self-connections)
     # 3 mels, no deltas -> 3 features -> two-sided threshold -> 6 = CFG.n_in inputs
     front = FrontendConfig(n_mels=3, deltas=False).with_normalization(
         [0.5, -1.0, 2.0], [1.0, 2.0, 0.25]).to_dict()
@@ -123,6 +124,17 @@ def test_bitflipped_weights_are_detected(tmp_path):
     data[j] ^= 0xFF
     path.write_bytes(bytes(data))
     _raises(path, "corrupt")
+
+
+def test_self_connections_are_refused_at_load(tmp_path):
+    """The emulator's PEs drop w_rec's diagonal, the host used it: one checkpoint trained
+    two ways on the two backends. The SRNN has none, so such a file is refused."""
+    p = init_params(CFG, seed=3)
+    p.w_rec[1, 1] = 0.5
+    save_checkpoint(tmp_path / "self.ckpt", CFG, p)
+    with pytest.raises(CheckpointError, match=r"w_rec has self-connections \(a nonzero "
+                                              r"diagonal\)"):
+        load_checkpoint(tmp_path / "self.ckpt")
 
 
 def test_garbage_and_empty_files(tmp_path):
