@@ -42,6 +42,8 @@ CYCLES = {
     "elig_lif": 12,
     # per synapse, fused (no ebar): one load and store fewer and no VMLA for ebar
     "elig_alif_fused": 17,
+    # per synapse, LIF fused: elig_lif with the same load, store and VMLA for ebar fewer
+    "elig_lif_fused": 7,
     # per synapse of a row whose psi is 0 at t and t-1 (the kernels' skip path):
     # eps_a *= rho (VMUL), ebar *= kappa (VMUL), acc += ebar (VADD), 3 loads and 3
     # stores as VLDM/VSTM bursts (~5), overhead (2)
@@ -55,6 +57,8 @@ CYCLES = {
     "adam": 55,
     # per synapse, plain SGD: load g, w; VMLS; store
     "sgd": 7,
+    # per synapse, heavy-ball SGD: as sgd, plus load the buffer, VMLA it, store it
+    "momentum": 10,
     # readout, per spike per readout unit: VLDR, VADD (as rec_add)
     "readout_add": 4,
     # readout, per unit per step: leak (VMLA), running sum (VADD), load/store
@@ -101,9 +105,7 @@ ENERGY_PER_DELIVERY_PJ = 5.0
 
 
 def elig_kernel(neuron: str, fused: bool) -> str:
-    if neuron == "lif":
-        return "elig_lif"
-    return "elig_alif_fused" if fused else "elig_alif"
+    return f"elig_{'lif' if neuron == 'lif' else 'alif'}{'_fused' if fused else ''}"
 
 
 @dataclass

@@ -434,8 +434,10 @@ class PEProgram:
         t = int(self.t_opt[0])
         self._opt_step(self.w, self._grad_rows(scale), self.opt_m, self.opt_v, t)
         self.w.q[self._diag] = 0
-        kind = {"adam": "adam", "momentum": "sgd", "sgd": "sgd"}[self.optimizer]
-        fmt_o = costs.FORMAT_EXTRA[self.prec.opt_m] + costs.FORMAT_EXTRA[self.prec.opt_v]
+        kind = self.optimizer  # its cycles; formats only of the buffers it keeps
+        kept = {"adam": (self.prec.opt_m, self.prec.opt_v), "momentum": (self.prec.opt_m,),
+                "sgd": ()}[kind]
+        fmt_o = sum(costs.FORMAT_EXTRA[f] for f in kept)
         self._charge((costs.CYCLES[kind] + 2 * (fmt_o + self.fmt_w)) * self.n * self.n_pre)
         if self.is_readout:
             g_out = self.out_acc * np.float32(scale)

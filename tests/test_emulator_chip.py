@@ -114,3 +114,26 @@ def test_partition_is_even_and_quads_group_four():
     assert [e - s for s, e in m.slices] == [10] * 12
     assert Chip(12).qpes() == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [8, 9, 10, 11]}
     assert m.placement()[m.readout_pe]["roles"] == ["neurons", "readout"]
+
+
+def test_the_optimizer_step_is_charged_for_the_buffers_it_keeps():
+    """Plain SGD was charged the format costs of Adam's m and v, and momentum the cost of
+    plain SGD (its buffer's load, update and store left out)."""
+    from firmware_model import costs
+
+    cfg = ModelConfig()
+    x = (np.random.default_rng(0).random((20, cfg.n_in)) < 0.2).astype(np.float32)
+    per_synapse = {}
+    for prec in ("fp32", "int8w-v8", "fp16"):
+        for opt in ("sgd", "momentum", "adam"):
+            lrn = EmulatedLearner(cfg, init_params(cfg, 3), optimizer=opt, precision=prec)
+            lrn.train_sample(x, 1)
+            _, cycles = lrn._call("apply", {q: {"scale": 1.0} for q in lrn._all})
+            rows = lrn.mapping.slices[0][1] - lrn.mapping.slices[0][0]
+            per_synapse[prec, opt] = int(cycles[0]) / (rows * (cfg.n_in + cfg.n_rec))
+        assert per_synapse[prec, "sgd"] < per_synapse[prec, "momentum"] < \
+            per_synapse[prec, "adam"]
+    for opt in ("sgd", "momentum", "adam"):  # fp32: no format work, the kernel's cycles
+        assert per_synapse["fp32", opt] == costs.CYCLES[opt]
+    assert costs.CYCLES[costs.elig_kernel("lif", True)] < \
+        costs.CYCLES[costs.elig_kernel("lif", False)]
