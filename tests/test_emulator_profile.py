@@ -57,6 +57,17 @@ def test_cli_rejects_mapping_that_does_not_fit():
     assert "Traceback" not in r.stderr
 
 
+def test_variants_on_too_few_pes_say_so_before_any_work(data_dir):
+    """It failed after the features, with the overflow's advice (--precision) that
+    --variants refuses."""
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "profile", "--variants",
+                        "--pes", "3", "--train-clips", "1", "--val-clips", "100", "--data",
+                        str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "on --pes 3 fp32 does not fit a PE's SRAM; use more PEs" in r.stderr
+    assert "features:" not in r.stderr and "--precision" not in r.stderr
+
+
 def test_variants_on_a_handful_of_clips_warn_that_the_numbers_are_chance(data_dir, capsys):
     out = profile_cmd.run_variants(_args("--variants", "--train-clips", "3", "--val-clips",
                                          "4", "--quiet", "--data", str(data_dir)))

@@ -221,6 +221,25 @@ def _stepwise_wall(learner, x: np.ndarray, label: int) -> float:
 MIN_VAL_CLIPS = 100
 
 
+def _refuse_variants_that_do_not_fit(cfg, params, n_pes: int, variants) -> None:
+    """--variants compares every precision: on too few PEs the leanest may fit and the
+    rest not. Said before the features are computed, with the one fix that applies
+    (--precision, which the overflow's own message suggests, is not a --variants option)."""
+    from firmware_model import EmulatedLearner, SramOverflowError
+
+    tight = []
+    for name in variants:
+        try:
+            EmulatedLearner(cfg, params.copy(), n_pes=n_pes, precision=name).close()
+        except SramOverflowError:
+            tight.append(name)
+    if tight:
+        raise ConfigError(f"--variants compares every precision, and on --pes {n_pes} "
+                          f"{', '.join(tight)} {'does' if len(tight) == 1 else 'do'} not "
+                          "fit a PE's SRAM; use more PEs (the "
+                          "default 12 fits them all)")
+
+
 def run_variants(args) -> dict:
     from edgeprop.datasets import speaker_split
     from edgeprop.evaluation import scan_for_model
@@ -231,6 +250,7 @@ def run_variants(args) -> dict:
     cfg, params, ck, source = _model(args.model)
     if ck is None:
         raise ConfigError(f"--variants needs the shipped pretrained model ({source})")
+    _refuse_variants_that_do_not_fit(cfg, params, args.pes, VARIANTS)
     data = _data_dir(args.data)
     if data is None:
         raise DatasetError("--variants needs speech_commands_dev (pass --data)")
