@@ -64,7 +64,7 @@ class EmulatedLearner:
         self.router = self.mapping.router
         self.readout_pe = self.mapping.readout_pe
         self.multiprocess = bool(multiprocess)
-        self._spec = {"cfg": cfg.to_dict(), "precision": prec.name,
+        self._spec = {"cfg": cfg.to_dict(), "precision": prec,  # (a custom one too)
                       "slices": self.mapping.slices, "readout_pe": self.readout_pe,
                       "loss": loss, "optimizer": optimizer, "lr": self.lr,
                       "reg_coef": self.reg_coef, "target_rate": self.target_rate, "seed": seed}

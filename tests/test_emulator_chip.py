@@ -137,3 +137,21 @@ def test_the_optimizer_step_is_charged_for_the_buffers_it_keeps():
         assert per_synapse["fp32", opt] == costs.CYCLES[opt]
     assert costs.CYCLES[costs.elig_kernel("lif", True)] < \
         costs.CYCLES[costs.elig_kernel("lif", False)]
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_a_precision_of_ones_own_is_taken_as_given(multiprocess):
+    """get_precision takes a Precision, but only its name reached the PEs, which looked
+    it up again among the named variants: 'unknown precision'."""
+    from firmware_model.precision import Precision
+
+    cfg = ModelConfig()
+    x = (np.random.default_rng(0).random((20, cfg.n_in)) < 0.2).astype(np.float32)
+    mine = EmulatedLearner(cfg, init_params(cfg, 3), precision=Precision("mine", traces="fp16"),
+                           multiprocess=multiprocess)
+    named = EmulatedLearner(cfg, init_params(cfg, 3), precision="fp32")
+    try:
+        assert mine.train_sample(x, 1)[0] != named.train_sample(x, 1)[0]  # fp16 traces
+    finally:
+        mine.close()
+        named.close()
