@@ -94,7 +94,6 @@ class Broker:
             self.counts["client_drops"] += 1
 
     def _from_client(self, clients: Any, workers: Any, client: bytes, payload: bytes) -> None:
-
         try:
             typ, stream = P.peek(payload)
         except P.WireError as exc:

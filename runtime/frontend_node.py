@@ -164,10 +164,14 @@ class FrontendNode:
             self._outbox.append(P.EndOfStream(self.stream, self.seq - 1, "done"))
             self._cv.notify_all()
         self._wake()
+        ok = False
         seen, quiet_since = self.answered, time.monotonic()
-        while not (ok := self._eos_evt.wait(0.2)) and self.error is None:
+        while self.error is None:
+            if self._eos_evt.wait(0.2):
+                ok = True
+                break
             now = time.monotonic()
-            if self.answered != seen:
+            if self.answered != seen:  # outputs still coming: the learner is busy, alive
                 seen, quiet_since = self.answered, now
             elif now - quiet_since >= timeout_s:
                 break
