@@ -453,38 +453,37 @@ class LearnerCore:
             return None
         return self.personal_dir / f"personal-{stream_file_part(stream)}.ckpt"
 
-    def _saved_personal(self, stream: str) -> Path | None:
-        """The file holding `stream`'s personal weights, if any: its own name in
-        personal_dir, else where earlier versions kept it (the bare safe name, which two
-        streams could share; a worker's own folder under serve --workers), if the file
-        says it is this stream's. Saving always writes the first."""
+    def _saved_personal(self, stream: str):
+        """(path, checkpoint) of `stream`'s saved personal weights, or None: its own name
+        in personal_dir, else where earlier versions kept it (the bare safe name, which
+        two streams could share; a worker's own folder under serve --workers), if the
+        file says it is this stream's. Saving always writes the first."""
+        from edgeprop.checkpoint import load_checkpoint
+
         if self.personal_dir is None:
             return None
         names = [f"personal-{stream_file_part(stream)}.ckpt",
                  f"personal-{safe_name(stream, 'stream')}.ckpt"]
         folders = [self.personal_dir] + ([self.checkpoint_dir] if self.checkpoint_dir
                                          not in (None, self.personal_dir) else [])
-        from edgeprop.checkpoint import load_checkpoint
-
         for k, path in enumerate(dict.fromkeys(f / n for f in folders for n in names)):
             if not path.is_file():
                 continue
             try:
-                owner = (load_checkpoint(path).extra.get("runtime") or {}).get("stream")
+                ck = load_checkpoint(path, expect=self.cfg)
             except CheckpointError:
                 if k == 0:
-                    return path  # its own, damaged: loading it says so
+                    raise  # its own file, damaged or of another model: said at the hello
                 continue
+            owner = (ck.extra.get("runtime") or {}).get("stream")
             if owner == stream or (k == 0 and owner is None):
-                return path
+                return path, ck
         return None
 
     def _personal_backend(self, stream: str) -> Backend:
-        from edgeprop.checkpoint import load_checkpoint
-
-        path = self._saved_personal(stream)
-        if path is not None:
-            ck = load_checkpoint(path, expect=self.cfg)
+        saved = self._saved_personal(stream)
+        if saved is not None:
+            path, ck = saved
             theirs = (ck.extra.get("runtime") or {}).get("base_params_hash")
             if theirs is not None and theirs != self.base_hash:
                 raise CheckpointError(
