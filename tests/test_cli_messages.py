@@ -107,7 +107,7 @@ def test_replay_keeps_the_recorded_detector_unless_an_option_is_given(recording)
     same = _cli("replay", rec, "--json", "--quiet")
     assert same.returncode == 0, same.stderr[-2000:]
     res = json.loads(same.stdout)
-    recorded = {**DETECTOR, "ignore": ["_silence_", "_unknown_"]}
+    recorded = {**DETECTOR, "ignore": ["_silence_", "_unknown_"], "warmup": "rest"}
     assert res["detector"] == recorded and res["identical"] and res["detections"] > 0
     strict = _cli("replay", rec, "--threshold", "0.99", "--json", "--quiet")
     assert strict.returncode == 0, strict.stderr[-2000:]
