@@ -35,6 +35,9 @@ Parameters (all four are settings of `edgeprop serve` / `run`):
     threshold    in [0, 1]                      default 0.6
     hold         frames, >= 1                   default 20 (200 ms)
     refractory   frames after a hit             default 100 (1 s)
+    warmup       "rest" (above) or "seen"       default "rest"; "seen" divides by the
+                                                frames seen so far (W'), the rule
+                                                recordings made before it replay with
 """
 
 from __future__ import annotations
