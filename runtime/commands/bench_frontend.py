@@ -93,7 +93,10 @@ def _mic_resampling(audio: np.ndarray, rates: tuple[int, ...]) -> dict[str, dict
         block = rate // 100
         us, hold, err = [], [], 0.0
         for clip in audio:
-            x = librosa.resample(clip, orig_sr=16000, target_sr=rate).astype(np.float32)
+            # the clip as a microphone at `rate` delivers it: resampling a clip at full
+            # scale overshoots 1, which an ADC clips (and the stream would clip too)
+            x = np.clip(librosa.resample(clip, orig_sr=16000, target_sr=rate), -1.0, 1.0)
+            x = x.astype(np.float32)
             r, got, n_out = StreamResampler(rate, 16000), [], 0
             for i in range(0, x.size, block):
                 t0 = clock()
