@@ -169,6 +169,18 @@ def plan_synthesis(out_dir: str | Path, words=KEYWORDS, voices=DEFAULT_VOICES,
     return SynthPlan(out_dir, tuple(words), usable, missing, takes)
 
 
+MANIFEST = "synth_manifest.json"
+
+
+def _read_manifest(out_dir: Path) -> dict:
+    """What made each file under `out_dir` ({} for none, or a damaged manifest)."""
+    path = out_dir / MANIFEST
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def _refuse_foreign_clips(out_dir: Path, speakers: set[str]) -> None:
     """Synthetic voices belong in a folder of their own (pretrain --synth puts them in
     training only): written into a real dataset they would also land in its speaker
@@ -176,11 +188,7 @@ def _refuse_foreign_clips(out_dir: Path, speakers: set[str]) -> None:
     manifest, nor of these voices' pseudo-speakers: a run cut short) is refused."""
     if not out_dir.is_dir():
         return
-    manifest_path = out_dir / "synth_manifest.json"
-    try:
-        ours = set(json.loads(manifest_path.read_text())) if manifest_path.is_file() else set()
-    except (json.JSONDecodeError, OSError):
-        ours = set()
+    ours = _read_manifest(out_dir)
     foreign = [p for p in sorted(out_dir.glob("*/*.wav"))
                if f"{p.parent.name}/{p.name}" not in ours
                and p.name.split("_nohash_")[0] not in speakers]
@@ -203,11 +211,8 @@ def make_clips(plan: SynthPlan, progress=None) -> dict:
     out_dir, words, usable, missing, takes = (plan.out_dir, plan.words, plan.voices,
                                               plan.missing, plan.takes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / "synth_manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    except json.JSONDecodeError:
-        manifest = {}
+    manifest_path = out_dir / MANIFEST
+    manifest = _read_manifest(out_dir)
     made = reused = 0
     for voice in usable:
         for word in words:
