@@ -69,7 +69,7 @@ class FeatureCache:
         persist=False computes every clip and stores nothing: for a frontend config of
         one user (a personalised normalisation), whose entries no one would read again.
         """
-        n_frames = cfg.sample_rate // cfg.hop
+        n_frames = cfg.clip_frames
         out = np.zeros((len(clips), n_frames, cfg.n_features), dtype=np.float32)
         cfg_hash = cfg.hash()
         todo: list[tuple[int, Path | None]] = []

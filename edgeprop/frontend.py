@@ -112,6 +112,11 @@ class FrontendConfig:
         return int(round(self.sample_rate * self.hop_ms / 1000))
 
     @property
+    def clip_frames(self) -> int:
+        """Frames of one dataset clip (every clip is cut or padded to 1 s)."""
+        return self.sample_rate // self.hop
+
+    @property
     def win(self) -> int:
         return int(round(self.sample_rate * self.win_ms / 1000))
 

@@ -181,14 +181,14 @@ def augmented_features(clips: list[Clip], cfg: FrontendConfig, augmenter, seed: 
     path = _aug_cache_path(clips, cfg, seed, copy, desc, cache_dir)
     try:
         arr = np.load(path)
-        if arr.shape == (len(clips), cfg.sample_rate // cfg.hop, cfg.n_features):
+        if arr.shape == (len(clips), cfg.clip_frames, cfg.n_features):
             if progress:
                 progress(len(clips))
             return arr
     except (OSError, ValueError, EOFError):
         pass
     rng = np.random.default_rng([seed, 1000 + copy])
-    out = np.empty((len(clips), cfg.sample_rate // cfg.hop, cfg.n_features), np.float32)
+    out = np.empty((len(clips), cfg.clip_frames, cfg.n_features), np.float32)
     for s in range(0, len(clips), batch):
         chunk = clips[s:s + batch]
         audio = []
@@ -240,7 +240,7 @@ def prepare_data(
     # (V, N, T, F) filled in place, one version at a time, to keep the peak memory low;
     # its size is known from the clip count, so a run that cannot fit stops before the
     # features are computed (minutes), not after
-    shape = (1 + tcfg.n_aug, len(train), cfg.sample_rate // cfg.hop, cfg.n_features)
+    shape = (1 + tcfg.n_aug, len(train), cfg.clip_frames, cfg.n_features)
     need, ram = math.prod(shape) * np.dtype(DTYPE).itemsize, _physical_memory()
     too_much = ConfigError(f"n_aug={tcfg.n_aug}: {shape[0]} versions of {len(train)} "
                            f"training clips need {need / 2**30:,.1f} GiB of memory (this "
