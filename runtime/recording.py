@@ -234,6 +234,14 @@ def check_hello_reply(msg: Any, recorded: list, who: str) -> None:
         raise ConfigError(f"{who} rejected stream {msg.stream!r}: {msg.reason}")
 
 
+#: detector settings added after recordings were made, with the rule those recordings
+#: were made with (today's defaults would change their outputs)
+_DETECTOR_BEFORE = {
+    "hold": 1,  # before the hold: fire on the first frame above threshold (default 20)
+    "warmup": "seen",  # before: average the frames seen so far, not zeros before them
+}
+
+
 def recorded_settings(rec: Recording) -> dict:
     """The recording learner's settings (backend, lr, detector, ...): the header's
     (`serve --record`), or, recorded at a frontend, those its hello_reply announced."""
@@ -253,14 +261,8 @@ def recorded_settings(rec: Recording) -> dict:
                                 f"{v!r}, not {what}")
     where = "header runtime" if "detector" in header else "hello_reply settings"
     det = rt.get("detector")
-    if isinstance(det, dict) and "hold" not in det:
-        # recorded before the detector had a hold: it fired on the first frame above
-        # threshold, which is hold 1 (the default of 20 would change its detections)
-        rt["detector"] = det = {**det, "hold": 1}
-    if isinstance(det, dict) and "warmup" not in det:
-        # recorded before the window counted frames before the stream as 0: it averaged
-        # the frames seen so far ("seen"; the default would change its first posteriors)
-        rt["detector"] = det = {**det, "warmup": "seen"}
+    if isinstance(det, dict):  # a setting it lacks: the rule it was recorded with
+        rt["detector"] = det = {**_DETECTOR_BEFORE, **det}
     try:
         DetectorConfig.from_dict(det)
     except ConfigError as exc:
