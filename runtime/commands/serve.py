@@ -163,18 +163,19 @@ def build_core(args: argparse.Namespace):
         # recorded: at least its frontend and encoder must be the model's)
         learned_from = (resumed.extra.get("runtime") or {}).get("base_params_hash")
         base = base_params_hash(ckpt)
-        if learned_from is not None and learned_from != base:
-            raise ConfigError(f"{path} holds weights learned from another model (base params "
-                              f"{learned_from[:12]}, {args.model or 'the shipped model'} has "
-                              f"{base[:12]}); {fix}")
-        was, now = Model.from_checkpoint(resumed), Model.from_checkpoint(ckpt)
-        if learned_from is None and (was.frontend_hash, was.encoder_id) != (now.frontend_hash,
-                                                                            now.encoder_id):
-            raise ConfigError(f"{path} holds another model than "
-                              f"{args.model or 'the shipped model'}: its frontend or encoder "
-                              f"differs; {fix}")
-        if learned_from is None:  # written before learners recorded their base: it is
-            # this --model's (checked above as far as it can be), not the learned weights'
+        if learned_from is not None:
+            if learned_from != base:
+                raise ConfigError(f"{path} holds weights learned from another model (base "
+                                  f"params {learned_from[:12]}, "
+                                  f"{args.model or 'the shipped model'} has {base[:12]}); "
+                                  f"{fix}")
+        else:  # written before learners recorded their base
+            was, now = Model.from_checkpoint(resumed), Model.from_checkpoint(ckpt)
+            if (was.frontend_hash, was.encoder_id) != (now.frontend_hash, now.encoder_id):
+                raise ConfigError(f"{path} holds another model than "
+                                  f"{args.model or 'the shipped model'}: its frontend or "
+                                  f"encoder differs; {fix}")
+            # its base is this --model (as far as that can be checked), not its weights
             runtime = resumed.extra.get("runtime")
             resumed.extra["runtime"] = {**(runtime if isinstance(runtime, dict) else {}),
                                         "base_params_hash": base}
