@@ -276,14 +276,16 @@ def _check_widths(path: Path, cfg: ModelConfig, encoder: dict | None,
                 f"{n_mels}, deltas {'on' if deltas else 'off'}) but {into} = {n_feat}")
 
 
+def model_differences(got: dict, want: dict) -> list[tuple[str, Any, Any]]:
+    """(field, got, want) for each model-config field whose values differ."""
+    return [(k, v, want.get(k)) for k, v in got.items() if want.get(k) != v]
+
+
 def check_model(path: str | os.PathLike, cfg: ModelConfig, expect: ModelConfig) -> None:
     """CheckpointError naming every field of `cfg` that differs from `expect`."""
     if cfg != expect:
-        diffs = [
-            f"{k}={v!r} (expected {expect.to_dict()[k]!r})"
-            for k, v in cfg.to_dict().items()
-            if expect.to_dict()[k] != v
-        ]
+        diffs = [f"{k}={v!r} (expected {w!r})"
+                 for k, v, w in model_differences(cfg.to_dict(), expect.to_dict())]
         raise CheckpointError(
             f"checkpoint {path} is for another model: " + ", ".join(diffs)
         )

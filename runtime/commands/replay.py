@@ -148,6 +148,7 @@ def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
     SRAM copy of the checkpoint (firmware_model.precision), so they hash differently
     from the checkpoint file even when the model is the same.
     """
+    from edgeprop.checkpoint import model_differences
     from runtime.recording import first_hello_reply, header_for
 
     recorded_labels = list(rec.header.labels or [])
@@ -155,11 +156,11 @@ def _model_warning(rec, result, ckpt, replay_backend: str) -> str:
         return (f"the recording's model named its outputs {recorded_labels}, this model "
                 f"{list(ckpt.labels)}: its detections will carry other names")
     recorded_model = rec.header.model
-    if isinstance(recorded_model, dict) and recorded_model != ckpt.cfg.to_dict():
-        # the same weights under another neuron model or time constants hash alike
-        diffs = [f"{k} {v!r} (this model: {ckpt.cfg.to_dict().get(k)!r})"
-                 for k, v in recorded_model.items() if ckpt.cfg.to_dict().get(k) != v]
-        return (f"the recording's model had {', '.join(diffs)}: outputs will differ")
+    diffs = (model_differences(recorded_model, ckpt.cfg.to_dict())
+             if isinstance(recorded_model, dict) else [])
+    if diffs:  # the same weights under another neuron model or time constants hash alike
+        said = ", ".join(f"{k} {v!r} (this model: {w!r})" for k, v, w in diffs)
+        return f"the recording's model had {said}: outputs will differ"
     was, now = first_hello_reply(rec.outputs()), first_hello_reply(result.outputs)
     if was is None or now is None:  # no learner hash to go by: compare the model files
         want, have = rec.header.params_hash, header_for(ckpt).params_hash
