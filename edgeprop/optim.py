@@ -70,13 +70,14 @@ class _Base:
     def nbytes(self) -> int:
         return sum(b.nbytes for bl in self.bufs.values() for b in bl)
 
-    def _hyper(self) -> dict[str, float]:
+    def hyperparameters(self) -> dict[str, float]:
+        """The settings stored beside the state (the emulator's PEs store the same)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray | float]:
         """Flat dict: hyperparameters and step count as floats, buffers as '<slot>.<i>'."""
         d: dict[str, np.ndarray | float] = {"kind": float(self._kind), "t": float(self.t)}
-        d.update(self._hyper())
+        d.update(self.hyperparameters())
         for slot, bl in self.bufs.items():
             for i, b in enumerate(bl):
                 d[f"{slot}.{i}"] = b.copy()
@@ -85,7 +86,7 @@ class _Base:
     def load_state_dict(self, d: dict) -> None:
         """Restore buffers and step count from `state_dict()`, keeping this optimizer's
         learning rate; raises CheckpointError if the state is for another optimizer."""
-        t = check_state_for(d, self._kind, self._hyper())
+        t = check_state_for(d, self._kind, self.hyperparameters())
         bufs: dict[str, list[np.ndarray]] = {}
         for slot in self._slots:
             i = 0
@@ -135,7 +136,7 @@ class Adam(_Base):
         self.eps = float(eps)
         self._tmp: list[np.ndarray] = []
 
-    def _hyper(self) -> dict[str, float]:
+    def hyperparameters(self) -> dict[str, float]:
         return {"lr": self.lr, "b1": self.b1, "b2": self.b2, "eps": self.eps}
 
     def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
@@ -203,7 +204,7 @@ class SGD(_Base):
         self.lr = float(lr)
         self.momentum = float(momentum)
 
-    def _hyper(self) -> dict[str, float]:
+    def hyperparameters(self) -> dict[str, float]:
         return {"lr": self.lr, "momentum": self.momentum}
 
     def init_state(self, shapes: list[tuple[int, ...]]) -> None:

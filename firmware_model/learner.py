@@ -26,7 +26,11 @@ from edgeprop.bptt import Grads
 from edgeprop.eprop import check_param_shapes, sample_targets
 from edgeprop.errors import CheckpointError, ConfigError
 from edgeprop.network import DTYPE, ModelConfig, Params, State
-from edgeprop.optim import ADAM_BETAS, ADAM_EPS, MOMENTUM, OPTIMIZER_KINDS, check_state_for
+from edgeprop.optim import (
+    OPTIMIZER_KINDS,
+    check_state_for,
+    make_optimizer,
+)
 from firmware_model import costs
 from firmware_model.chip import PE_SRAM_BYTES, REGIONS, Chip
 from firmware_model.mapping import Mapping, emitted_keys, map_network
@@ -377,11 +381,9 @@ class EmulatedLearner:
                 "momentum": (("buf", "m", "m_out"),), "sgd": ()}[self.optimizer]
 
     def _hyper(self) -> dict:
-        """The hyperparameters edgeprop.optim stores beside this optimizer's state."""
-        return {"lr": self.lr, **{"adam": {"b1": ADAM_BETAS[0], "b2": ADAM_BETAS[1],
-                                           "eps": ADAM_EPS},
-                                  "momentum": {"momentum": MOMENTUM},
-                                  "sgd": {"momentum": 0.0}}[self.optimizer]}
+        """The hyperparameters edgeprop.optim stores beside this optimizer's state: the
+        host optimizer of the same name's own (its PEs run the same arithmetic)."""
+        return make_optimizer(self.optimizer, self.lr).hyperparameters()
 
     def load_optimizer_state(self, d: dict) -> None:
         t = check_state_for(d, OPTIMIZER_KINDS[self.optimizer], self._hyper())
