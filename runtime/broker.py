@@ -85,6 +85,11 @@ class Broker:
         return min(self.workers, key=lambda w: (len(self.workers[w]["sessions"]),
                                                 self.workers[w]["since"]))
 
+    def _worker_holding(self, stream: str) -> bytes | None:
+        """A live worker holding `stream` for some client, or None."""
+        return next((w for (_, s), w in self.routes.items()
+                     if s == stream and w in self.workers), None)
+
     def _to_client(self, sock: Any, client: bytes, msg: Any) -> None:
         import zmq
 
@@ -112,8 +117,7 @@ class Broker:
                 # a stream another client holds stays on its worker, which then sees the
                 # clash (stream_taken_over) as a lone learner would, and keeps one copy of
                 # its personal weights; else the least loaded worker
-                worker = next((w for (_, s), w in self.routes.items()
-                               if s == stream and w in self.workers), None) or self._pick()
+                worker = self._worker_holding(stream) or self._pick()
             if worker is None:
                 self.counts["no_worker"] += 1
                 self._to_client(clients, client, P.HelloReply(stream, False,
@@ -170,8 +174,7 @@ class Broker:
         named = req.args.get("stream") if isinstance(req.args, dict) else None
         target = named if isinstance(named, str) and named else req.stream
         if target:
-            worker = self.routes.get((client, target)) or next(
-                (w for (_, s), w in self.routes.items() if s == target), None)
+            worker = self.routes.get((client, target)) or self._worker_holding(target)
             if worker is None:
                 self.counts["unknown_stream"] += 1
                 self._to_client(clients, client, P.ControlReply(
